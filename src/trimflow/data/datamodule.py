@@ -1,0 +1,110 @@
+"""LightningDataModule over the tokenized splits: dynamic padding, optional length grouping."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+# Batches per sorted chunk: long enough to group lengths, short enough to stay random.
+GROUP_CHUNK_BATCHES = 50
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length (little padding) in a seeded random order, new each epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        chunk = self.batch_size * GROUP_CHUNK_BATCHES
+        batches = []
+        for start in range(0, len(order), chunk):
+            sorted_chunk = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
+            batches += [
+                sorted_chunk[i : i + self.batch_size]
+                for i in range(0, len(sorted_chunk), self.batch_size)
+            ]
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Serves data/tokenized/ splits to a Lightning Trainer."""
+
+    def __init__(
+        self,
+        tokenized_dir: str | Path,
+        tokenizer_dir: str | Path,
+        batch_size: int,
+        eval_batch_size: int,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenized_dir = Path(tokenized_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.seed = seed
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+        self.splits: datasets.DatasetDict | None = None
+        self.train_lengths: list[int] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits, self.train_lengths = load_tokenized(self.tokenized_dir)
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.splits["train"]
+        if self.group_by_length:
+            sampler = LengthGroupedBatchSampler(self.train_lengths, self.batch_size, self.seed)
+            return self._loader(train, batch_sampler=sampler)
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(train, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_loader("test")
+
+    def eval_loader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Loader over a split in file order, sorted-free so predictions align with rows."""
+        if self.splits is None:
+            self.setup()
+        return self._loader(self.splits[split], batch_size=batch_size or self.eval_batch_size)
+
+    def _loader(self, data: datasets.Dataset, **kwargs) -> DataLoader:
+        return DataLoader(data, collate_fn=self.collator, num_workers=self.num_workers, **kwargs)
+
+
+def load_tokenized(path: str | Path) -> tuple[datasets.DatasetDict, list[int]]:
+    """Load the tokenized splits as torch-formatted model inputs, plus train token lengths."""
+    splits = datasets.load_from_disk(str(path))
+    train_lengths = splits["train"]["length"]
+    for name, split in splits.items():
+        splits[name] = split.select_columns([c for c in split.column_names if c in MODEL_INPUTS])
+        splits[name].set_format("torch")
+    return splits, list(train_lengths)

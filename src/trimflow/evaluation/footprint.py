@@ -1,0 +1,41 @@
+"""Model footprint: bytes on disk and (non-zero) parameter counts, fp32 or quantized."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+
+def size_on_disk_mb(path: str | Path) -> float:
+    """Size of a file, or the recursive sum of a directory's file sizes, in MiB."""
+    path = Path(path)
+    files = [path] if path.is_file() else [item for item in path.rglob("*") if item.is_file()]
+    return sum(item.stat().st_size for item in files) / 2**20
+
+
+def _weight_tensors(model: nn.Module) -> Iterator[Tensor]:
+    """Every parameter, plus the packed weight and bias of dynamically quantized linears."""
+    yield from model.parameters()
+    for module in model.modules():
+        if isinstance(module, DynamicQuantizedLinear):
+            yield module.weight().dequantize()
+            bias = module.bias()
+            if bias is not None:
+                yield bias
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, non-zero) parameter counts; quantized linear weights count like fp32 ones.
+
+    A magnitude-pruned model should be made permanent first, or `weight_orig` is counted.
+    """
+    total = nonzero = 0
+    with torch.no_grad():
+        for tensor in _weight_tensors(model):
+            total += tensor.numel()
+            nonzero += int(torch.count_nonzero(tensor))
+    return total, nonzero

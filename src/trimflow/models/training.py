@@ -1,0 +1,164 @@
+"""Build Lightning Trainers from the `trainer` config and fit with resume and best-checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from trimflow.config.schema import TrainerConfig
+
+log = logging.getLogger(__name__)
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best"
+
+
+def resolve_precision(cfg: TrainerConfig) -> str:
+    """`trainer.precision`, or bf16-mixed on CUDA and 32-true on CPU when it is null."""
+    if cfg.precision:
+        return cfg.precision
+    on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+class HistoryRecorder(Callback):
+    """Keeps every logged train/val metric as (step, epoch, metric, value) rows.
+
+    Its state is saved in checkpoints, so a resumed run keeps the curves it had.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def _record(self, trainer: L.Trainer, prefix: str) -> None:
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith(prefix):
+                self.rows.append(
+                    {
+                        "step": trainer.global_step,
+                        "epoch": trainer.current_epoch,
+                        "metric": name,
+                        "value": float(value),
+                    }
+                )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._record(trainer, "train/")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, "val/")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "metric", "value"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+@dataclass
+class FitResult:
+    """What a training run did, for the stage's summary file."""
+
+    global_step: int
+    epochs: int
+    resumed_from_step: int | None
+    best_score: float | None
+    history: HistoryRecorder
+
+
+def fit_resumable(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    trainer_cfg: TrainerConfig,
+    work_dir: Path,
+    *,
+    max_epochs: int,
+    max_steps: int = -1,
+    limit_train_batches: int | float = 1.0,
+    accumulate_grad_batches: int = 1,
+    gradient_clip_val: float | None = None,
+    monitor: str | None = None,
+    patience: int = 0,
+    checkpoint_every_n_steps: int = 50,
+    logger: Logger | bool = False,
+) -> FitResult:
+    """Fit `module`, resuming from `work_dir/last.ckpt` if an earlier run was interrupted.
+
+    With `monitor`, early stopping watches it and the best checkpoint's weights are loaded
+    back into the module at the end. The caller removes `work_dir` once the result is saved.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mode = "min" if monitor and monitor.endswith("loss") else "max"
+    history = HistoryRecorder()
+    callbacks: list[Callback] = [
+        history,
+        ModelCheckpoint(
+            dirpath=work_dir,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=checkpoint_every_n_steps,
+        ),
+    ]
+    best = None
+    if monitor:
+        best = ModelCheckpoint(
+            dirpath=work_dir,
+            filename=BEST_CHECKPOINT,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            enable_version_counter=False,
+        )
+        callbacks += [
+            best,
+            EarlyStopping(
+                monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False
+            ),
+        ]
+    trainer = L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy,
+        num_nodes=trainer_cfg.num_nodes,
+        precision=resolve_precision(trainer_cfg),
+        deterministic=trainer_cfg.deterministic,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        enable_progress_bar=trainer_cfg.enable_progress_bar,
+        enable_model_summary=False,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        limit_train_batches=limit_train_batches,
+        callbacks=callbacks,
+        logger=logger,
+        accumulate_grad_batches=accumulate_grad_batches,
+        gradient_clip_val=gradient_clip_val,
+        default_root_dir=work_dir,
+        num_sanity_val_steps=0,
+    )
+    last = work_dir / LAST_CHECKPOINT
+    resumed_from = None
+    if last.exists():
+        resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+        log.warning("Resuming from %s (step %d)", last, resumed_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    best_score = None
+    if best is not None and best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+        best_score = float(best.best_model_score)
+    return FitResult(trainer.global_step, trainer.current_epoch, resumed_from, best_score, history)

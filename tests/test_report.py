@@ -1,0 +1,238 @@
+"""The report package: Pareto frontier, comparison table, figures and rendered pages."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from trimflow.report.pareto import pareto_front
+from trimflow.report.plots import (
+    FRONTIER_LABEL,
+    confusion_figure,
+    save_figure,
+    tradeoff_figure,
+    training_curves_figure,
+)
+from trimflow.report.render import render_html, render_markdown
+from trimflow.report.tables import markdown_table, variant_rows
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def variant(accuracy, latency, size, throughput, nonzero=100):
+    """Hand-made evaluate-stage metrics for one variant with 100 parameters."""
+    return {
+        "accuracy": accuracy,
+        "macro_f1": accuracy - 0.05,
+        "latency_ms_p50": latency,
+        "latency_ms_p95": 1.5 * latency,
+        "throughput_sps": throughput,
+        "size_mb": size,
+        "params": 100,
+        "nonzero_params": nonzero,
+    }
+
+
+@pytest.fixture
+def metrics():
+    return {
+        "variants": {
+            "finetuned": variant(0.90, 20.0, 90.0, 400.0),
+            "pruned": variant(0.88, 16.0, 90.0, 500.0, nonzero=50),
+            "quantized": variant(0.89, 10.0, 30.0, 800.0),
+            "pruned_quantized": variant(0.87, 8.0, 30.0, 1000.0, nonzero=50),
+        }
+    }
+
+
+@pytest.fixture
+def rows(metrics):
+    return variant_rows(metrics)
+
+
+@pytest.fixture
+def history():
+    return pd.DataFrame(
+        {
+            "step": [1, 2, 3, 3, 3, 6, 6],
+            "epoch": [0, 0, 0, 0, 0, 1, 1],
+            "metric": ["train/loss"] * 3 + ["val/loss", "val/accuracy"] * 2,
+            "value": [1.2, 0.9, 0.7, 0.8, 0.7, 0.6, 0.8],
+        }
+    )
+
+
+def saved_png(fig, tmp_path, name="figure.png") -> bytes:
+    path = tmp_path / name
+    save_figure(fig, path)
+    return path.read_bytes()
+
+
+# --- pareto_front ---------------------------------------------------------------------------
+
+
+def test_pareto_front_excludes_dominated_and_sorts_by_cost():
+    points = {"slow": (20.0, 0.90), "worse": (16.0, 0.88), "fast": (10.0, 0.89), "tiny": (8.0, 0.8)}
+    assert pareto_front(points) == ["tiny", "fast", "slow"]
+
+
+def test_pareto_front_keeps_identical_points_and_drops_equal_cost_lower_score():
+    points = {"a": (5.0, 0.9), "b": (5.0, 0.9), "c": (5.0, 0.8), "d": (6.0, 0.9)}
+    assert pareto_front(points) == ["a", "b"]
+
+
+def test_pareto_front_single_and_empty():
+    assert pareto_front({"only": (1.0, 0.5)}) == ["only"]
+    assert pareto_front({}) == []
+
+
+# --- variant_rows / markdown_table ------------------------------------------------------------
+
+
+def test_variant_rows_ratios_against_baseline(rows):
+    by_name = {row["variant"]: row for row in rows}
+    assert [row["variant"] for row in rows] == [
+        "finetuned",
+        "pruned",
+        "quantized",
+        "pruned_quantized",
+    ]
+    base, quantized = by_name["finetuned"], by_name["pruned_quantized"]
+    assert (base["speedup"], base["size_ratio"], base["throughput_ratio"]) == (1.0, 1.0, 1.0)
+    assert base["accuracy_delta_pts"] == 0.0
+    assert quantized["speedup"] == pytest.approx(20.0 / 8.0)
+    assert quantized["size_ratio"] == pytest.approx(3.0)
+    assert quantized["throughput_ratio"] == pytest.approx(2.5)
+    assert quantized["accuracy_delta_pts"] == pytest.approx(-3.0)
+    assert quantized["sparsity"] == pytest.approx(0.5)
+    assert quantized["latency_ms_p50"] == 8.0
+
+
+def test_variant_rows_marks_each_frontier(rows):
+    on_latency = {row["variant"] for row in rows if row["pareto_latency"]}
+    on_size = {row["variant"] for row in rows if row["pareto_size"]}
+    assert on_latency == {"finetuned", "quantized", "pruned_quantized"}
+    assert on_size == {"finetuned", "quantized"}
+
+
+def test_variant_rows_other_baseline(metrics):
+    rows = variant_rows(metrics, baseline="quantized")
+    assert rows[0]["speedup"] == pytest.approx(0.5)
+    assert rows[0]["accuracy_delta_pts"] == pytest.approx(1.0)
+
+
+def test_variant_rows_missing_baseline_names_it(metrics):
+    with pytest.raises(KeyError, match="'distilled'"):
+        variant_rows(metrics, baseline="distilled")
+
+
+def test_markdown_table_formats_cells(rows):
+    table = markdown_table(rows)
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[0].startswith("| Variant | Accuracy |")
+    assert re.fullmatch(r"\|( :?-+:? \|)+", lines[1])
+    pruned_quantized = lines[-1]
+    for cell in [
+        "pruned_quantized",
+        "87.00%",
+        "-3.00",
+        "8.00 ★",
+        "2.50x",
+        "30.0",
+        "3.00x",
+        "50.0%",
+    ]:
+        assert f"| {cell} |" in pruned_quantized
+    assert "| +0.00 |" in lines[2]
+    assert "| 16.00 |" in lines[3]  # pruned: dominated on latency, no star
+    assert "| 90.0 |" in lines[3]  # and on size
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def test_tradeoff_figure_draws_frontier(metrics, tmp_path):
+    fig = tradeoff_figure(metrics, "latency_ms_p50", "p50 latency (ms)")
+    ax = fig.axes[0]
+    (frontier,) = [line for line in ax.get_lines() if line.get_label() == FRONTIER_LABEL]
+    assert list(frontier.get_xdata()) == [8.0, 10.0, 20.0]
+    assert list(frontier.get_ydata()) == pytest.approx([87.0, 89.0, 90.0])
+    assert {text.get_text() for text in ax.texts} == set(metrics["variants"])
+    assert saved_png(fig, tmp_path).startswith(PNG_MAGIC)
+
+
+def test_confusion_figure_annotates_counts(tmp_path):
+    fig = confusion_figure(["earn", "acq"], [[8, 2], [0, 0]], "quantized")
+    ax = fig.axes[0]
+    assert [text.get_text() for text in ax.texts] == ["8", "2", "0", "0"]
+    assert ax.images[0].get_array()[0].tolist() == pytest.approx([0.8, 0.2])
+    assert ax.images[0].get_array()[1].tolist() == [0.0, 0.0]
+    assert saved_png(fig, tmp_path).startswith(PNG_MAGIC)
+
+
+def test_training_curves_one_line_per_history_and_metric(history, tmp_path):
+    fig = training_curves_figure({"finetune": history, "prune recovery": history})
+    loss_ax, accuracy_ax = fig.axes
+    assert len(loss_ax.get_lines()) == 4
+    assert [line.get_label() for line in accuracy_ax.get_lines()] == [
+        "finetune val/accuracy",
+        "prune recovery val/accuracy",
+    ]
+    assert list(accuracy_ax.get_lines()[0].get_ydata()) == pytest.approx([70.0, 80.0])
+    assert saved_png(fig, tmp_path).startswith(PNG_MAGIC)
+
+
+def test_training_curves_skips_missing_metrics(history):
+    only_loss = history[history["metric"] == "train/loss"]
+    fig = training_curves_figure({"finetune": only_loss, "prune recovery": pd.DataFrame()})
+    assert [ax.get_title() for ax in fig.axes] == ["Loss"]
+
+
+def test_training_curves_none_without_data():
+    assert training_curves_figure({}) is None
+    assert training_curves_figure({"finetune": pd.DataFrame()}) is None
+
+
+def test_save_figure_replaces_existing_file(metrics, tmp_path):
+    path = tmp_path / "plots" / "tradeoff.png"
+    path.parent.mkdir()
+    path.write_bytes(b"stale")
+    save_figure(tradeoff_figure(metrics, "size_mb", "size (MB)"), path)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert [p.name for p in path.parent.iterdir()] == ["tradeoff.png"]
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(metrics, tmp_path):
+    paths = {}
+    for caption, cost_key in [("Accuracy vs latency", "latency_ms_p50"), ("Size", "size_mb")]:
+        paths[caption] = tmp_path / f"{cost_key}.png"
+        save_figure(tradeoff_figure(metrics, cost_key, cost_key), paths[caption])
+    return paths
+
+
+def test_render_markdown_links_images_and_lists_notes(rows):
+    images = {"Accuracy vs latency": "figures/latency.png", "Size": "figures/size.png"}
+    text = render_markdown("Report", rows, images, ["2 threads"])
+    assert text.startswith("# Report\n")
+    assert markdown_table(rows) in text
+    assert "![Accuracy vs latency](figures/latency.png)" in text
+    assert "![Size](figures/size.png)" in text
+    assert "- 2 threads" in text
+
+
+def test_render_html_is_self_contained_and_escaped(rows, images):
+    page = render_html("A <b> report", rows, images, ["<script>alert(1)</script>", "cpu"])
+    assert page.count("data:image/png;base64,") == len(images)
+    assert 'src="http' not in page
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<title>A &lt;b&gt; report</title>" in page
+    assert page.count('<tr class="frontier">') == 3
+    assert "<td>pruned_quantized</td>" in page

@@ -1,0 +1,57 @@
+"""Tokenization (truncation counted, no padding on disk) and the data module's batching."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+
+from trimflow.data.datamodule import LengthGroupedBatchSampler
+from trimflow.data.tokenization import tokenize_split
+
+
+def test_tokenize_counts_truncation_and_does_not_pad(packaged_tokenizer):
+    data = datasets.Dataset.from_dict(
+        {
+            "text": ["short one", "word " * 40, "a slightly longer sentence here"],
+            "label_id": [0, 1, 2],
+        }
+    )
+    tokenized, truncated = tokenize_split(data, packaged_tokenizer, max_length=16)
+    assert truncated == 1
+    assert tokenized["length"] == [4, 16, 7]
+    assert [len(ids) for ids in tokenized["input_ids"]] == [4, 16, 7]
+    assert list(tokenized["labels"]) == [0, 1, 2]
+    assert tokenized[1]["input_ids"][-1] == packaged_tokenizer.sep_token_id
+
+
+def test_tokenize_matches_a_raw_tokenizer_call(packaged_tokenizer):
+    texts = ["oil prices rose", "wheat exports fell sharply this week"]
+    data = datasets.Dataset.from_dict({"text": texts, "label_id": [0, 1]})
+    tokenized, _ = tokenize_split(data, packaged_tokenizer, max_length=32)
+    raw = packaged_tokenizer(texts, truncation=True, max_length=32)
+    assert list(tokenized["input_ids"]) == raw["input_ids"]
+
+
+def test_length_grouped_sampler_covers_every_index_once_per_epoch():
+    lengths = [(i * 37) % 101 for i in range(250)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=5)
+    first = list(sampler)
+    second = list(sampler)
+    for epoch in (first, second):
+        assert sorted(i for batch in epoch for i in batch) == list(range(250))
+        assert len(epoch) == len(sampler) == 32
+    assert first != second  # a new order each epoch
+    assert first == list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=5))
+
+
+def test_length_grouping_reduces_padding():
+    lengths = [
+        int(x) for x in torch.randint(5, 200, (800,), generator=torch.Generator().manual_seed(0))
+    ]
+    grouped = LengthGroupedBatchSampler(lengths, batch_size=16, seed=0)
+
+    def padded_tokens(batches):
+        return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+
+    random_batches = [list(range(i, i + 16)) for i in range(0, 800, 16)]
+    assert padded_tokens(grouped) < 0.7 * padded_tokens(random_batches)
