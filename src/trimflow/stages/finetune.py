@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import lightning as L
 
@@ -69,36 +70,54 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
     )
 
 
+def train_classifier(
+    cfg: TrimflowConfig,
+    model,
+    datamodule: TokenizedDataModule,
+    work_dir: Path,
+    logger,
+    lr: float,
+    **schedule,
+) -> FitResult:
+    """Train `model` in place with the shared finetune settings; `schedule` sets its length."""
+    module = SequenceClassifier(
+        model, lr=lr, weight_decay=cfg.finetune.weight_decay, warmup_ratio=cfg.finetune.warmup_ratio
+    )
+    return fit_resumable(
+        module,
+        datamodule,
+        cfg.trainer,
+        work_dir,
+        accumulate_grad_batches=cfg.finetune.accumulate_grad_batches,
+        gradient_clip_val=cfg.finetune.gradient_clip_val,
+        monitor=cfg.finetune.monitor,
+        patience=cfg.finetune.early_stopping_patience,
+        checkpoint_every_n_steps=cfg.finetune.checkpoint_every_n_steps,
+        logger=logger,
+        **schedule,
+    )
+
+
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     L.seed_everything(cfg.seed, workers=True)
     label_map = read_label_map(layout.tokenized)
     model = load_base_classifier(cfg.model.name, label_map["labels"])
     tokenizer = load_tokenizer(str(layout.tokenized / "tokenizer"))
-    module = SequenceClassifier(
-        model,
-        lr=cfg.finetune.lr,
-        weight_decay=cfg.finetune.weight_decay,
-        warmup_ratio=cfg.finetune.warmup_ratio,
-    )
     work_dir = layout.work / f"finetune-{stage_keys(cfg)['finetune']}"
     tracker = Tracker(cfg)
     with tracker.stage_run("finetune", label_map["dataset_digest"]) as active:
-        result = fit_resumable(
-            module,
+        result = train_classifier(
+            cfg,
+            model,
             build_datamodule(cfg, layout),
-            cfg.trainer,
             work_dir,
+            mlflow_logger(tracker, active),
+            cfg.finetune.lr,
             max_epochs=cfg.finetune.max_epochs,
             max_steps=cfg.finetune.max_steps,
-            accumulate_grad_batches=cfg.finetune.accumulate_grad_batches,
-            gradient_clip_val=cfg.finetune.gradient_clip_val,
-            monitor=cfg.finetune.monitor,
-            patience=cfg.finetune.early_stopping_patience,
-            checkpoint_every_n_steps=cfg.finetune.checkpoint_every_n_steps,
-            logger=mlflow_logger(tracker, active),
         )
         with atomic_dir(layout.finetuned) as out:
-            save_model_dir(module.model, tokenizer, label_map, out)
+            save_model_dir(model, tokenizer, label_map, out)
             write_training_outputs(out, result, {"monitor": cfg.finetune.monitor})
     shutil.rmtree(work_dir, ignore_errors=True)
     log.info(

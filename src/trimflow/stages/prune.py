@@ -13,11 +13,14 @@ from trimflow.config.schema import TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
 from trimflow.layout import Layout, stage_keys
 from trimflow.models.loading import load_tokenizer, read_label_map, save_model_dir
-from trimflow.models.module import SequenceClassifier
-from trimflow.models.training import fit_resumable
-from trimflow.stages.finetune import build_datamodule, mlflow_logger, write_training_outputs
+from trimflow.stages.finetune import (
+    build_datamodule,
+    mlflow_logger,
+    train_classifier,
+    write_training_outputs,
+)
 from trimflow.tracking.runs import Tracker
-from trimflow.utils.atomic import write_json
+from trimflow.utils.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 PRUNING_FILE = "pruning.json"
@@ -50,25 +53,15 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     with tracker.stage_run("prune", label_map["dataset_digest"]) as active:
         result = None
         if recovery.enabled:
-            module = SequenceClassifier(
+            result = train_classifier(
+                cfg,
                 model,
-                lr=recovery.lr,
-                weight_decay=cfg.finetune.weight_decay,
-                warmup_ratio=cfg.finetune.warmup_ratio,
-            )
-            result = fit_resumable(
-                module,
                 datamodule,
-                cfg.trainer,
                 work_dir,
+                mlflow_logger(tracker, active),
+                recovery.lr,
                 max_epochs=recovery.max_epochs,
                 limit_train_batches=recovery.limit_train_batches,
-                accumulate_grad_batches=cfg.finetune.accumulate_grad_batches,
-                gradient_clip_val=cfg.finetune.gradient_clip_val,
-                monitor=cfg.finetune.monitor,
-                patience=cfg.finetune.early_stopping_patience,
-                checkpoint_every_n_steps=cfg.finetune.checkpoint_every_n_steps,
-                logger=mlflow_logger(tracker, active),
             )
         make_permanent(model)
         params_after, nonzero_after = count_parameters(model)
@@ -80,8 +73,6 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             "params_after": params_after,
             "nonzero_params_after": nonzero_after,
         }
-        from trimflow.utils.atomic import atomic_dir
-
         with atomic_dir(layout.pruned) as out:
             save_model_dir(model.eval(), tokenizer, label_map, out)
             write_json(out / PRUNING_FILE, summary)
