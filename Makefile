@@ -6,6 +6,10 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The CPU build of torch==2.13.0 lies in /opt/wheels on our machines; PyPI's would pull CUDA.
+ifneq ($(wildcard /opt/wheels),)
+export PIP_FIND_LINKS ?= /opt/wheels
+endif
 
 .PHONY: install run test lint format params bench ui clean
 

@@ -90,6 +90,7 @@ class EvaluateConfig(Section):
     device: Literal["cpu", "cuda"]
     num_threads: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    rounds: int = Field(ge=1)
     latency: LatencyConfig
     throughput: ThroughputConfig
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from trimflow.evaluation.inference import model_inputs
+
+Timing = tuple[float, int]  # (seconds, batch size)
 
 
 @contextlib.contextmanager
@@ -24,13 +26,13 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _timed_forwards(
+def timed_forwards(
     model: nn.Module,
     batches: Sequence[dict[str, Tensor]],
     warmup: int,
     repeats: int,
     num_threads: int,
-) -> list[tuple[float, int]]:
+) -> list[Timing]:
     """(seconds, batch size) of `repeats` forwards cycling through `batches`, after `warmup`."""
     if not batches or repeats < 1 or warmup < 0:
         raise ValueError("need at least one batch, repeats >= 1 and warmup >= 0")
@@ -47,6 +49,27 @@ def _timed_forwards(
     return timings
 
 
+def latency_summary(timings: Sequence[Timing]) -> dict[str, float]:
+    """p50, p95 and mean of per-call latency in milliseconds."""
+    latencies_ms = np.array([seconds * 1e3 for seconds, _ in timings])
+    return {
+        "latency_ms_p50": float(np.percentile(latencies_ms, 50)),
+        "latency_ms_p95": float(np.percentile(latencies_ms, 95)),
+        "latency_ms_mean": float(latencies_ms.mean()),
+    }
+
+
+def throughput_summary(timings: Sequence[Timing]) -> dict[str, float]:
+    """Samples per second over all timed calls."""
+    seconds = sum(elapsed for elapsed, _ in timings)
+    return {"throughput_sps": sum(size for _, size in timings) / seconds}
+
+
+def _check_single_examples(inputs: Sequence[dict[str, Tensor]]) -> None:
+    if any(len(example["input_ids"]) != 1 for example in inputs):
+        raise ValueError("latency inputs must each hold exactly one example")
+
+
 def measure_latency(
     model: nn.Module,
     inputs: Sequence[dict[str, Tensor]],
@@ -55,19 +78,8 @@ def measure_latency(
     num_threads: int,
 ) -> dict[str, float]:
     """Per-request latency in milliseconds (p50, p95, mean) over single-example `inputs`."""
-    if any(len(example["input_ids"]) != 1 for example in inputs):
-        raise ValueError("latency inputs must each hold exactly one example")
-    latencies_ms = np.array(
-        [
-            seconds * 1e3
-            for seconds, _ in _timed_forwards(model, inputs, warmup, repeats, num_threads)
-        ]
-    )
-    return {
-        "latency_ms_p50": float(np.percentile(latencies_ms, 50)),
-        "latency_ms_p95": float(np.percentile(latencies_ms, 95)),
-        "latency_ms_mean": float(latencies_ms.mean()),
-    }
+    _check_single_examples(inputs)
+    return latency_summary(timed_forwards(model, inputs, warmup, repeats, num_threads))
 
 
 def measure_throughput(
@@ -78,7 +90,22 @@ def measure_throughput(
     num_threads: int,
 ) -> dict[str, float]:
     """Samples per second over `repeats` timed forwards cycling through `batches`."""
-    timings = _timed_forwards(model, batches, warmup, repeats, num_threads)
-    seconds = sum(elapsed for elapsed, _ in timings)
-    samples = sum(size for _, size in timings)
-    return {"throughput_sps": samples / seconds}
+    return throughput_summary(timed_forwards(model, batches, warmup, repeats, num_threads))
+
+
+def interleaved_timings(
+    models: Mapping[str, nn.Module],
+    batches: Sequence[dict[str, Tensor]],
+    warmup: int,
+    repeats: int,
+    rounds: int,
+    num_threads: int,
+) -> dict[str, list[Timing]]:
+    """Time every model in round-robin rounds (warm-up each round), so that drift in the
+    machine's speed during the measurement affects every model alike."""
+    per_round = -(-repeats // rounds)
+    timings: dict[str, list[Timing]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            timings[name] += timed_forwards(model, batches, warmup, per_round, num_threads)
+    return timings

@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from trimflow.compress.quantize import WEIGHT_SUFFIXES, load_variant
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
-from trimflow.evaluation.benchmark import measure_latency, measure_throughput
+from trimflow.evaluation.benchmark import (
+    interleaved_timings,
+    latency_summary,
+    throughput_summary,
+)
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import predict
@@ -64,37 +70,78 @@ def environment() -> dict:
     }
 
 
-def evaluate_variant(
-    model, data: TokenizedDataModule, cfg: TrimflowConfig, labels: list[str]
-) -> tuple[dict, dict]:
-    """(summary metrics, detail) of one loaded variant."""
+@dataclass
+class TestInputs:
+    """Model inputs built once from the test split and shared by every variant."""
+
+    truth: list[int]
+    sorted_batches: list[dict[str, torch.Tensor]]  # length-sorted: little padding
+    order: np.ndarray  # row index of each sorted example
+    latency_inputs: list[dict[str, torch.Tensor]]  # batch 1
+    throughput_batches: list[dict[str, torch.Tensor]]  # file order, mixed lengths
+
+
+def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInputs:
     ev = cfg.evaluate
     test = data.splits["test"]
-    predictions = predict(model, data.eval_loader("test", ev.batch_size))
-    truth = [int(label) for label in test["labels"]]
-    scores = classification_metrics(truth, predictions.tolist(), labels)
-    single = [data.collator([test[i]]) for i in range(min(ev.latency.samples, len(test)))]
-    batches = list(data.eval_loader("test", ev.throughput.batch_size))
-    latency = measure_latency(model, single, ev.latency.warmup, ev.latency.repeats, ev.num_threads)
-    throughput = measure_throughput(
-        model,
-        batches[: max(1, len(batches) - 1)],
-        ev.throughput.warmup,
-        ev.throughput.repeats,
-        ev.num_threads,
+    lengths = np.array([len(ids) for ids in test["input_ids"]])
+    order = np.argsort(lengths, kind="stable")
+
+    def collate(rows) -> dict[str, torch.Tensor]:
+        return data.collator([test[int(i)] for i in rows])
+
+    def chunks(rows, size: int):
+        return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+    throughput_rows = chunks(np.arange(len(test)), ev.throughput.batch_size)
+    return TestInputs(
+        truth=[int(label) for label in test["labels"]],
+        sorted_batches=[collate(rows) for rows in chunks(order, ev.batch_size)],
+        order=order,
+        latency_inputs=[collate([i]) for i in range(min(ev.latency.samples, len(test)))],
+        throughput_batches=[collate(rows) for rows in throughput_rows[: ev.throughput.repeats]],
     )
+
+
+def score_variant(model, directory: Path, inputs: TestInputs, labels: list[str]) -> dict:
+    """Accuracy, per-class scores, predictions, size and parameter counts of one variant."""
+    predictions = np.empty(len(inputs.truth), dtype=np.int64)
+    predictions[inputs.order] = predict(model, inputs.sorted_batches)
+    scores = classification_metrics(inputs.truth, predictions.tolist(), labels)
     params, nonzero = count_parameters(model)
-    summary = {
-        "accuracy": scores["accuracy"],
-        "macro_f1": scores["macro_f1"],
-        "latency_ms_p50": latency["latency_ms_p50"],
-        "latency_ms_p95": latency["latency_ms_p95"],
-        "throughput_sps": throughput["throughput_sps"],
+    return {
+        **scores,
+        "label_names": labels,
+        "predictions": predictions.tolist(),
+        "size_mb": weights_size_mb(directory),
         "params": params,
         "nonzero_params": nonzero,
     }
-    detail = {**scores, "label_names": labels, **latency, "predictions": predictions.tolist()}
-    return summary, detail
+
+
+def time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict[str, dict]:
+    """Latency (batch 1) and throughput of every model, measured in interleaved rounds."""
+    ev = cfg.evaluate
+    latency = interleaved_timings(
+        models,
+        inputs.latency_inputs,
+        ev.latency.warmup,
+        ev.latency.repeats,
+        ev.rounds,
+        ev.num_threads,
+    )
+    throughput = interleaved_timings(
+        models,
+        inputs.throughput_batches,
+        ev.throughput.warmup,
+        ev.throughput.repeats,
+        ev.rounds,
+        ev.num_threads,
+    )
+    return {
+        name: {**latency_summary(latency[name]), **throughput_summary(throughput[name])}
+        for name in models
+    }
 
 
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
@@ -108,44 +155,68 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         eval_batch_size=cfg.evaluate.batch_size,
     )
     data.setup()
+    inputs = build_test_inputs(data, cfg)
     tracker = Tracker(cfg)
-    results: dict[str, dict] = {}
-    with (
-        tracker.stage_run("evaluate", label_map["dataset_digest"]) as active,
-        atomic_dir(layout.variant_details) as details_dir,
-    ):
-        variants = variant_dirs(cfg, layout)
-        for variant, directory in tqdm(variants.items(), desc="evaluate", unit="variant"):
-            model = load_variant(directory)
-            summary, detail = evaluate_variant(model, data, cfg, label_map["labels"])
-            summary["size_mb"] = weights_size_mb(directory)
-            results[variant] = summary
-            detail_path = details_dir / f"{variant}.json"
-            write_json(detail_path, {"variant": variant, **summary, **detail})
-            log.info(
-                "%s: accuracy %.4f, p50 %.1f ms, %.1f MB",
-                variant,
-                summary["accuracy"],
-                summary["latency_ms_p50"],
-                summary["size_mb"],
-            )
-            log_variant_run(
-                tracker,
-                variant,
-                {MLFLOW_NAMES[k]: v for k, v in summary.items()},
-                active,
-                [str(detail_path)],
-            )
-        write_json(
-            details_dir / "environment.json",
-            {
-                **environment(),
-                "num_threads": cfg.evaluate.num_threads,
-                "device": cfg.evaluate.device,
-            },
-        )
-        write_json(layout.metrics_file, {"variants": results})
-        if active is not None:
-            import mlflow
+    with tracker.stage_run("evaluate", label_map["dataset_digest"]) as active:
+        details = measure_variants(variant_dirs(cfg, layout), inputs, cfg, label_map["labels"])
+        with atomic_dir(layout.variant_details) as details_dir:
+            write_outputs(cfg, layout, details, details_dir, tracker, active)
 
-            mlflow.log_artifact(str(layout.metrics_file))
+
+def measure_variants(
+    variants: dict[str, Path], inputs: TestInputs, cfg: TrimflowConfig, labels: list[str]
+) -> dict[str, dict]:
+    """Score every variant, then time them all together; detail dict per variant."""
+    models, details = {}, {}
+    for variant, directory in tqdm(variants.items(), desc="score", unit="variant"):
+        models[variant] = load_variant(directory)
+        details[variant] = score_variant(models[variant], directory, inputs, labels)
+    log.info("timing %d variants in %d interleaved rounds", len(models), cfg.evaluate.rounds)
+    for variant, timing in time_variants(models, inputs, cfg).items():
+        details[variant].update(timing)
+    return details
+
+
+def write_outputs(
+    cfg: TrimflowConfig,
+    layout: Layout,
+    details: dict[str, dict],
+    details_dir: Path,
+    tracker: Tracker,
+    active,
+) -> None:
+    """metrics.json, a detail file per variant, environment.json and the variant runs."""
+    results = {
+        variant: {key: detail[key] for key in MLFLOW_NAMES} for variant, detail in details.items()
+    }
+    for variant, detail in details.items():
+        detail_path = details_dir / f"{variant}.json"
+        write_json(detail_path, {"variant": variant, **detail})
+        log.info(
+            "%s: accuracy %.4f, p50 %.1f ms, %.1f MB",
+            variant,
+            detail["accuracy"],
+            detail["latency_ms_p50"],
+            detail["size_mb"],
+        )
+        log_variant_run(
+            tracker,
+            variant,
+            {MLFLOW_NAMES[k]: v for k, v in results[variant].items()},
+            active,
+            [str(detail_path)],
+        )
+    write_json(
+        details_dir / "environment.json",
+        {
+            **environment(),
+            "num_threads": cfg.evaluate.num_threads,
+            "device": cfg.evaluate.device,
+            "rounds": cfg.evaluate.rounds,
+        },
+    )
+    write_json(layout.metrics_file, {"variants": results})
+    if active is not None:
+        import mlflow
+
+        mlflow.log_artifact(str(layout.metrics_file))
