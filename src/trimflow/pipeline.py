@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,18 +66,8 @@ def hydra_entry(raw: DictConfig) -> float:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_parent = _sweep_parent(tracker, str(Path(hydra_cfg.sweep.dir).resolve()))
     name = " ".join(hydra_cfg.overrides.task) or "default"
-    with tracker.run(
-        name,
-        {"trimflow.stage": "pipeline"},
-        cfg.model_dump(mode="json"),
-        parent_run_id=sweep_parent,
-    ) as active:
-        if active is not None:
-            os.environ["TRIMFLOW_PARENT_RUN_ID"] = active.info.run_id
-        try:
-            metrics = run_pipeline(cfg, keyed_layout(cfg, SWEEP_STORE.resolve()))
-        finally:
-            os.environ.pop("TRIMFLOW_PARENT_RUN_ID", None)
+    with tracker.pipeline_run(name, parent_run_id=sweep_parent):
+        metrics = run_pipeline(cfg, keyed_layout(cfg, SWEEP_STORE.resolve()))
     return float(metrics["variants"]["finetuned"]["accuracy"])
 
 

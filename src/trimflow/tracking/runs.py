@@ -120,10 +120,10 @@ class Tracker:
             yield active
 
     @contextlib.contextmanager
-    def pipeline_run(self, name: str) -> Iterator[Any]:
-        """The parent run; its id is exported so stage subprocesses nest under it."""
+    def pipeline_run(self, name: str, parent_run_id: str | None = None) -> Iterator[Any]:
+        """The run of one pipeline execution; its id is exported so stages nest under it."""
         with self.run(
-            name, {"trimflow.stage": "pipeline"}, self.cfg.model_dump(mode="json")
+            name, {"trimflow.stage": "pipeline"}, self.cfg.model_dump(mode="json"), parent_run_id
         ) as active:
             previous = os.environ.get(PARENT_RUN_ENV)
             if active is not None:
