@@ -113,3 +113,13 @@ def tiny_config(tmp_path, tiny_encoder_dir, tracking_db):
         )
 
     return make
+
+
+def mlflow_runs(uri: str, experiment: str) -> list:
+    """Every run of `experiment` in the store at `uri` (no global MLflow state touched)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment '{experiment}' in {uri}"
+    return client.search_runs([found.experiment_id], max_results=1000)

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
+from conftest import mlflow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "tokenize", "finetune", "prune", "quantize", "evaluate", "report"]
@@ -82,8 +82,7 @@ def test_second_repro_runs_nothing(project):
 
 def test_every_mlflow_run_of_the_repro_is_nested_and_tagged(project):
     copy, _, _ = project
-    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["trimflow"], output_format="list")
+    runs = mlflow_runs(f"sqlite:///{copy / 'mlflow.db'}", "trimflow")
     parents = [r for r in runs if r.data.tags.get("trimflow.stage") == "pipeline"]
     assert len(parents) == 1
     children = [r for r in runs if r is not parents[0]]

@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-import mlflow
 import pytest
+from conftest import mlflow_runs
 
 from trimflow.compress.quantize import load_variant
 from trimflow.layout import dvc_layout
@@ -72,8 +72,7 @@ def test_report_is_self_contained_with_plots(finished):
 
 def test_every_mlflow_run_has_metrics_and_tags(finished, tmp_path):
     cfg, _, _ = finished
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    runs = mlflow_runs(cfg.tracking.uri, cfg.tracking.experiment)
     stages = {r.data.tags["trimflow.stage"] for r in runs}
     assert stages == {"prepare", "tokenize", "finetune", "prune", "quantize", "evaluate", "report"}
     for run in runs:
@@ -112,8 +111,7 @@ def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_di
     assert kinds.count("finetuned") == 2 and kinds.count("pruned") == 4
     assert kinds.count("reports") == 4
 
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(experiment_names=["trimflow"], output_format="list")
+    runs = mlflow_runs(f"sqlite:///{db}", "trimflow")
     sweeps = [r for r in runs if r.data.tags.get("trimflow.stage") == "sweep"]
     assert len(sweeps) == 1
     points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]

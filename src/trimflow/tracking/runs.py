@@ -18,9 +18,14 @@ SQLITE_PREFIX = "sqlite:///"
 log = logging.getLogger(__name__)
 
 
+# Read once: mlflow.set_tracking_uri() writes this variable itself, so a later read would
+# return the previous Tracker's store instead of the user's choice.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else `tracking.uri` (sqlite by default)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    """`MLFLOW_TRACKING_URI` as set by the user, else `tracking.uri` (sqlite by default)."""
+    return USER_TRACKING_URI or cfg.uri
 
 
 def artifact_root(uri: str) -> str | None:
