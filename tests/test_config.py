@@ -62,3 +62,12 @@ def test_smoke_preset_overrides_defaults():
     cfg = compose_config(["experiment=smoke"])
     assert cfg.dataset.max_train_samples == 240
     assert cfg.finetune.max_epochs == 1
+
+
+def test_cli_rejects_bad_override_without_writing(tmp_path, caplog):
+    from trimflow.cli import main
+
+    out = tmp_path / "params.yaml"
+    assert main(["params", "prune.sparsity=1.5", "--out", str(out)]) == 2
+    assert "prune.sparsity" in caplog.text
+    assert not out.exists()

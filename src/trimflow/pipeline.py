@@ -22,10 +22,10 @@ SWEEP_STORE = Path("outputs/store")
 SWEEP_TAG = "trimflow.sweep"
 
 
-def run_pipeline(cfg: TrimflowConfig, layout: Layout, skip_existing: bool = True) -> dict:
-    """Run every stage in order; stages whose output already exists are skipped."""
+def run_pipeline(cfg: TrimflowConfig, layout: Layout) -> dict:
+    """Run every stage in order, skipping stages whose (config-keyed) output already exists."""
     for stage in STAGES:
-        if skip_existing and stage_output(layout, stage).exists():
+        if stage_output(layout, stage).exists():
             log.info("%s: up to date (%s)", stage, stage_output(layout, stage))
             continue
         log.info("%s: running", stage)
