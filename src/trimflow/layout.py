@@ -19,6 +19,9 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "report": ("report",),
 }
 STAGES = tuple(STAGE_PARAMS)
+# Inside data/tokenized/: the Arrow splits and the tokenizer they were made with.
+TOKENIZED_SPLITS = "splits"
+TOKENIZER = "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,19 @@ class Layout:
     quantized: Path
     reports: Path
     work: Path
+
+    @property
+    def tokenized_splits(self) -> Path:
+        return self.tokenized / TOKENIZED_SPLITS
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.tokenized / TOKENIZER
+
+    @property
+    def fp32_variants(self) -> dict[str, Path]:
+        """The unquantized model variants by name."""
+        return {"finetuned": self.finetuned, "pruned": self.pruned}
 
     @property
     def metrics_file(self) -> Path:

@@ -45,7 +45,7 @@ MLFLOW_NAMES = {
 
 def variant_dirs(cfg: TrimflowConfig, layout: Layout) -> dict[str, Path]:
     """Every variant the pipeline built, in report order."""
-    dirs = {"finetuned": layout.finetuned, "pruned": layout.pruned}
+    dirs = dict(layout.fp32_variants)
     for source in cfg.quantize.sources:
         dirs[quantized_variant(source)] = layout.quantized / quantized_variant(source)
     return dirs
@@ -149,8 +149,8 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         raise ValueError("evaluate.device=cuda but no CUDA device is available")
     label_map = read_label_map(layout.finetuned)
     data = TokenizedDataModule(
-        layout.tokenized / "splits",
-        layout.tokenized / "tokenizer",
+        layout.tokenized_splits,
+        layout.tokenizer_dir,
         batch_size=cfg.evaluate.batch_size,
         eval_batch_size=cfg.evaluate.batch_size,
     )

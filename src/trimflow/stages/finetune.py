@@ -31,8 +31,8 @@ def build_datamodule(cfg: TrimflowConfig, layout: Layout) -> TokenizedDataModule
     """The data module over data/tokenized/ with the finetune batch settings."""
     on_gpu = resolve_precision(cfg.trainer) != "32-true"
     return TokenizedDataModule(
-        layout.tokenized / "splits",
-        layout.tokenized / "tokenizer",
+        layout.tokenized_splits,
+        layout.tokenizer_dir,
         batch_size=cfg.finetune.batch_size,
         eval_batch_size=cfg.finetune.eval_batch_size,
         group_by_length=cfg.finetune.group_by_length,
@@ -102,7 +102,7 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     L.seed_everything(cfg.seed, workers=True)
     label_map = read_label_map(layout.tokenized)
     model = load_base_classifier(cfg.model.name, label_map["labels"])
-    tokenizer = load_tokenizer(str(layout.tokenized / "tokenizer"))
+    tokenizer = load_tokenizer(str(layout.tokenizer_dir))
     work_dir = layout.work / f"finetune-{stage_keys(cfg)['finetune']}"
     tracker = Tracker(cfg)
     with tracker.stage_run("finetune", label_map["dataset_digest"]) as active:

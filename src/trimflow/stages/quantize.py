@@ -19,15 +19,10 @@ def quantized_variant(source: str) -> str:
     return "quantized" if source == "finetuned" else f"{source}_quantized"
 
 
-def source_dir(layout: Layout, source: str):
-    """The directory of an fp32 variant."""
-    return {"finetuned": layout.finetuned, "pruned": layout.pruned}[source]
-
-
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     digest = read_label_map(layout.finetuned)["dataset_digest"]
     with Tracker(cfg).stage_run("quantize", digest), atomic_dir(layout.quantized) as out:
         for source in cfg.quantize.sources:
-            model = quantize_dynamic_int8(load_variant(source_dir(layout, source)))
-            save_quantized(model, source_dir(layout, source), out / quantized_variant(source))
+            model = quantize_dynamic_int8(load_variant(layout.fp32_variants[source]))
+            save_quantized(model, layout.fp32_variants[source], out / quantized_variant(source))
             log.info("quantized %s -> %s", source, quantized_variant(source))

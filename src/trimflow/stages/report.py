@@ -10,6 +10,7 @@ import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import Layout
+from trimflow.models.loading import read_label_map
 from trimflow.report.plots import (
     confusion_figure,
     save_figure,
@@ -86,7 +87,7 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         "Unstructured magnitude sparsity is stored dense: it does not shrink files or speed up "
         "dense kernels; head pruning and int8 do.",
     ]
-    label_map = read_json(layout.finetuned / "label_map.json")
+    label_map = read_label_map(layout.finetuned)
     with Tracker(cfg).stage_run("report", label_map["dataset_digest"]) as active:
         images = draw_plots(layout, metrics)
         _write_tradeoff_csv(rows, layout.plots / TRADEOFF_CSV)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.tokenization import tokenize_split
-from trimflow.layout import Layout
+from trimflow.layout import TOKENIZED_SPLITS, TOKENIZER, Layout
 from trimflow.models.loading import LABEL_MAP_FILE, load_tokenizer, read_label_map
 from trimflow.stages.prepare import SPLITS
 from trimflow.tracking.runs import Tracker
@@ -48,8 +48,8 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         ) as active,
         atomic_dir(layout.tokenized) as out,
     ):
-        datasets.DatasetDict(tokenized).save_to_disk(str(out / "splits"))
-        tokenizer.save_pretrained(out / "tokenizer")
+        datasets.DatasetDict(tokenized).save_to_disk(str(out / TOKENIZED_SPLITS))
+        tokenizer.save_pretrained(out / TOKENIZER)
         shutil.copy(layout.prepared / LABEL_MAP_FILE, out / LABEL_MAP_FILE)
         write_json(out / STATS_FILE, {"max_length": cfg.model.max_length, "splits": stats})
         if active is not None:
