@@ -71,3 +71,8 @@ def test_cli_rejects_bad_override_without_writing(tmp_path, caplog):
     assert main(["params", "prune.sparsity=1.5", "--out", str(out)]) == 2
     assert "prune.sparsity" in caplog.text
     assert not out.exists()
+
+
+def test_gpu_evaluation_is_refused_until_it_exists():
+    with pytest.raises(ConfigError, match=r"evaluate\.device"):
+        compose_config(["evaluate.device=cuda"])

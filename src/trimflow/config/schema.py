@@ -87,7 +87,8 @@ class ThroughputConfig(Section):
 
 
 class EvaluateConfig(Section):
-    device: Literal["cpu", "cuda"]
+    # Only CPU evaluation is implemented: dynamic int8 kernels are CPU-only.
+    device: Literal["cpu"]
     num_threads: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     rounds: int = Field(ge=1)

@@ -145,8 +145,6 @@ def time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict
 
 
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
-    if cfg.evaluate.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("evaluate.device=cuda but no CUDA device is available")
     label_map = read_label_map(layout.finetuned)
     data = TokenizedDataModule(
         layout.tokenized_splits,
