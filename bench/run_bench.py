@@ -5,12 +5,16 @@
 1. fine-tune samples/s: trimflow's Lightning loop vs a plain Hugging Face `Trainer`
    (same model, data, batch size, length grouping, dynamic padding, fp32, threads);
 2. tokenize rate: the tokenize stage's batched `datasets.map` vs one raw batched tokenizer call;
-3. batch-1 latency: dynamic int8 vs fp32 of the same model.
+3. batch-1 latency: dynamic int8 vs fp32 of the same model;
+4. batch-1 latency: torch.ao dynamic int8 (the pipeline's) vs torchao
+   `Int8DynamicActivationInt8WeightConfig`, eager, of the same model.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.metadata
 import logging
 import os
 import tempfile
@@ -27,7 +31,7 @@ from trimflow.config.loading import compose_config
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.data.sources import load_raw_splits
 from trimflow.data.tokenization import tokenize_split
-from trimflow.evaluation.benchmark import measure_latency
+from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, measure_latency
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import SequenceClassifier
 from trimflow.stages.evaluate import environment
@@ -37,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 TOKENIZE_REPEATS = 5
 FINETUNE_ROUNDS = 2
+TORCHAO_REPEATS = 100
 
 
 def r8_dataset(cfg) -> tuple[datasets.Dataset, list[str]]:
@@ -169,17 +174,42 @@ def bench_finetune(cfg, tokenized: datasets.Dataset, tokenizer, labels, steps: i
     }
 
 
-def bench_int8(cfg, tokenized: datasets.Dataset, tokenizer, labels) -> dict:
+def latency_inputs(tokenized: datasets.Dataset, tokenizer, count: int = 32) -> list[dict]:
+    """The first `count` training examples as padded single-example batches."""
     from transformers import DataCollatorWithPadding
 
-    model = load_base_classifier(cfg.model.name, labels).eval()
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     columns = ("input_ids", "attention_mask", "token_type_ids")
-    inputs = [collate([{key: tokenized[i][key] for key in columns}]) for i in range(32)]
-    settings = dict(warmup=10, repeats=100, num_threads=cfg.evaluate.num_threads)
+    return [collate([{key: tokenized[i][key] for key in columns}]) for i in range(count)]
+
+
+def bench_int8(model: torch.nn.Module, inputs: list[dict], num_threads: int) -> dict:
+    """Batch-1 p50 latency of torch.ao dynamic int8 vs fp32."""
+    settings = dict(warmup=10, repeats=100, num_threads=num_threads)
     fp32 = measure_latency(model, inputs, **settings)["latency_ms_p50"]
     int8 = measure_latency(quantize_dynamic_int8(model), inputs, **settings)["latency_ms_p50"]
     return {"fp32_latency_ms_p50": fp32, "int8_latency_ms_p50": int8, "speedup": fp32 / int8}
+
+
+def bench_torchao(model: torch.nn.Module, inputs: list[dict], num_threads: int) -> dict:
+    """Batch-1 p50 latency (eager) of torch.ao dynamic int8 vs torchao's int8 dynamic-activation
+    int8-weight linears, interleaved in rounds; ratio > 1 means torch.ao is faster."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    torchao_model = copy.deepcopy(model).eval()
+    quantize_(torchao_model, Int8DynamicActivationInt8WeightConfig())
+    models = {"torch_ao": quantize_dynamic_int8(model), "torchao": torchao_model}
+    timings = interleaved_timings(
+        models, inputs, warmup=10, repeats=TORCHAO_REPEATS, rounds=4, num_threads=num_threads
+    )
+    p50 = {name: latency_summary(timings[name])["latency_ms_p50"] for name in models}
+    return {
+        "torch_ao_latency_ms_p50": p50["torch_ao"],
+        "torchao_latency_ms_p50": p50["torchao"],
+        "ratio": p50["torchao"] / p50["torch_ao"],
+        "torchao_version": importlib.metadata.version("torchao"),
+        "repeats": TORCHAO_REPEATS,
+    }
 
 
 def main() -> None:
@@ -192,10 +222,13 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model.name)
     data, labels = r8_dataset(cfg)
     tokenized, _ = tokenize_split(data, tokenizer, cfg.model.max_length)
+    model = load_base_classifier(cfg.model.name, labels).eval()
+    inputs = latency_inputs(tokenized, tokenizer)
     results = {
         "tokenize": bench_tokenize(data, tokenizer, cfg.model.max_length),
         "finetune": bench_finetune(cfg, tokenized, tokenizer, labels, args.steps),
-        "int8_latency": bench_int8(cfg, tokenized, tokenizer, labels),
+        "int8_latency": bench_int8(model, inputs, cfg.evaluate.num_threads),
+        "torchao_int8_latency": bench_torchao(model, inputs, cfg.evaluate.num_threads),
         "environment": {**environment(), "num_threads": torch.get_num_threads()},
     }
     write_json(args.out, results)
@@ -222,6 +255,13 @@ def main() -> None:
         f"{results['int8_latency']['fp32_latency_ms_p50']:.2f}",
         f"{results['int8_latency']['speedup']:.2f}x",
         ">= 1.5x",
+    )
+    table.add_row(
+        "batch-1 p50 ms int8 torch.ao vs torchao",
+        f"{results['torchao_int8_latency']['torch_ao_latency_ms_p50']:.2f}",
+        f"{results['torchao_int8_latency']['torchao_latency_ms_p50']:.2f}",
+        f"{results['torchao_int8_latency']['ratio']:.2f}x",
+        ">= 1.0x",
     )
     Console().print(table)
 

@@ -9,7 +9,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from trimflow.config.loading import ConfigError, compose_config, compose_raw, load_params
-from trimflow.layout import STAGE_PARAMS, stage_keys
+from trimflow.config.schema import QUANTIZE_SCHEMES
+from trimflow.layout import STAGE_PARAMS, VARIANT, VARIANT_STAGES, stage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,17 +22,56 @@ def test_committed_params_equal_composition_of_conf():
 
 def test_dvc_yaml_params_match_what_each_stage_reads():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert {name: tuple(stage["params"]) for name, stage in stages.items()} == STAGE_PARAMS
+    declared = {
+        name: tuple(p.replace("${key}", VARIANT) for p in stage.get("do", stage)["params"])
+        for name, stage in stages.items()
+    }
+    assert declared == STAGE_PARAMS
+    assert {name for name, stage in stages.items() if "foreach" in stage} == set(VARIANT_STAGES)
+
+
+def test_variant_stages_iterate_over_the_declared_variants():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert stages["prune"]["foreach"] == "${prune.variants}"
+    assert stages["distill"]["foreach"] == "${distill.students}"
+    assert stages["quantize"]["foreach"] == "${quantize.variants}"
+    assert stages["quantize"]["do"]["deps"][-1] == "models/${item.source}"
+
+
+def test_default_declares_every_variant_kind_and_names_are_unique():
+    cfg = compose_config(["experiment=smoke"])
+    kinds = cfg.variant_kinds()
+    assert set(kinds.values()) == {"finetune", "prune", "distill", "quantize"}
+    schemes = {v.scheme for v in cfg.quantize.variants.values()}
+    assert schemes == set(QUANTIZE_SCHEMES)
+    methods = {v.method for v in cfg.prune.variants.values()}
+    assert methods == {"structured", "magnitude"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+quantize.variants.q2={source: nowhere, scheme: dynamic_int8}"], "q2.source"),
+        (["+quantize.variants.pruned={source: finetuned, scheme: bf16}"], "already used"),
+        (["+quantize.variants.Bad-Name={source: finetuned, scheme: bf16}"], "Bad-Name"),
+        (["+prune.variants.p2={method: wavelet}"], "prune.variants.p2"),
+        (["+distill.students.s2={layers: [0], model: x}"], "exactly one"),
+        (["report.baseline=nope"], "report.baseline"),
+    ],
+)
+def test_bad_variant_declarations_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
 
 
 @pytest.mark.parametrize(
     ("override", "key"),
     [
         ("+finetune.lrr=1", "finetune.lrr"),
-        ("prune.sparsity=1.5", "prune.sparsity"),
+        ("prune.variants.sparse80.sparsity=1.5", "prune.variants.sparse80.magnitude.sparsity"),
         ("finetune.batch_size=zero", "finetune.batch_size"),
         ("finetune.lrr=1", "finetune.lrr"),
-        ("quantize.sources=[onnx]", "quantize.sources"),
+        ("quantize.variants.onnx.scheme=onnx_int4", "quantize.variants.onnx.scheme"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -51,11 +91,17 @@ def test_load_params_names_the_file(tmp_path):
         load_params(bad)
 
 
-def test_changing_prune_changes_only_prune_and_downstream_keys():
+def test_changing_one_prune_variant_changes_only_it_and_its_downstream_keys():
     before = stage_keys(compose_config())
-    after = stage_keys(compose_config(["prune.sparsity=0.3"]))
-    changed = [stage for stage in STAGE_PARAMS if before[stage] != after[stage]]
-    assert changed == ["prune", "quantize", "evaluate", "report"]
+    after = stage_keys(compose_config(["prune.variants.pruned.ffn_fraction=0.3"]))
+    changed = [unit for unit in before if before[unit] != after[unit]]
+    assert changed == [
+        "prune@pruned",
+        "quantize@pruned_quantized",
+        "quantize@pruned_onnx_int8",
+        "evaluate",
+        "report",
+    ]
 
 
 def test_smoke_preset_overrides_defaults():
@@ -68,8 +114,8 @@ def test_cli_rejects_bad_override_without_writing(tmp_path, caplog):
     from trimflow.cli import main
 
     out = tmp_path / "params.yaml"
-    assert main(["params", "prune.sparsity=1.5", "--out", str(out)]) == 2
-    assert "prune.sparsity" in caplog.text
+    assert main(["params", "finetune.lr=1.5", "--out", str(out)]) == 2
+    assert "finetune.lr" in caplog.text
     assert not out.exists()
 
 

@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import mlflow_runs
 
+from trimflow.config.loading import compose_config
+from trimflow.layout import stage_units, unit_name
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "tokenize", "finetune", "prune", "quantize", "evaluate", "report"]
+SMOKE = compose_config(["experiment=smoke"])
+UNITS = [unit_name(stage, variant) for stage, variant in stage_units(SMOKE)]
 pytestmark = pytest.mark.e2e
 
 
@@ -60,17 +64,20 @@ def project(tmp_path_factory):
 
 
 def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@]+)'", output)
 
 
 def test_first_repro_runs_every_stage_and_writes_outputs(project):
     copy, _, output = project
-    assert ran_stages(output) == STAGES
+    assert sorted(ran_stages(output)) == sorted(UNITS)
+    assert ran_stages(output)[:3] == ["prepare", "tokenize", "finetune"]
+    assert ran_stages(output)[-2:] == ["evaluate", "report"]
     metrics = json.loads((copy / "reports/metrics.json").read_text())
-    assert set(metrics["variants"]) == {"finetuned", "pruned", "quantized", "pruned_quantized"}
+    assert list(metrics["variants"]) == list(SMOKE.variant_kinds())
+    assert metrics["recommended"] in metrics["variants"]
     assert (copy / "reports/report.html").stat().st_size > 10_000
     lock = (copy / "dvc.lock").read_text()
-    assert all(f"  {stage}:" in lock for stage in STAGES)
+    assert all(f"  {unit}:" in lock for unit in UNITS)
     assert not list(copy.glob("**/.*.tmp-*")), "temporary stage outputs were left behind"
 
 
@@ -88,14 +95,21 @@ def test_every_mlflow_run_of_the_repro_is_nested_and_tagged(project):
     children = [r for r in runs if r is not parents[0]]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     stage_runs = [r for r in children if "trimflow.variant" not in r.data.tags]
-    assert sorted(r.data.tags["dvc.stage"] for r in stage_runs) == sorted(STAGES)
+    assert sorted(r.data.tags["dvc.stage"] for r in stage_runs) == sorted(UNITS)
     for run in children:
         assert run.data.tags["git.commit"] and run.data.tags["dataset.digest"]
         assert run.data.tags["dvc.lock_hash"] if run in stage_runs else run.data.metrics
 
 
-def test_dvc_exp_run_with_prune_override_reruns_only_prune_onwards(project):
+def test_dvc_exp_run_with_one_variant_override_reruns_only_that_variant_onwards(project):
     copy, sh, _ = project
-    output = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "prune.sparsity=0.3")
-    assert ran_stages(output) == STAGES[3:]
-    assert "sparsity: 0.3" in (copy / "params.yaml").read_text()
+    override = "prune.variants.pruned.ffn_fraction=0.25"
+    output = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", override)
+    ran = ran_stages(output)
+    assert ran[0] == "prune@pruned" and ran[-2:] == ["evaluate", "report"]
+    assert sorted(ran[1:-2]) == sorted(
+        f"quantize@{name}"
+        for name, spec in SMOKE.quantize.variants.items()
+        if spec.source == "pruned"
+    )
+    assert "ffn_fraction: 0.25" in (copy / "params.yaml").read_text()

@@ -10,77 +10,132 @@ import sys
 import pytest
 from conftest import mlflow_runs
 
-from trimflow.compress.quantize import load_variant
+from trimflow.compress.variants import load_variant
 from trimflow.layout import dvc_layout
 from trimflow.pipeline import run_pipeline
 from trimflow.stages.evaluate import MLFLOW_NAMES
 
-VARIANTS = ["finetuned", "pruned", "quantized", "pruned_quantized"]
+# The smoke preset declares every variant kind; the tiny BERT has 2 layers.
+TINY_VARIANTS = ("distill.students.distilled.layers=[1]",)
+# Overrides leaving one structured-pruned and two quantized variants (for the sweep).
+LEAN = (
+    "~prune.variants.sparse80",
+    "~distill.students.distilled",
+    *(
+        f"~quantize.variants.{name}"
+        for name in (
+            "quantized_emb",
+            "bf16",
+            "fp16",
+            "onnx",
+            "onnx_int8",
+            "onnx_static_int8",
+            "pruned_onnx_int8",
+            "distilled_quantized",
+            "distilled_onnx_int8",
+        )
+    ),
+)
 
 
-@pytest.fixture
-def finished(tiny_config, tmp_path):
-    cfg = tiny_config("prune.heads_fraction=0.5", "prune.sparsity=0.4")
-    layout = dvc_layout(tmp_path)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_encoder_dir, tracking_db):
+    from trimflow.config.loading import compose_config
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            f"model.name={tiny_encoder_dir}",
+            f"tracking.uri={tracking_db}",
+            f"tracking.experiment={root.name}",
+            "dataset.max_train_samples=120",
+            "dataset.max_test_samples=40",
+            *TINY_VARIANTS,
+        ]
+    )
+    layout = dvc_layout(root)
     metrics = run_pipeline(cfg, layout)
     return cfg, layout, metrics
 
 
-def test_metrics_file_has_every_variant_and_field(finished):
-    _, _, metrics = finished
-    assert list(metrics["variants"]) == VARIANTS
+def test_metrics_file_has_every_declared_variant_and_field(finished):
+    cfg, _, metrics = finished
+    assert list(metrics["variants"]) == list(cfg.variant_kinds())
+    assert len(metrics["variants"]) == 15
     for values in metrics["variants"].values():
         assert set(values) == set(MLFLOW_NAMES)
         assert 0.0 <= values["accuracy"] <= 1.0
         assert values["latency_ms_p95"] >= values["latency_ms_p50"] > 0
         assert values["throughput_sps"] > 0 and values["size_mb"] > 0
+    assert metrics["recommended"] in metrics["variants"]
+    assert metrics["recommendation"]["variant"] == metrics["recommended"]
 
 
-def test_pruned_model_is_smaller_and_sparse(finished):
+def test_quantized_variants_agree_with_their_source(finished):
+    _, _, metrics = finished
+    variants = metrics["variants"]
+    assert variants["finetuned"]["agreement"] == 1.0
+    assert variants["onnx"]["agreement"] == 1.0  # fp32 ONNX Runtime == PyTorch
+    for name in ("quantized", "onnx_int8", "onnx_static_int8", "bf16"):
+        assert variants[name]["agreement"] >= 0.8, name
+
+
+def test_pruned_variants_are_smaller_as_declared(finished):
     _, layout, metrics = finished
     variants = metrics["variants"]
-    pruning = json.loads((layout.pruned / "pruning.json").read_text())
-    assert sum(len(h) for h in pruning["heads_removed"].values()) == 4  # half of 2 x 4 heads
-    assert variants["pruned"]["params"] < variants["finetuned"]["params"]
-    assert pruning["magnitude_sparsity"] == pytest.approx(0.4, abs=0.01)
-    zeros = variants["pruned"]["params"] - variants["pruned"]["nonzero_params"]
-    assert zeros >= 0.39 * (pruning["params_after"] - embedding_params(layout))
-    assert variants["quantized"]["size_mb"] < variants["finetuned"]["size_mb"]
-    model = load_variant(layout.quantized / "pruned_quantized")
-    attention = model.bert.encoder.layer[0].attention.self
-    assert attention.num_attention_heads < 4
+    pruning = json.loads((layout.model_dir("pruned") / "pruning.json").read_text())
+    assert pruning["heads_removed"] == 4  # half of 2 x 4 heads
+    assert pruning["ffn_neurons_removed"] == 64  # half of 2 x 64 neurons
+    assert variants["pruned"]["params"] == pruning["params_after"] < variants["finetuned"]["params"]
+    model = load_variant(layout.model_dir("pruned_quantized"))
+    assert model.bert.encoder.layer[0].attention.self.num_attention_heads < 4
+    sparse = json.loads((layout.model_dir("sparse80") / "pruning.json").read_text())
+    assert sparse["encoder_linear_sparsity"] >= 0.5
+    assert variants["sparse80"]["size_mb"] < variants["finetuned"]["size_mb"] / 3
+    assert variants["quantized_emb"]["size_mb"] < variants["quantized"]["size_mb"]
 
 
-def embedding_params(layout) -> int:
-    """Parameters outside the encoder's prunable Linear layers (embeddings, norms, head)."""
-    from trimflow.compress.magnitude import prunable_linears
-
-    model = load_variant(layout.pruned)
-    linear = sum(getattr(m, name).numel() for m, name in prunable_linears(model))
-    return sum(p.numel() for p in model.parameters()) - linear
+def test_distilled_student_has_the_declared_layers(finished):
+    _, layout, metrics = finished
+    student = load_variant(layout.model_dir("distilled"))
+    assert student.config.num_hidden_layers == 1
+    assert metrics["variants"]["distilled"]["params"] < metrics["variants"]["finetuned"]["params"]
 
 
 def test_report_is_self_contained_with_plots(finished):
-    _, layout, _ = finished
+    _, layout, metrics = finished
     page = (layout.reports / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
+    assert f"Recommended: {metrics['recommended']}" in page
     assert 'src="http' not in page
     markdown = (layout.reports / "report.md").read_text()
     assert "plots/accuracy_vs_latency.png" in markdown
     assert (layout.plots / "tradeoff.csv").read_text().startswith("variant,accuracy")
 
 
-def test_every_mlflow_run_has_metrics_and_tags(finished, tmp_path):
+def test_every_mlflow_run_has_metrics_and_tags(finished):
     cfg, _, _ = finished
     runs = mlflow_runs(cfg.tracking.uri, cfg.tracking.experiment)
     stages = {r.data.tags["trimflow.stage"] for r in runs}
-    assert stages == {"prepare", "tokenize", "finetune", "prune", "quantize", "evaluate", "report"}
+    assert stages == {
+        "prepare",
+        "tokenize",
+        "finetune",
+        "prune",
+        "distill",
+        "quantize",
+        "evaluate",
+        "report",
+    }
+    built = {r.data.tags["trimflow.builds"] for r in runs if "trimflow.builds" in r.data.tags}
+    assert built == set(cfg.variant_kinds()) - {"finetuned"}
     for run in runs:
         assert run.data.tags["dataset.digest"]
         assert "git.commit" in run.data.tags or "git.dirty" not in run.data.tags
         assert run.data.params["finetune.lr"]
     variants = [r for r in runs if "trimflow.variant" in r.data.tags]
-    assert sorted(r.data.tags["trimflow.variant"] for r in variants) == sorted(VARIANTS)
+    assert sorted(r.data.tags["trimflow.variant"] for r in variants) == sorted(cfg.variant_kinds())
     for run in variants:
         assert set(MLFLOW_NAMES.values()) <= set(run.data.metrics)
     finetune_run = next(r for r in runs if r.data.tags["trimflow.stage"] == "finetune")
@@ -99,17 +154,22 @@ def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_di
         f"model.name={tiny_encoder_dir}",
         "dataset.max_train_samples=80",
         "dataset.max_test_samples=24",
+        *LEAN,
         "finetune.lr=1e-4,5e-4",
-        "prune.sparsity=0.3,0.5",
+        "prune.variants.pruned.ffn_fraction=0.25,0.5",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
     ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
     store = tmp_path / "outputs" / "store"
-    kinds = sorted(p.name.split("-")[0] for p in store.iterdir() if p.name != "work")
+    kinds = sorted(
+        p.name.split("-")[0] for p in store.iterdir() if p.name not in ("work", "models")
+    )
     assert kinds.count("prepared") == 1 and kinds.count("tokenized") == 1
-    assert kinds.count("finetuned") == 2 and kinds.count("pruned") == 4
     assert kinds.count("reports") == 4
+    models = sorted(p.name.split("-")[0] for p in (store / "models").iterdir())
+    assert models.count("finetuned") == 2 and models.count("pruned") == 4
+    assert models.count("quantized") == 2 and models.count("pruned_quantized") == 4
 
     runs = mlflow_runs(f"sqlite:///{db}", "trimflow")
     sweeps = [r for r in runs if r.data.tags.get("trimflow.stage") == "sweep"]

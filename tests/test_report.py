@@ -32,18 +32,20 @@ def variant(accuracy, latency, size, throughput, nonzero=100):
         "size_mb": size,
         "params": 100,
         "nonzero_params": nonzero,
+        "agreement": 0.99,
     }
 
 
 @pytest.fixture
 def metrics():
     return {
+        "recommended": "quantized",
         "variants": {
             "finetuned": variant(0.90, 20.0, 90.0, 400.0),
             "pruned": variant(0.88, 16.0, 90.0, 500.0, nonzero=50),
             "quantized": variant(0.89, 10.0, 30.0, 800.0),
             "pruned_quantized": variant(0.87, 8.0, 30.0, 1000.0, nonzero=50),
-        }
+        },
     }
 
 
@@ -219,8 +221,8 @@ def images(metrics, tmp_path):
 
 def test_render_markdown_links_images_and_lists_notes(rows):
     images = {"Accuracy vs latency": "figures/latency.png", "Size": "figures/size.png"}
-    text = render_markdown("Report", rows, images, ["2 threads"])
-    assert text.startswith("# Report\n")
+    text = render_markdown("Report", "Recommended: quantized", rows, images, ["2 threads"])
+    assert text.startswith("# Report\n\n**Recommended: quantized**\n")
     assert markdown_table(rows) in text
     assert "![Accuracy vs latency](figures/latency.png)" in text
     assert "![Size](figures/size.png)" in text
@@ -228,7 +230,11 @@ def test_render_markdown_links_images_and_lists_notes(rows):
 
 
 def test_render_html_is_self_contained_and_escaped(rows, images):
-    page = render_html("A <b> report", rows, images, ["<script>alert(1)</script>", "cpu"])
+    page = render_html(
+        "A <b> report", "Pick <it>", rows, images, ["<script>alert(1)</script>", "cpu"]
+    )
+    assert "<p><strong>Pick &lt;it&gt;</strong></p>" in page
+    assert "<td>quantized (recommended)</td>" in page
     assert page.count("data:image/png;base64,") == len(images)
     assert 'src="http' not in page
     assert "<script>" not in page
@@ -236,3 +242,35 @@ def test_render_html_is_self_contained_and_escaped(rows, images):
     assert "<title>A &lt;b&gt; report</title>" in page
     assert page.count('<tr class="frontier">') == 3
     assert "<td>pruned_quantized</td>" in page
+
+
+def _variant(accuracy: float, latency: float, size: float) -> dict:
+    return {"accuracy": accuracy, "latency_ms_p50": latency, "size_mb": size}
+
+
+def test_recommendation_is_the_fastest_variant_inside_the_accuracy_budget():
+    from trimflow.evaluation.recommend import recommend
+
+    variants = {
+        "finetuned": _variant(0.970, 30.0, 80.0),
+        "fast_but_bad": _variant(0.950, 5.0, 10.0),  # 2.0 points lost: over budget
+        "fast": _variant(0.962, 9.0, 20.0),  # 0.8 points lost
+        "faster_tie_smaller": _variant(0.961, 9.0, 16.0),  # same latency, smaller
+        "slow": _variant(0.975, 25.0, 40.0),
+    }
+    chosen = recommend(variants, "finetuned", 1.0)
+    assert chosen["variant"] == "faster_tie_smaller"
+    assert chosen["speedup"] == pytest.approx(30.0 / 9.0)
+    assert chosen["size_ratio"] == pytest.approx(5.0)
+    assert chosen["accuracy_drop_pts"] == pytest.approx(0.9)
+    assert recommend(variants, "finetuned", 3.0)["variant"] == "fast_but_bad"
+    assert recommend(variants, "finetuned", 0.0)["variant"] == "slow"  # gains accuracy
+
+
+def test_recommendation_falls_back_to_the_baseline_and_rejects_unknown_ones():
+    from trimflow.evaluation.recommend import recommend
+
+    variants = {"finetuned": _variant(0.9, 30.0, 80.0), "bad": _variant(0.5, 1.0, 1.0)}
+    assert recommend(variants, "finetuned", 1.0)["variant"] == "finetuned"
+    with pytest.raises(KeyError, match="nope"):
+        recommend(variants, "nope", 1.0)

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from trimflow.layout import STAGES
+from trimflow.layout import STAGES, VARIANT_STAGES
 
 log = logging.getLogger("trimflow")
 
@@ -25,14 +25,13 @@ def _setup_environment() -> None:
     )
 
 
-def run_stage(name: str, params: str) -> None:
+def run_dvc_stage(name: str, params: str, variant: str | None) -> None:
     """Run one stage on params.yaml with the fixed DVC layout."""
     from trimflow.config.loading import load_params
     from trimflow.layout import dvc_layout
-    from trimflow.stages import stage_function
+    from trimflow.stages import run_stage
 
-    cfg = load_params(params)
-    stage_function(name)(cfg, dvc_layout())
+    run_stage(name, load_params(params), dvc_layout(), variant)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         sub = commands.add_parser(stage, help=f"run the {stage} stage on params.yaml")
         sub.add_argument("--params", default="params.yaml")
+        if stage in VARIANT_STAGES:
+            sub.add_argument("--variant", help="build only this declared variant (default: all)")
     params = commands.add_parser("params", help="compose conf/ into params.yaml")
     params.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=smoke")
     params.add_argument("--out", default="params.yaml")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in STAGES:
-            run_stage(args.command, args.params)
+            run_dvc_stage(args.command, args.params, getattr(args, "variant", None))
         elif args.command == "params":
             from trimflow.config.loading import write_params
 

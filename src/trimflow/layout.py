@@ -1,24 +1,59 @@
-"""Where each stage reads and writes: fixed paths under DVC, config-keyed paths in sweeps."""
+"""Where each stage reads and writes: fixed paths under DVC, config-keyed paths in sweeps.
+
+Every model variant lives in its own directory, `models/<variant>` under DVC. Stages that build
+variants (prune, distill, quantize) run once per variant declared in config, as DVC `foreach`
+stages `<stage>@<variant>`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from trimflow.config.schema import TrimflowConfig
+from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.utils.hashing import digest_json
 
-# The config sections each stage reads; dvc.yaml's `params:` lists the same (a test holds it).
+VARIANT = "{variant}"
+# The params each stage reads; `{variant}` stands for the variant a foreach stage builds.
+# dvc.yaml's `params:` lists the same, with ${key} for {variant} (a test holds them equal).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "dataset"),
     "tokenize": ("model", "task"),
     "finetune": ("seed", "model", "task", "finetune", "trainer"),
-    "prune": ("seed", "finetune", "prune", "trainer"),
-    "quantize": ("quantize",),
-    "evaluate": ("evaluate",),
+    "prune": (
+        "seed",
+        "finetune",
+        "trainer",
+        "prune.importance_batches",
+        "prune.recovery",
+        "prune.variants.{variant}",
+    ),
+    "distill": (
+        "seed",
+        "finetune",
+        "trainer",
+        "distill.temperature",
+        "distill.alpha",
+        "distill.lr",
+        "distill.max_epochs",
+        "distill.limit_train_batches",
+        "distill.students.{variant}",
+    ),
+    "quantize": ("quantize.calibration_batches", "quantize.variants.{variant}"),
+    "evaluate": (
+        "evaluate",
+        "prune.variants",
+        "distill.students",
+        "quantize.variants",
+        "report.baseline",
+        "report.max_accuracy_drop",
+    ),
     "report": ("report",),
 }
 STAGES = tuple(STAGE_PARAMS)
+VARIANT_STAGES = ("prune", "distill", "quantize")
 # Inside data/tokenized/: the Arrow splits and the tokenizer they were made with.
 TOKENIZED_SPLITS = "splits"
 TOKENIZER = "tokenizer"
@@ -30,11 +65,19 @@ class Layout:
 
     prepared: Path
     tokenized: Path
-    finetuned: Path
-    pruned: Path
-    quantized: Path
+    models: Path
     reports: Path
     work: Path
+    # variant -> config digest suffixed to its directory name (sweeps); empty under DVC.
+    model_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def model_dir(self, variant: str) -> Path:
+        key = self.model_keys.get(variant)
+        return self.models / (f"{variant}-{key}" if key else variant)
+
+    @property
+    def finetuned(self) -> Path:
+        return self.model_dir(FINETUNED)
 
     @property
     def tokenized_splits(self) -> Path:
@@ -43,11 +86,6 @@ class Layout:
     @property
     def tokenizer_dir(self) -> Path:
         return self.tokenized / TOKENIZER
-
-    @property
-    def fp32_variants(self) -> dict[str, Path]:
-        """The unquantized model variants by name."""
-        return {"finetuned": self.finetuned, "pruned": self.pruned}
 
     @property
     def metrics_file(self) -> Path:
@@ -67,47 +105,93 @@ def dvc_layout(root: Path = Path(".")) -> Layout:
     return Layout(
         prepared=root / "data/prepared",
         tokenized=root / "data/tokenized",
-        finetuned=root / "models/finetuned",
-        pruned=root / "models/pruned",
-        quantized=root / "models/quantized",
+        models=root / "models",
         reports=root / "reports",
         work=root / ".trimflow/work",
     )
 
 
-def stage_keys(cfg: TrimflowConfig) -> dict[str, str]:
-    """A digest per stage over its own params and every upstream stage's digest."""
+def _lookup(dumped: dict[str, Any], dotted: str) -> Any:
+    value: Any = dumped
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def stage_params(cfg: TrimflowConfig, stage: str, variant: str | None = None) -> dict[str, Any]:
+    """The values of the params `stage` (building `variant`) reads, by dotted key."""
     dumped = cfg.model_dump(mode="json")
+    keys = [key.replace(VARIANT, variant or "") for key in STAGE_PARAMS[stage]]
+    return {key: _lookup(dumped, key) for key in keys}
+
+
+def stage_units(cfg: TrimflowConfig) -> list[tuple[str, str | None]]:
+    """(stage, variant) in run order; variant is None for stages that run once."""
+    kinds = cfg.variant_kinds()
+    units: list[tuple[str, str | None]] = []
+    for stage in STAGES:
+        if stage in VARIANT_STAGES:
+            units += [(stage, name) for name, kind in kinds.items() if kind == stage]
+        else:
+            units.append((stage, None))
+    return units
+
+
+def unit_name(stage: str, variant: str | None) -> str:
+    """The DVC stage name: `prune@pruned` for a variant stage, else the stage itself."""
+    return f"{stage}@{variant}" if variant else stage
+
+
+def stage_keys(cfg: TrimflowConfig) -> dict[str, str]:
+    """A digest per stage unit over its own params and the digests of what it reads."""
     keys: dict[str, str] = {}
+    variant_keys = {}
     upstream = ""
-    for stage, sections in STAGE_PARAMS.items():
-        upstream = digest_json({"upstream": upstream, **{s: dumped[s] for s in sections}})
-        keys[stage] = upstream
+    for stage, variant in stage_units(cfg):
+        params = stage_params(cfg, stage, variant)
+        if stage == "quantize":
+            source = cfg.quantize.variants[variant].source
+            inputs = [variant_keys[source]]
+        elif stage in VARIANT_STAGES:
+            inputs = [keys["finetune"]]
+        elif stage == "evaluate":
+            inputs = [keys["tokenize"], *variant_keys.values()]
+        else:
+            inputs = [upstream]
+        key = digest_json({"inputs": inputs, **params})
+        keys[unit_name(stage, variant)] = key
+        if variant or stage == "finetune":
+            variant_keys[variant or FINETUNED] = key
+        if not variant:
+            upstream = key
     return keys
 
 
 def keyed_layout(cfg: TrimflowConfig, store: Path) -> Layout:
     """Paths keyed by config digest, so identical upstream work is shared across a sweep."""
     keys = stage_keys(cfg)
+    model_keys = {
+        variant: keys[unit_name(kind, None if kind == "finetune" else variant)]
+        for variant, kind in cfg.variant_kinds().items()
+    }
     return Layout(
         prepared=store / f"prepared-{keys['prepare']}",
         tokenized=store / f"tokenized-{keys['tokenize']}",
-        finetuned=store / f"finetuned-{keys['finetune']}",
-        pruned=store / f"pruned-{keys['prune']}",
-        quantized=store / f"quantized-{keys['quantize']}",
+        models=store / "models",
         reports=store / f"reports-{keys['report']}",
         work=store / "work",
+        model_keys=model_keys,
     )
 
 
-def stage_output(layout: Layout, stage: str) -> Path:
-    """The directory a stage's completeness is judged by (its main output)."""
+def unit_output(layout: Layout, stage: str, variant: str | None) -> Path:
+    """The directory a stage unit's completeness is judged by (its main output)."""
+    if variant:
+        return layout.model_dir(variant)
     return {
         "prepare": layout.prepared,
         "tokenize": layout.tokenized,
         "finetune": layout.finetuned,
-        "prune": layout.pruned,
-        "quantize": layout.quantized,
         "evaluate": layout.variant_details,
         "report": layout.reports / "report.html",
     }[stage]

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 from trimflow.config.loading import HYDRA_VERSION_BASE, conf_dir, load_params, validate
 from trimflow.config.schema import TrimflowConfig
-from trimflow.layout import STAGES, Layout, keyed_layout, stage_output
-from trimflow.stages import stage_function
+from trimflow.layout import Layout, keyed_layout, stage_units, unit_name, unit_output
+from trimflow.stages import run_stage
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import read_json
 
@@ -23,13 +23,14 @@ SWEEP_TAG = "trimflow.sweep"
 
 
 def run_pipeline(cfg: TrimflowConfig, layout: Layout) -> dict:
-    """Run every stage in order, skipping stages whose (config-keyed) output already exists."""
-    for stage in STAGES:
-        if stage_output(layout, stage).exists():
-            log.info("%s: up to date (%s)", stage, stage_output(layout, stage))
+    """Run every stage unit in order, skipping those whose (config-keyed) output exists."""
+    for stage, variant in stage_units(cfg):
+        name = unit_name(stage, variant)
+        if unit_output(layout, stage, variant).exists():
+            log.info("%s: up to date (%s)", name, unit_output(layout, stage, variant))
             continue
-        log.info("%s: running", stage)
-        stage_function(stage)(cfg, layout)
+        log.info("%s: running", name)
+        run_stage(stage, cfg, layout, variant)
     return read_json(layout.metrics_file)
 
 

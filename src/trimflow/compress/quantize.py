@@ -1,9 +1,16 @@
-"""Dynamic int8 quantization of linear layers for CPU inference, with a loadable on-disk format.
+"""Post-training quantization schemes for CPU (int8) and GPU (half precision) inference.
 
-A quantized directory holds `quantized_state_dict.pt`, `quantization.json` describing the scheme,
+Schemes, by name (`SCHEMES`):
+
+* `dynamic_int8`: every nn.Linear dynamically quantized to int8 (torch.ao eager mode);
+* `dynamic_int8_embeddings`: the same, plus weight-only int8 nn.Embedding (per-row float
+  qparams) - the embeddings hold most of a small BERT's weights;
+* `bf16` / `fp16`: the whole model cast to that dtype (meant for GPUs; runs on CPU).
+
+A quantized directory holds `quantized_state_dict.pt`, `quantization.json` naming the scheme,
 and the source directory's other files (config.json, tokenizer files, label_map.json).
-It is rebuilt by re-creating the fp32 architecture from config.json, quantizing it the same way
-and loading the state dict.
+It is rebuilt by re-creating the fp32 architecture from config.json (pruning included),
+applying the recorded scheme and loading the state dict.
 """
 
 from __future__ import annotations
@@ -14,22 +21,36 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from trimflow.compress.heads import apply_recorded_pruning, load_pruned
-from trimflow.utils.atomic import atomic_dir, write_json
+from trimflow.utils.atomic import atomic_dir, read_json, write_json
 
 STATE_DICT_FILE = "quantized_state_dict.pt"
 SCHEME_FILE = "quantization.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx")
 DEPRECATION_MESSAGES = (
     "torch.ao.quantization is deprecated",
     "torch.quantize_per_tensor, torch.quantize_per_channel",
     "TypedStorage is deprecated",
 )
+INT8_QCONFIGS = {
+    "dynamic_int8": {nn.Linear: default_dynamic_qconfig},
+    "dynamic_int8_embeddings": {
+        nn.Linear: default_dynamic_qconfig,
+        nn.Embedding: float_qparams_weight_only_qconfig,
+    },
+}
+CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEMES = (*INT8_QCONFIGS, *CAST_DTYPES)
+DEFAULT_SCHEME = "dynamic_int8"
 
 
 @contextlib.contextmanager
@@ -41,17 +62,77 @@ def _quiet_quantization_warnings() -> Iterator[None]:
         yield
 
 
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
+
+
+def _contiguous_indices(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Quantized embedding kernels need contiguous indices; BERT passes expanded token types."""
+    return tuple(arg.contiguous() for arg in args)
+
+
+def _apply_scheme(model: nn.Module, scheme: str) -> nn.Module:
+    """Quantize or cast `model` in place according to `scheme`; returns it in eval mode."""
+    _check_scheme(scheme)
+    model.eval()
+    if scheme in CAST_DTYPES:
+        return model.to(CAST_DTYPES[scheme])
+    with _quiet_quantization_warnings():
+        torch.ao.quantization.quantize_dynamic(
+            model, INT8_QCONFIGS[scheme], dtype=torch.qint8, inplace=True
+        )
+    for module in model.modules():
+        if isinstance(module, QuantizedEmbedding):
+            module.register_forward_pre_hook(_contiguous_indices)
+    return model
+
+
+def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
+    """An eval-mode copy of `model` quantized with `scheme` (one of `SCHEMES`)."""
+    return _apply_scheme(copy.deepcopy(model), scheme)
+
+
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every nn.Linear dynamically quantized to int8."""
-    quantized = copy.deepcopy(model).eval()
-    with _quiet_quantization_warnings():
-        return torch.ao.quantization.quantize_dynamic(
-            quantized, {nn.Linear}, dtype=torch.qint8, inplace=True
-        )
+    return quantize_model(model, "dynamic_int8")
 
 
-def save_quantized(model: nn.Module, source_dir: str | Path, out_dir: str | Path) -> None:
-    """Atomically write `model`'s state dict, the scheme, and `source_dir`'s non-weight files."""
+def scheme_of(model: nn.Module) -> str | None:
+    """The scheme `model` was quantized with, judged from its modules and dtypes (None: fp32)."""
+    module_types = {type(module) for module in model.modules()}
+    if QuantizedEmbedding in module_types:
+        return "dynamic_int8_embeddings"
+    if DynamicQuantizedLinear in module_types:
+        return "dynamic_int8"
+    dtypes = {parameter.dtype for parameter in model.parameters()}
+    return next((name for name, dtype in CAST_DTYPES.items() if dtypes == {dtype}), None)
+
+
+def _scheme_record(scheme: str) -> dict[str, Any]:
+    """What `quantization.json` says about `scheme`."""
+    if scheme in CAST_DTYPES:
+        return {"scheme": scheme, "dtype": str(CAST_DTYPES[scheme]).removeprefix("torch.")}
+    return {
+        "scheme": scheme,
+        "modules": [module.__name__ for module in INT8_QCONFIGS[scheme]],
+        "backend": torch.backends.quantized.engine,
+    }
+
+
+def save_quantized(
+    model: nn.Module,
+    source_dir: str | Path,
+    out_dir: str | Path,
+    scheme: str = DEFAULT_SCHEME,
+) -> None:
+    """Atomically write `model`'s state dict, its scheme, and `source_dir`'s non-weight files.
+
+    `model` must have been quantized with `scheme` (see `quantize_model`).
+    """
+    _check_scheme(scheme)
+    if (found := scheme_of(model)) != scheme:
+        raise ValueError(f"model looks quantized with {found!r}, not with scheme {scheme!r}")
     source_dir = Path(source_dir)
     if not (source_dir / "config.json").is_file():
         raise FileNotFoundError(f"{source_dir} has no config.json")
@@ -61,28 +142,22 @@ def save_quantized(model: nn.Module, source_dir: str | Path, out_dir: str | Path
                 shutil.copy2(path, tmp / path.name)
         with _quiet_quantization_warnings():
             torch.save(model.state_dict(), tmp / STATE_DICT_FILE)
-        write_json(
-            tmp / SCHEME_FILE,
-            {
-                "scheme": "dynamic_int8",
-                "modules": ["Linear"],
-                "backend": torch.backends.quantized.engine,
-            },
-        )
+        write_json(tmp / SCHEME_FILE, _scheme_record(scheme))
 
 
 def load_quantized(path: str | Path) -> nn.Module:
-    """Rebuild a model written by `save_quantized` (pruned heads included), in eval mode."""
+    """Rebuild a model written by `save_quantized` (pruning included), in eval mode."""
+    scheme = read_json(Path(path) / SCHEME_FILE)["scheme"]
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
     apply_recorded_pruning(model)
-    quantized = quantize_dynamic_int8(model)
+    quantized = _apply_scheme(model, scheme)
     with _quiet_quantization_warnings():
         quantized.load_state_dict(torch.load(Path(path) / STATE_DICT_FILE, weights_only=True))
-    return quantized.eval()
+    return quantized
 
 
 def load_variant(path: str | Path) -> nn.Module:
-    """Load any saved variant: a quantized directory or a (possibly head-pruned) pretrained one."""
+    """Load any saved variant: a quantized directory or a (possibly pruned) pretrained one."""
     if (Path(path) / SCHEME_FILE).is_file():
         return load_quantized(path)
     return load_pruned(path)

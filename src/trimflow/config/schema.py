@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 Fraction = Field(ge=0.0, lt=1.0)
+# Variant names become directory names and DVC stage keys (prune@<name>).
+VariantName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
+# Quantization schemes: torch eager-mode (CPU int8, GPU half precision) and ONNX Runtime.
+QUANTIZE_SCHEMES = (
+    "dynamic_int8",
+    "dynamic_int8_embeddings",
+    "bf16",
+    "fp16",
+    "onnx_fp32",
+    "onnx_dynamic_int8",
+    "onnx_static_int8",
+)
 
 
 class Section(BaseModel):
@@ -59,19 +71,70 @@ class RecoveryConfig(Section):
     enabled: bool
     lr: float = Field(gt=0.0, lt=1.0)
     max_epochs: int = Field(ge=1)
+    # Training batches per recovery epoch: a fraction of the epoch or a count.
     limit_train_batches: int | float = Field(gt=0)
+    # Sparsity ramps 0 -> target over this fraction of the recovery steps (cubic schedule).
+    pruning_end: float = Field(gt=0.0, le=1.0)
+    # Masks are recomputed every this many steps (global magnitude ranking costs ~1 s on CPU).
+    prune_every_n_steps: int = Field(ge=1)
+
+
+class StructuredPruning(Section):
+    """Physically remove attention heads and FFN neurons, least important first."""
+
+    method: Literal["structured"]
+    heads_fraction: float = Fraction
+    ffn_fraction: float = Fraction
+
+
+class MagnitudePruning(Section):
+    """Zero the smallest weights (global L1); stored dense, compressed on disk."""
+
+    method: Literal["magnitude"]
+    sparsity: float = Fraction
+    include_embeddings: bool = False
+
+
+PruneVariant = Annotated[StructuredPruning | MagnitudePruning, Field(discriminator="method")]
 
 
 class PruneConfig(Section):
-    sparsity: float = Fraction
-    heads_fraction: float = Fraction
     importance_batches: int = Field(gt=0)
     recovery: RecoveryConfig
+    variants: dict[VariantName, PruneVariant]
+
+
+class StudentConfig(Section):
+    """A student: `layers` of the teacher kept, or a smaller pretrained `model`."""
+
+    layers: list[int] | None = Field(default=None, min_length=1)
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_initialisation(self) -> StudentConfig:
+        if (self.layers is None) == (self.model is None):
+            raise ValueError("set exactly one of 'layers' (teacher layers) or 'model'")
+        return self
+
+
+class DistillConfig(Section):
+    temperature: float = Field(gt=0.0)
+    alpha: float = Field(ge=0.0, le=1.0)
+    lr: float = Field(gt=0.0, lt=1.0)
+    max_epochs: int = Field(ge=1)
+    limit_train_batches: int | float = Field(gt=0)
+    students: dict[VariantName, StudentConfig]
+
+
+class QuantizeVariant(Section):
+    source: str
+    scheme: Literal[QUANTIZE_SCHEMES]
 
 
 class QuantizeConfig(Section):
-    scheme: Literal["dynamic_int8"]
-    sources: list[Literal["finetuned", "pruned"]] = Field(min_length=1)
+    # Validation batches that calibrate static int8 activation ranges.
+    calibration_batches: int = Field(gt=0)
+    variants: dict[VariantName, QuantizeVariant]
 
 
 class LatencyConfig(Section):
@@ -98,6 +161,8 @@ class EvaluateConfig(Section):
 
 class ReportConfig(Section):
     baseline: str
+    # The recommended variant is the fastest one losing at most this many accuracy points.
+    max_accuracy_drop: float = Field(ge=0.0)
     title: str
 
 
@@ -128,17 +193,42 @@ class TrimflowConfig(Section):
     task: TaskConfig
     finetune: FinetuneConfig
     prune: PruneConfig
+    distill: DistillConfig
     quantize: QuantizeConfig
     evaluate: EvaluateConfig
     report: ReportConfig
     trainer: TrainerConfig
     tracking: TrackingConfig
 
+    def variant_kinds(self) -> dict[str, str]:
+        """Every variant the pipeline builds -> the stage that builds it, in report order."""
+        kinds = {FINETUNED: "finetune"}
+        for stage, names in (
+            ("prune", self.prune.variants),
+            ("distill", self.distill.students),
+            ("quantize", self.quantize.variants),
+        ):
+            for name in names:
+                if name in kinds:
+                    raise ValueError(f"{stage}: variant name '{name}' is already used")
+                kinds[name] = stage
+        return kinds
+
     @model_validator(mode="after")
-    def _baseline_is_a_variant(self) -> TrimflowConfig:
-        if self.report.baseline not in VARIANTS:
-            raise ValueError(f"report.baseline: '{self.report.baseline}' is not one of {VARIANTS}")
+    def _variants_are_consistent(self) -> TrimflowConfig:
+        kinds = self.variant_kinds()
+        unquantized = [name for name, kind in kinds.items() if kind != "quantize"]
+        for name, variant in self.quantize.variants.items():
+            if variant.source not in unquantized:
+                raise ValueError(
+                    f"quantize.variants.{name}.source: '{variant.source}' is not an "
+                    f"unquantized variant ({', '.join(unquantized)})"
+                )
+        if self.report.baseline not in kinds:
+            raise ValueError(
+                f"report.baseline: '{self.report.baseline}' is not one of {list(kinds)}"
+            )
         return self
 
 
-VARIANTS = ("finetuned", "pruned", "quantized", "pruned_quantized")
+FINETUNED = "finetuned"

@@ -1,4 +1,4 @@
-"""Model footprint: bytes on disk and (non-zero) parameter counts, fp32 or quantized."""
+"""Model footprint: bytes on disk and (non-zero) parameter counts, fp32, half or quantized."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 
@@ -18,18 +19,17 @@ def size_on_disk_mb(path: str | Path) -> float:
 
 
 def _weight_tensors(model: nn.Module) -> Iterator[Tensor]:
-    """Every parameter, plus the packed weight and bias of dynamically quantized linears."""
+    """Every parameter, plus the packed weights (and linear biases) of quantized modules."""
     yield from model.parameters()
     for module in model.modules():
-        if isinstance(module, DynamicQuantizedLinear):
+        if isinstance(module, DynamicQuantizedLinear | QuantizedEmbedding):
             yield module.weight().dequantize()
-            bias = module.bias()
-            if bias is not None:
-                yield bias
+        if isinstance(module, DynamicQuantizedLinear) and module.bias() is not None:
+            yield module.bias()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(total, non-zero) parameter counts; quantized linear weights count like fp32 ones.
+    """(total, non-zero) parameter counts; quantized weights count like fp32 ones.
 
     A magnitude-pruned model should be made permanent first, or `weight_orig` is counted.
     """

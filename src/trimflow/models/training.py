@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def fit_resumable(
     patience: int = 0,
     checkpoint_every_n_steps: int = 50,
     logger: Logger | bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Fit `module`, resuming from `work_dir/last.ckpt` if an earlier run was interrupted.
 
@@ -105,7 +107,8 @@ def fit_resumable(
     work_dir.mkdir(parents=True, exist_ok=True)
     mode = "min" if monitor and monitor.endswith("loss") else "max"
     history = HistoryRecorder()
-    callbacks: list[Callback] = [
+    all_callbacks: list[Callback] = [
+        *callbacks,
         history,
         ModelCheckpoint(
             dirpath=work_dir,
@@ -124,7 +127,7 @@ def fit_resumable(
             save_top_k=1,
             enable_version_counter=False,
         )
-        callbacks += [
+        all_callbacks += [
             best,
             EarlyStopping(
                 monitor=monitor, mode=mode, patience=patience, check_on_train_epoch_end=False
@@ -143,7 +146,7 @@ def fit_resumable(
         max_epochs=max_epochs,
         max_steps=max_steps,
         limit_train_batches=limit_train_batches,
-        callbacks=callbacks,
+        callbacks=all_callbacks,
         logger=logger,
         accumulate_grad_batches=accumulate_grad_batches,
         gradient_clip_val=gradient_clip_val,

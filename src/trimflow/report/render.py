@@ -33,10 +33,14 @@ figcaption { font-style: italic; color: #555; }
 
 
 def render_markdown(
-    title: str, rows: Sequence[Row], images: Mapping[str, str], notes: Sequence[str]
+    title: str,
+    summary: str,
+    rows: Sequence[Row],
+    images: Mapping[str, str],
+    notes: Sequence[str],
 ) -> str:
     """The report as markdown; `images` maps each caption to a relative PNG path."""
-    parts = [f"# {title}", *READING_GUIDE, markdown_table(rows).rstrip("\n")]
+    parts = [f"# {title}", f"**{summary}**", *READING_GUIDE, markdown_table(rows).rstrip("\n")]
     if images:
         parts.append("## Figures")
         parts.extend(f"### {caption}\n\n![{caption}]({path})" for caption, path in images.items())
@@ -80,11 +84,16 @@ def _html_figure(caption: str, path: Path) -> str:
 
 
 def render_html(
-    title: str, rows: Sequence[Row], images: Mapping[str, str | Path], notes: Sequence[str]
+    title: str,
+    summary: str,
+    rows: Sequence[Row],
+    images: Mapping[str, str | Path],
+    notes: Sequence[str],
 ) -> str:
     """The report as one self-contained HTML page: inline CSS, images embedded as data URIs."""
     parts = [
         f"<h1>{escape(title)}</h1>",
+        f"<p><strong>{escape(summary)}</strong></p>",
         *(f"<p>{escape(paragraph)}</p>" for paragraph in READING_GUIDE),
         _html_table(rows),
     ]

@@ -10,6 +10,7 @@ from trimflow.report.pareto import accuracy_points, pareto_front
 
 Row = dict[str, Any]
 FRONTIER_MARK = "★"
+RECOMMENDED_MARK = "(recommended)"
 
 
 def variant_rows(metrics: Mapping[str, Any], baseline: str = "finetuned") -> list[Row]:
@@ -34,6 +35,7 @@ def variant_rows(metrics: Mapping[str, Any], baseline: str = "finetuned") -> lis
             "accuracy_delta_pts": 100 * (values["accuracy"] - base["accuracy"]),
             "pareto_latency": name in latency_front,
             "pareto_size": name in size_front,
+            "recommended": name == metrics.get("recommended"),
         }
         for name, values in variants.items()
     ]
@@ -65,7 +67,13 @@ def _marked(text: str, on_frontier: bool) -> str:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("Variant", lambda row: row["variant"], numeric=False),
+    Column(
+        "Variant",
+        lambda row: (
+            f"{row['variant']} {RECOMMENDED_MARK}" if row["recommended"] else row["variant"]
+        ),
+        numeric=False,
+    ),
     Column("Accuracy", lambda row: _percent(row["accuracy"])),
     Column("Δ acc (pts)", lambda row: f"{row['accuracy_delta_pts']:+.2f}"),
     Column("Macro-F1", lambda row: f"{row['macro_f1']:.3f}"),
@@ -79,6 +87,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("Size (MB)", lambda row: _marked(f"{row['size_mb']:.1f}", row["pareto_size"])),
     Column("Smaller", lambda row: _ratio(row["size_ratio"])),
     Column("Sparsity", lambda row: f"{100 * row['sparsity']:.1f}%"),
+    Column("Agreement", lambda row: _percent(row["agreement"])),
 )
 
 
@@ -99,3 +108,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
         *(_markdown_line(format_cells(row)) for row in rows),
     ]
     return "\n".join(lines) + "\n"
+
+
+def recommendation_text(recommendation: Mapping[str, Any]) -> str:
+    """One sentence naming the recommended variant and its ratios against the baseline."""
+    return (
+        f"Recommended: {recommendation['variant']}, the fastest variant within "
+        f"{recommendation['max_accuracy_drop']:.1f} accuracy points of "
+        f"{recommendation['baseline']}: {recommendation['speedup']:.2f}x faster at batch 1, "
+        f"{recommendation['size_ratio']:.2f}x smaller on disk, "
+        f"{recommendation['accuracy_drop_pts']:+.2f} points of accuracy lost."
+    )

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trimflow.compress.quantize import WEIGHT_SUFFIXES, load_variant
-from trimflow.config.schema import TrimflowConfig
+from trimflow.compress.onnx import OnnxClassifier
+from trimflow.compress.quantize import WEIGHT_SUFFIXES
+from trimflow.compress.variants import load_variant
+from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.evaluation.benchmark import (
     interleaved_timings,
@@ -23,9 +25,9 @@ from trimflow.evaluation.benchmark import (
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import predict
+from trimflow.evaluation.recommend import recommend
 from trimflow.layout import Layout
 from trimflow.models.loading import read_label_map
-from trimflow.stages.quantize import quantized_variant
 from trimflow.tracking.runs import Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
 
@@ -40,15 +42,20 @@ MLFLOW_NAMES = {
     "size_mb": "model/size_mb",
     "params": "model/params",
     "nonzero_params": "model/nonzero_params",
+    "agreement": "test/agreement_with_source",
 }
 
 
-def variant_dirs(cfg: TrimflowConfig, layout: Layout) -> dict[str, Path]:
-    """Every variant the pipeline built, in report order."""
-    dirs = dict(layout.fp32_variants)
-    for source in cfg.quantize.sources:
-        dirs[quantized_variant(source)] = layout.quantized / quantized_variant(source)
-    return dirs
+def variant_sources(cfg: TrimflowConfig) -> dict[str, str]:
+    """Each variant -> the variant its predictions are compared with (agreement).
+
+    A quantized variant is compared with the model it quantizes; every other variant with the
+    fine-tuned model. Sources come first in this order, so they are scored first.
+    """
+    return {
+        name: cfg.quantize.variants[name].source if kind == "quantize" else FINETUNED
+        for name, kind in cfg.variant_kinds().items()
+    }
 
 
 def weights_size_mb(directory: Path) -> float:
@@ -103,12 +110,19 @@ def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInp
     )
 
 
+def parameter_counts(model) -> tuple[int, int]:
+    """(total, non-zero) weights of a torch module or an ONNX Runtime graph."""
+    if isinstance(model, OnnxClassifier):
+        return model.parameter_counts()
+    return count_parameters(model)
+
+
 def score_variant(model, directory: Path, inputs: TestInputs, labels: list[str]) -> dict:
     """Accuracy, per-class scores, predictions, size and parameter counts of one variant."""
     predictions = np.empty(len(inputs.truth), dtype=np.int64)
     predictions[inputs.order] = predict(model, inputs.sorted_batches)
     scores = classification_metrics(inputs.truth, predictions.tolist(), labels)
-    params, nonzero = count_parameters(model)
+    params, nonzero = parameter_counts(model)
     return {
         **scores,
         "label_names": labels,
@@ -156,19 +170,28 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     inputs = build_test_inputs(data, cfg)
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate", label_map["dataset_digest"]) as active:
-        details = measure_variants(variant_dirs(cfg, layout), inputs, cfg, label_map["labels"])
+        details = measure_variants(cfg, layout, inputs, label_map["labels"])
         with atomic_dir(layout.variant_details) as details_dir:
             write_outputs(cfg, layout, details, details_dir, tracker, active)
 
 
 def measure_variants(
-    variants: dict[str, Path], inputs: TestInputs, cfg: TrimflowConfig, labels: list[str]
+    cfg: TrimflowConfig, layout: Layout, inputs: TestInputs, labels: list[str]
 ) -> dict[str, dict]:
-    """Score every variant, then time them all together; detail dict per variant."""
+    """Score every variant (each loaded from disk), then time them all together."""
     models, details = {}, {}
-    for variant, directory in tqdm(variants.items(), desc="score", unit="variant"):
-        models[variant] = load_variant(directory)
+    sources = variant_sources(cfg)
+    for variant, source in tqdm(sources.items(), desc="score", unit="variant"):
+        directory = layout.model_dir(variant)
+        models[variant] = load_variant(directory, num_threads=cfg.evaluate.num_threads)
         details[variant] = score_variant(models[variant], directory, inputs, labels)
+        details[variant]["source"] = source
+        details[variant]["agreement"] = float(
+            np.mean(
+                np.array(details[variant]["predictions"])
+                == np.array(details[source]["predictions"])
+            )
+        )
     log.info("timing %d variants in %d interleaved rounds", len(models), cfg.evaluate.rounds)
     for variant, timing in time_variants(models, inputs, cfg).items():
         details[variant].update(timing)
@@ -213,7 +236,15 @@ def write_outputs(
             "rounds": cfg.evaluate.rounds,
         },
     )
-    write_json(layout.metrics_file, {"variants": results})
+    recommendation = recommend(results, cfg.report.baseline, cfg.report.max_accuracy_drop)
+    write_json(
+        layout.metrics_file,
+        {
+            "recommended": recommendation["variant"],
+            "recommendation": recommendation,
+            "variants": results,
+        },
+    )
     if active is not None:
         import mlflow
 

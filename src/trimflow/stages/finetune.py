@@ -70,19 +70,22 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
     )
 
 
-def train_classifier(
+def classifier_module(cfg: TrimflowConfig, model, lr: float) -> SequenceClassifier:
+    """The LightningModule around `model` with the shared optimizer settings."""
+    return SequenceClassifier(
+        model, lr=lr, weight_decay=cfg.finetune.weight_decay, warmup_ratio=cfg.finetune.warmup_ratio
+    )
+
+
+def train_module(
     cfg: TrimflowConfig,
-    model,
+    module: L.LightningModule,
     datamodule: TokenizedDataModule,
     work_dir: Path,
     logger,
-    lr: float,
     **schedule,
 ) -> FitResult:
-    """Train `model` in place with the shared finetune settings; `schedule` sets its length."""
-    module = SequenceClassifier(
-        model, lr=lr, weight_decay=cfg.finetune.weight_decay, warmup_ratio=cfg.finetune.warmup_ratio
-    )
+    """Fit `module` with the shared trainer settings; `schedule` sets length and callbacks."""
     return fit_resumable(
         module,
         datamodule,
@@ -90,7 +93,6 @@ def train_classifier(
         work_dir,
         accumulate_grad_batches=cfg.finetune.accumulate_grad_batches,
         gradient_clip_val=cfg.finetune.gradient_clip_val,
-        monitor=cfg.finetune.monitor,
         patience=cfg.finetune.early_stopping_patience,
         checkpoint_every_n_steps=cfg.finetune.checkpoint_every_n_steps,
         logger=logger,
@@ -106,13 +108,13 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     work_dir = layout.work / f"finetune-{stage_keys(cfg)['finetune']}"
     tracker = Tracker(cfg)
     with tracker.stage_run("finetune", label_map["dataset_digest"]) as active:
-        result = train_classifier(
+        result = train_module(
             cfg,
-            model,
+            classifier_module(cfg, model, cfg.finetune.lr),
             build_datamodule(cfg, layout),
             work_dir,
             mlflow_logger(tracker, active),
-            cfg.finetune.lr,
+            monitor=cfg.finetune.monitor,
             max_epochs=cfg.finetune.max_epochs,
             max_steps=cfg.finetune.max_steps,
         )

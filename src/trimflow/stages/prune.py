@@ -1,4 +1,4 @@
-"""prune: remove the least important attention heads, magnitude-prune, recover, save."""
+"""prune: one pruned variant per `prune.variants` entry, pruned gradually during recovery."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import shutil
 
 import lightning as L
 
-from trimflow.compress.heads import head_importance, load_pruned, prune_heads, select_heads_to_prune
-from trimflow.compress.magnitude import apply_global_magnitude, make_permanent, sparsity
-from trimflow.config.schema import TrimflowConfig
+from trimflow.compress.magnitude import MagnitudePruner, sparsity
+from trimflow.compress.schedule import GradualPruning
+from trimflow.compress.structured import StructuredPruner, unit_importance
+from trimflow.compress.variants import save_sparse_variant
+from trimflow.config.schema import MagnitudePruning, TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
-from trimflow.layout import Layout, stage_keys
+from trimflow.layout import Layout, stage_keys, unit_name
 from trimflow.models.loading import load_tokenizer, read_label_map, save_model_dir
+from trimflow.stages import selected_variants
 from trimflow.stages.finetune import (
     build_datamodule,
+    classifier_module,
     mlflow_logger,
-    train_classifier,
+    train_module,
     write_training_outputs,
 )
 from trimflow.tracking.runs import Tracker
@@ -26,67 +30,87 @@ log = logging.getLogger(__name__)
 PRUNING_FILE = "pruning.json"
 
 
-def run(cfg: TrimflowConfig, layout: Layout) -> None:
+def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
+    for name in selected_variants(cfg.prune.variants, variant, "prune.variants"):
+        prune_variant(cfg, layout, name)
+
+
+def make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
+    """The pruner of `spec`; structured pruning scores heads and neurons on training data."""
+    if isinstance(spec, MagnitudePruning):
+        return MagnitudePruner(model, spec.sparsity, include_embeddings=spec.include_embeddings)
+    heads, neurons = unit_importance(
+        model, datamodule.train_dataloader(), max_batches=cfg.prune.importance_batches
+    )
+    return StructuredPruner(model, heads, neurons, spec.heads_fraction, spec.ffn_fraction)
+
+
+def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
+    """Prune the fine-tuned model per `prune.variants.<name>` and save it as models/<name>."""
+    from transformers import AutoModelForSequenceClassification
+
     L.seed_everything(cfg.seed, workers=True)
+    spec, recovery = cfg.prune.variants[name], cfg.prune.recovery
     label_map = read_label_map(layout.finetuned)
-    model = load_pruned(layout.finetuned)
+    model = AutoModelForSequenceClassification.from_pretrained(layout.finetuned)
     tokenizer = load_tokenizer(str(layout.finetuned))
     params_before, _ = count_parameters(model)
     datamodule = build_datamodule(cfg, layout)
     datamodule.setup()
-
-    importance = head_importance(
-        model, datamodule.train_dataloader(), max_batches=cfg.prune.importance_batches
-    )
-    heads = select_heads_to_prune(importance, cfg.prune.heads_fraction)
-    prune_heads(model, heads)
-    apply_global_magnitude(model, cfg.prune.sparsity)
-    log.info(
-        "removed %d attention heads; magnitude sparsity %.3f",
-        sum(len(h) for h in heads.values()),
-        sparsity(model),
-    )
+    pruner = make_pruner(cfg, model, spec, datamodule)
 
     tracker = Tracker(cfg)
-    work_dir = layout.work / f"prune-{stage_keys(cfg)['prune']}"
-    recovery = cfg.prune.recovery
-    with tracker.stage_run("prune", label_map["dataset_digest"]) as active:
+    work_dir = layout.work / f"prune-{stage_keys(cfg)[unit_name('prune', name)]}"
+    with tracker.stage_run("prune", label_map["dataset_digest"], builds=name) as active:
         result = None
         if recovery.enabled:
-            result = train_classifier(
+            result = train_module(
                 cfg,
-                model,
+                classifier_module(cfg, model, recovery.lr),
                 datamodule,
                 work_dir,
                 mlflow_logger(tracker, active),
-                recovery.lr,
+                callbacks=[
+                    GradualPruning(
+                        [pruner],
+                        end_fraction=recovery.pruning_end,
+                        every_n_steps=recovery.prune_every_n_steps,
+                    )
+                ],
                 max_epochs=recovery.max_epochs,
                 limit_train_batches=recovery.limit_train_batches,
             )
-        make_permanent(model)
-        params_after, nonzero_after = count_parameters(model)
-        summary = {
-            "heads_removed": {str(layer): h for layer, h in heads.items()},
-            "head_importance": importance.tolist(),
-            "magnitude_sparsity": round(sparsity(model), 4),
-            "params_before": params_before,
-            "params_after": params_after,
-            "nonzero_params_after": nonzero_after,
-        }
-        with atomic_dir(layout.pruned) as out:
-            save_model_dir(model.eval(), tokenizer, label_map, out)
+        pruner.set_progress(1.0)  # already there unless recovery is off or too short to ramp
+        pruner.finalize(model)
+        model.eval()
+        summary = pruning_summary(model, spec, params_before)
+        with atomic_dir(layout.model_dir(name)) as out:
+            if isinstance(spec, MagnitudePruning):
+                save_sparse_variant(model, tokenizer, label_map, out)
+            else:
+                save_model_dir(model, tokenizer, label_map, out)
             write_json(out / PRUNING_FILE, summary)
             if result is not None:
-                write_training_outputs(out, result, {"monitor": cfg.finetune.monitor})
+                write_training_outputs(out, result, {"pruning_end": recovery.pruning_end})
         if active is not None:
             import mlflow
 
-            mlflow.log_metrics(
-                {
-                    "prune/heads_removed": sum(len(h) for h in heads.values()),
-                    "prune/magnitude_sparsity": summary["magnitude_sparsity"],
-                    "model/params": params_after,
-                    "model/nonzero_params": nonzero_after,
-                }
-            )
+            mlflow.log_metrics({f"prune/{key}": value for key, value in summary.items()})
     shutil.rmtree(work_dir, ignore_errors=True)
+    log.info("pruned %s: %s", name, summary)
+
+
+def pruning_summary(model, spec, params_before: int) -> dict[str, float]:
+    """What pruning removed: parameters, heads, FFN neurons and zeroed weights."""
+    config = model.config
+    params_after, nonzero_after = count_parameters(model)
+    heads_removed = sum(len(heads) for heads in (getattr(config, "pruned_heads", None) or {}).values())
+    ffn_sizes = getattr(config, "intermediate_sizes", None) or []
+    return {
+        "params_before": params_before,
+        "params_after": params_after,
+        "nonzero_params_after": nonzero_after,
+        "heads_removed": heads_removed,
+        "ffn_neurons_removed": sum(config.intermediate_size - size for size in ffn_sizes),
+        "encoder_linear_sparsity": round(sparsity(model), 4),
+    }

@@ -1,28 +1,53 @@
-"""quantize: dynamic int8 of the Linear layers of the fine-tuned and pruned models."""
+"""quantize: one quantized variant per `quantize.variants` entry (torch or ONNX Runtime)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
-from trimflow.compress.quantize import load_variant, quantize_dynamic_int8, save_quantized
+from trimflow.compress.quantize import quantize_model, save_quantized
+from trimflow.compress.variants import load_variant, save_onnx_variant
 from trimflow.config.schema import TrimflowConfig
+from trimflow.data.datamodule import TokenizedDataModule
+from trimflow.evaluation.inference import model_inputs
 from trimflow.layout import Layout
 from trimflow.models.loading import read_label_map
+from trimflow.stages import selected_variants
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
 
-def quantized_variant(source: str) -> str:
-    """The variant name of a quantized source model: finetuned -> quantized."""
-    return "quantized" if source == "finetuned" else f"{source}_quantized"
+def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
+    for name in selected_variants(cfg.quantize.variants, variant, "quantize.variants"):
+        quantize_variant(cfg, layout, name)
 
 
-def run(cfg: TrimflowConfig, layout: Layout) -> None:
-    digest = read_label_map(layout.finetuned)["dataset_digest"]
-    with Tracker(cfg).stage_run("quantize", digest), atomic_dir(layout.quantized) as out:
-        for source in cfg.quantize.sources:
-            model = quantize_dynamic_int8(load_variant(layout.fp32_variants[source]))
-            save_quantized(model, layout.fp32_variants[source], out / quantized_variant(source))
-            log.info("quantized %s -> %s", source, quantized_variant(source))
+def calibration_batches(cfg: TrimflowConfig, layout: Layout) -> list[dict]:
+    """The first `quantize.calibration_batches` validation batches, without labels."""
+    data = TokenizedDataModule(
+        layout.tokenized_splits,
+        layout.tokenizer_dir,
+        batch_size=cfg.finetune.eval_batch_size,
+        eval_batch_size=cfg.finetune.eval_batch_size,
+    )
+    data.setup()
+    batches = itertools.islice(data.val_dataloader(), cfg.quantize.calibration_batches)
+    return [model_inputs(batch) for batch in batches]
+
+
+def quantize_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
+    """Quantize the variant's source model with its scheme and save it under models/<name>."""
+    spec = cfg.quantize.variants[name]
+    source = layout.model_dir(spec.source)
+    digest = read_label_map(source)["dataset_digest"]
+    with Tracker(cfg).stage_run("quantize", digest, builds=name):
+        model = load_variant(source)
+        with atomic_dir(layout.model_dir(name)) as out:
+            if spec.scheme.startswith("onnx"):
+                calibration = calibration_batches(cfg, layout)
+                save_onnx_variant(model, source, out, spec.scheme, calibration[0], calibration)
+            else:
+                save_quantized(quantize_model(model, spec.scheme), source, out, spec.scheme)
+    log.info("quantized %s with %s -> %s", spec.source, spec.scheme, name)

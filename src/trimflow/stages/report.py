@@ -18,7 +18,7 @@ from trimflow.report.plots import (
     training_curves_figure,
 )
 from trimflow.report.render import render_html, render_markdown
-from trimflow.report.tables import variant_rows
+from trimflow.report.tables import recommendation_text, variant_rows
 from trimflow.stages.finetune import HISTORY_FILE
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_file, read_json
@@ -27,12 +27,13 @@ log = logging.getLogger(__name__)
 TRADEOFF_CSV = "tradeoff.csv"
 
 
-def _histories(layout: Layout) -> dict[str, pd.DataFrame]:
-    sources = {"finetune": layout.finetuned, "prune recovery": layout.pruned}
+def _histories(cfg: TrimflowConfig, layout: Layout) -> dict[str, pd.DataFrame]:
+    """Training curves of every trained variant: fine-tune, pruning recoveries, students."""
+    trained = [name for name, kind in cfg.variant_kinds().items() if kind != "quantize"]
     return {
-        name: pd.read_csv(directory / HISTORY_FILE)
-        for name, directory in sources.items()
-        if (directory / HISTORY_FILE).exists()
+        name: pd.read_csv(layout.model_dir(name) / HISTORY_FILE)
+        for name in trained
+        if (layout.model_dir(name) / HISTORY_FILE).exists()
     }
 
 
@@ -45,7 +46,7 @@ def _write_tradeoff_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def draw_plots(layout: Layout, metrics: dict) -> dict[str, Path]:
+def draw_plots(cfg: TrimflowConfig, layout: Layout, metrics: dict) -> dict[str, Path]:
     """Save every figure under reports/plots/; returns caption -> PNG path."""
     plots = layout.plots
     plots.mkdir(parents=True, exist_ok=True)
@@ -59,13 +60,13 @@ def draw_plots(layout: Layout, metrics: dict) -> dict[str, Path]:
             tradeoff_figure(metrics, "size_mb", "weights on disk (MB)"),
         ),
     }
-    for variant in metrics["variants"]:
+    for variant in dict.fromkeys([cfg.report.baseline, metrics["recommended"]]):
         detail = read_json(layout.variant_details / f"{variant}.json")
         figures[f"Confusion matrix: {variant}"] = (
             f"confusion_{variant}.png",
             confusion_figure(detail["label_names"], detail["confusion_matrix"], variant),
         )
-    curves = training_curves_figure(_histories(layout))
+    curves = training_curves_figure(_histories(cfg, layout))
     if curves is not None:
         figures["Training curves"] = ("training_curves.png", curves)
     images = {}
@@ -79,23 +80,28 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     metrics = read_json(layout.metrics_file)
     environment = read_json(layout.variant_details / "environment.json")
     rows = variant_rows(metrics, baseline=cfg.report.baseline)
+    summary = recommendation_text(metrics["recommendation"])
     notes = [
         f"Measured on {environment['machine']} ({environment['processor']}), "
         f"{environment['cpu_count']} CPUs, {environment['num_threads']} torch threads, "
         f"device {environment['device']}, torch {environment['torch']}.",
         "Size counts the weight files only; the tokenizer is the same for every variant.",
-        "Unstructured magnitude sparsity is stored dense: it does not shrink files or speed up "
-        "dense kernels; head pruning and int8 do.",
+        "Unstructured magnitude sparsity does not speed up dense kernels; its gain is size: "
+        "sparse variants are stored as a bitmask plus non-zero values. Structured pruning "
+        "(heads, FFN neurons), distillation and int8 give speed.",
+        "Agreement is the share of test predictions equal to the source model's (the "
+        "quantized model's input, or the fine-tuned model).",
+        "bf16/fp16 variants target GPU inference; here they were timed on the CPU.",
     ]
     label_map = read_label_map(layout.finetuned)
     with Tracker(cfg).stage_run("report", label_map["dataset_digest"]) as active:
-        images = draw_plots(layout, metrics)
+        images = draw_plots(cfg, layout, metrics)
         _write_tradeoff_csv(rows, layout.plots / TRADEOFF_CSV)
         relative = {
             caption: str(path.relative_to(layout.reports)) for caption, path in images.items()
         }
-        markdown = render_markdown(cfg.report.title, rows, relative, notes)
-        page = render_html(cfg.report.title, rows, images, notes)
+        markdown = render_markdown(cfg.report.title, summary, rows, relative, notes)
+        page = render_html(cfg.report.title, summary, rows, images, notes)
         with atomic_file(layout.reports / "report.md") as handle:
             handle.write(markdown)
         with atomic_file(layout.reports / "report.html") as handle:

@@ -65,6 +65,10 @@ def git_tags() -> dict[str, str]:
         return {}
 
 
+# Tag of a variant stage run (prune@pruned): the variant it builds.
+BUILDS_TAG = "trimflow.builds"
+
+
 class Tracker:
     """Opens MLflow runs for a config; does nothing when `tracking.enabled` is false."""
 
@@ -111,13 +115,17 @@ class Tracker:
             yield active
 
     @contextlib.contextmanager
-    def stage_run(self, stage: str, dataset_digest: str | None = None) -> Iterator[Any]:
-        """A child run for one stage, carrying the whole flattened config as params."""
+    def stage_run(
+        self, stage: str, dataset_digest: str | None = None, builds: str | None = None
+    ) -> Iterator[Any]:
+        """A child run for one stage (building variant `builds`), with the flattened config."""
         tags = {"trimflow.stage": stage}
         if dataset_digest:
             tags["dataset.digest"] = dataset_digest
+        if builds:
+            tags[BUILDS_TAG] = builds
         config = self.cfg.model_dump(mode="json")
-        with self.run(stage, tags, config) as active:
+        with self.run(f"{stage}@{builds}" if builds else stage, tags, config) as active:
             if active is not None:
                 import mlflow
 

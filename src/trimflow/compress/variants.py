@@ -1,0 +1,91 @@
+"""Every saved model variant behind one loader, and the builders of the non-HF formats.
+
+A variant directory always carries config.json, the tokenizer and label_map.json of its source;
+its weights are one of: HF safetensors (fine-tuned, structurally pruned, distilled), the sparse
+bitmask file (magnitude-pruned), a torch quantized state dict, or an ONNX graph.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trimflow.compress.heads import load_pruned, model_skeleton
+from trimflow.compress.onnx import (
+    OnnxClassifier,
+    export_onnx,
+    quantize_onnx_dynamic,
+    quantize_onnx_static,
+)
+from trimflow.compress.quantize import SCHEME_FILE, WEIGHT_SUFFIXES, load_quantized
+from trimflow.compress.sparse import SPARSE_FILE, load_sparse, save_sparse
+from trimflow.models.loading import save_model_dir
+from trimflow.utils.atomic import write_json
+
+ONNX_FILE = "model.onnx"
+ONNX_SCHEME_FILE = "onnx.json"
+
+
+def load_variant(path: str | Path, num_threads: int = 1) -> nn.Module | OnnxClassifier:
+    """Load any saved variant in eval mode; ONNX sessions use `num_threads` threads."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model variant directory (no config.json)")
+    if (path / ONNX_FILE).is_file():
+        return OnnxClassifier(path / ONNX_FILE, num_threads)
+    if (path / SCHEME_FILE).is_file():
+        return load_quantized(path)
+    if (path / SPARSE_FILE).is_file():
+        model = model_skeleton(path)
+        model.load_state_dict(load_sparse(path / SPARSE_FILE))
+        return model.eval()
+    return load_pruned(path)
+
+
+def copy_metadata(source_dir: Path, out_dir: Path) -> None:
+    """Copy a variant's config, tokenizer and label map (everything but weights)."""
+    for item in source_dir.iterdir():
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(item, out_dir / item.name)
+
+
+def save_sparse_variant(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, label_map: dict, out_dir: Path
+) -> None:
+    """A magnitude-pruned model directory with its weights in the sparse bitmask format."""
+    save_model_dir(model, tokenizer, label_map, out_dir)
+    for dense in out_dir.glob("*.safetensors"):
+        dense.unlink()
+    save_sparse(model.state_dict(), out_dir / SPARSE_FILE)
+
+
+def save_onnx_variant(
+    model: nn.Module,
+    source_dir: Path,
+    out_dir: Path,
+    scheme: str,
+    sample: dict[str, Tensor],
+    calibration: list[dict[str, Tensor]],
+) -> None:
+    """Export `model` to ONNX and quantize it per `scheme` (onnx_fp32 / _dynamic_ / _static_)."""
+    copy_metadata(source_dir, out_dir)
+    target = out_dir / ONNX_FILE
+    if scheme == "onnx_fp32":
+        export_onnx(model, sample, target)
+    else:
+        fp32 = out_dir / "fp32.onnx.tmp"
+        export_onnx(model, sample, fp32)
+        if scheme == "onnx_dynamic_int8":
+            quantize_onnx_dynamic(fp32, target)
+        elif scheme == "onnx_static_int8":
+            quantize_onnx_static(fp32, target, calibration)
+        else:
+            raise ValueError(f"unknown ONNX scheme '{scheme}'")
+        fp32.unlink()
+    write_json(
+        out_dir / ONNX_SCHEME_FILE,
+        {"scheme": scheme, "calibration_batches": len(calibration) if "static" in scheme else 0},
+    )

@@ -1,0 +1,87 @@
+"""distill: the fine-tuned model teaches a smaller student (one per `distill.students` entry)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import lightning as L
+
+from trimflow.config.schema import TrimflowConfig
+from trimflow.evaluation.footprint import count_parameters
+from trimflow.layout import Layout, stage_keys, unit_name
+from trimflow.models.distillation import (
+    DistillationClassifier,
+    student_from_pretrained,
+    student_from_teacher,
+)
+from trimflow.models.loading import load_tokenizer, read_label_map, save_model_dir
+from trimflow.stages import selected_variants
+from trimflow.stages.finetune import (
+    build_datamodule,
+    mlflow_logger,
+    train_module,
+    write_training_outputs,
+)
+from trimflow.tracking.runs import Tracker
+from trimflow.utils.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
+    for name in selected_variants(cfg.distill.students, variant, "distill.students"):
+        distill_student(cfg, layout, name)
+
+
+def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
+    """Train student `name` on soft and hard labels; save it like any fp32 variant."""
+    from transformers import AutoModelForSequenceClassification
+
+    L.seed_everything(cfg.seed, workers=True)
+    settings, spec = cfg.distill, cfg.distill.students[name]
+    label_map = read_label_map(layout.finetuned)
+    teacher = AutoModelForSequenceClassification.from_pretrained(layout.finetuned)
+    tokenizer = load_tokenizer(str(layout.finetuned))
+    if spec.layers is not None:
+        student = student_from_teacher(teacher, spec.layers)
+    else:
+        student = student_from_pretrained(spec.model, label_map["labels"], tokenizer)
+    module = DistillationClassifier(
+        student,
+        lr=settings.lr,
+        weight_decay=cfg.finetune.weight_decay,
+        warmup_ratio=cfg.finetune.warmup_ratio,
+        teacher=teacher,
+        temperature=settings.temperature,
+        alpha=settings.alpha,
+    )
+    tracker = Tracker(cfg)
+    work_dir = layout.work / f"distill-{stage_keys(cfg)[unit_name('distill', name)]}"
+    with tracker.stage_run("distill", label_map["dataset_digest"], builds=name) as active:
+        result = train_module(
+            cfg,
+            module,
+            build_datamodule(cfg, layout),
+            work_dir,
+            mlflow_logger(tracker, active),
+            monitor=cfg.finetune.monitor,
+            max_epochs=settings.max_epochs,
+            limit_train_batches=settings.limit_train_batches,
+        )
+        params, _ = count_parameters(student)
+        with atomic_dir(layout.model_dir(name)) as out:
+            save_model_dir(student.eval(), tokenizer, label_map, out)
+            write_training_outputs(
+                out,
+                result,
+                {
+                    "monitor": cfg.finetune.monitor,
+                    "teacher_layers": spec.layers,
+                    "student_model": spec.model,
+                    "params": params,
+                    "teacher_params": count_parameters(teacher)[0],
+                },
+            )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    log.info("distilled %s: %d parameters, best %s", name, params, result.best_score)
