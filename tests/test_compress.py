@@ -19,10 +19,10 @@ from trimflow.compress.magnitude import (
 )
 from trimflow.compress.quantize import (
     load_quantized,
-    load_variant,
     quantize_dynamic_int8,
     save_quantized,
 )
+from trimflow.compress.variants import load_variant
 from trimflow.evaluation.footprint import size_on_disk_mb
 from trimflow.evaluation.inference import model_inputs
 

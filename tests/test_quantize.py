@@ -15,11 +15,11 @@ from trimflow.compress.quantize import (
     SCHEMES,
     STATE_DICT_FILE,
     load_quantized,
-    load_variant,
     quantize_model,
     save_quantized,
     scheme_of,
 )
+from trimflow.compress.variants import load_variant
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import model_inputs
 

@@ -122,12 +122,10 @@ def quantize_onnx_dynamic(fp32_path: str | Path, out_path: str | Path) -> None:
 
 
 class _BatchReader(CalibrationDataReader):
-    """Feeds the calibration batches one by one as numpy arrays of the graph's inputs."""
+    """Feeds the calibration batches one by one, as numpy arrays of the graph's inputs only."""
 
     def __init__(self, batches: list[dict[str, Tensor]], input_names: list[str]) -> None:
-        self._feeds = (
-            {name: model_inputs(batch)[name].numpy() for name in input_names} for batch in batches
-        )
+        self._feeds = ({name: batch[name].numpy() for name in input_names} for batch in batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,14 +27,13 @@ from torch import Tensor, nn
 from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from trimflow.compress.heads import apply_recorded_pruning, load_pruned
+from trimflow.compress.heads import model_skeleton
+from trimflow.models.loading import copy_metadata
 from trimflow.utils.atomic import atomic_dir, read_json, write_json
 
 STATE_DICT_FILE = "quantized_state_dict.pt"
 SCHEME_FILE = "quantization.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx")
 DEPRECATION_MESSAGES = (
     "torch.ao.quantization is deprecated",
     "torch.quantize_per_tensor, torch.quantize_per_channel",
@@ -137,9 +135,7 @@ def save_quantized(
     if not (source_dir / "config.json").is_file():
         raise FileNotFoundError(f"{source_dir} has no config.json")
     with atomic_dir(out_dir) as tmp:
-        for path in source_dir.iterdir():
-            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(path, tmp / path.name)
+        copy_metadata(source_dir, tmp)
         with _quiet_quantization_warnings():
             torch.save(model.state_dict(), tmp / STATE_DICT_FILE)
         write_json(tmp / SCHEME_FILE, _scheme_record(scheme))
@@ -148,16 +144,7 @@ def save_quantized(
 def load_quantized(path: str | Path) -> nn.Module:
     """Rebuild a model written by `save_quantized` (pruning included), in eval mode."""
     scheme = read_json(Path(path) / SCHEME_FILE)["scheme"]
-    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
-    apply_recorded_pruning(model)
-    quantized = _apply_scheme(model, scheme)
+    quantized = _apply_scheme(model_skeleton(path), scheme)
     with _quiet_quantization_warnings():
         quantized.load_state_dict(torch.load(Path(path) / STATE_DICT_FILE, weights_only=True))
     return quantized
-
-
-def load_variant(path: str | Path) -> nn.Module:
-    """Load any saved variant: a quantized directory or a (possibly pruned) pretrained one."""
-    if (Path(path) / SCHEME_FILE).is_file():
-        return load_quantized(path)
-    return load_pruned(path)

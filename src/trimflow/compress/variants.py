@@ -7,7 +7,6 @@ bitmask file (magnitude-pruned), a torch quantized state dict, or an ONNX graph.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -20,9 +19,9 @@ from trimflow.compress.onnx import (
     quantize_onnx_dynamic,
     quantize_onnx_static,
 )
-from trimflow.compress.quantize import SCHEME_FILE, WEIGHT_SUFFIXES, load_quantized
+from trimflow.compress.quantize import SCHEME_FILE, load_quantized
 from trimflow.compress.sparse import SPARSE_FILE, load_sparse, save_sparse
-from trimflow.models.loading import save_model_dir
+from trimflow.models.loading import copy_metadata, save_model_dir
 from trimflow.utils.atomic import write_json
 
 ONNX_FILE = "model.onnx"
@@ -43,13 +42,6 @@ def load_variant(path: str | Path, num_threads: int = 1) -> nn.Module | OnnxClas
         model.load_state_dict(load_sparse(path / SPARSE_FILE))
         return model.eval()
     return load_pruned(path)
-
-
-def copy_metadata(source_dir: Path, out_dir: Path) -> None:
-    """Copy a variant's config, tokenizer and label map (everything but weights)."""
-    for item in source_dir.iterdir():
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(item, out_dir / item.name)
 
 
 def save_sparse_variant(

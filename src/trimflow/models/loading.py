@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from transformers import (
@@ -17,6 +18,8 @@ from trimflow.assets import resolve
 from trimflow.utils.atomic import read_json, write_json
 
 LABEL_MAP_FILE = "label_map.json"
+# Files holding a variant's weights; everything else in its directory is shared metadata.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx")
 log = logging.getLogger(__name__)
 
 
@@ -55,3 +58,10 @@ def save_model_dir(
 def read_label_map(directory: str | Path) -> dict:
     """The label map that travels with data and models: labels, dataset name and digest."""
     return read_json(Path(directory) / LABEL_MAP_FILE)
+
+
+def copy_metadata(source_dir: Path, out_dir: Path) -> None:
+    """Copy a variant directory's config, tokenizer and label map (everything but weights)."""
+    for item in Path(source_dir).iterdir():
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(item, Path(out_dir) / item.name)

@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from trimflow.compress.onnx import OnnxClassifier
-from trimflow.compress.quantize import WEIGHT_SUFFIXES
 from trimflow.compress.variants import load_variant
 from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
@@ -27,7 +26,7 @@ from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import predict
 from trimflow.evaluation.recommend import recommend
 from trimflow.layout import Layout
-from trimflow.models.loading import read_label_map
+from trimflow.models.loading import WEIGHT_SUFFIXES, read_label_map
 from trimflow.tracking.runs import Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
 

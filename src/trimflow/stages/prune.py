@@ -104,7 +104,8 @@ def pruning_summary(model, spec, params_before: int) -> dict[str, float]:
     """What pruning removed: parameters, heads, FFN neurons and zeroed weights."""
     config = model.config
     params_after, nonzero_after = count_parameters(model)
-    heads_removed = sum(len(heads) for heads in (getattr(config, "pruned_heads", None) or {}).values())
+    pruned_heads = getattr(config, "pruned_heads", None) or {}  # unset unless heads were pruned
+    heads_removed = sum(len(heads) for heads in pruned_heads.values())
     ffn_sizes = getattr(config, "intermediate_sizes", None) or []
     return {
         "params_before": params_before,

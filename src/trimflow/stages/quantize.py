@@ -44,10 +44,11 @@ def quantize_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     digest = read_label_map(source)["dataset_digest"]
     with Tracker(cfg).stage_run("quantize", digest, builds=name):
         model = load_variant(source)
-        with atomic_dir(layout.model_dir(name)) as out:
-            if spec.scheme.startswith("onnx"):
-                calibration = calibration_batches(cfg, layout)
+        if spec.scheme.startswith("onnx"):
+            calibration = calibration_batches(cfg, layout)
+            with atomic_dir(layout.model_dir(name)) as out:
                 save_onnx_variant(model, source, out, spec.scheme, calibration[0], calibration)
-            else:
-                save_quantized(quantize_model(model, spec.scheme), source, out, spec.scheme)
+        else:
+            quantized = quantize_model(model, spec.scheme)
+            save_quantized(quantized, source, layout.model_dir(name), spec.scheme)
     log.info("quantized %s with %s -> %s", spec.source, spec.scheme, name)
