@@ -15,7 +15,7 @@ from trimflow.compress.onnx import (
     quantize_onnx_static,
 )
 from trimflow.evaluation.footprint import count_parameters
-from trimflow.evaluation.inference import predict
+from trimflow.evaluation.inference import model_inputs, predict
 
 
 def random_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -43,7 +43,7 @@ def trained_like(model):
 
 def torch_logits(model, batch):
     with torch.inference_mode():
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return model(**model_inputs(batch)).logits
 
 
 def onnx_logits(path, batch):

@@ -38,19 +38,23 @@ def validate(raw: dict[str, Any] | DictConfig, source: str = "config") -> Trimfl
     try:
         return TrimflowConfig.model_validate(raw)
     except ValidationError as err:
-        problems = [
-            f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {_describe(e)}"
-            for e in err.errors()
-        ]
+        problems = [_problem(e) for e in err.errors()]
         raise ConfigError(f"invalid {source}:\n" + "\n".join(problems)) from None
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _problem(error: dict[str, Any]) -> str:
+    """One line per error: the key and what is wrong with its value.
+
+    Cross-section checks run on the whole config and name their keys in the message.
+    """
+    key = ".".join(str(part) for part in error["loc"])
+    if not key:
+        return f"  {error['msg'].removeprefix('Value error, ')}"
     if error["type"] == "extra_forbidden":
-        return "unknown key"
+        return f"  {key}: unknown key"
     if error["type"] == "missing":
-        return "required key is missing"
-    return f"{error['msg']} (got {error.get('input')!r})"
+        return f"  {key}: required key is missing"
+    return f"  {key}: {error['msg']} (got {error.get('input')!r})"
 
 
 def load_params(path: str | Path = "params.yaml") -> TrimflowConfig:
