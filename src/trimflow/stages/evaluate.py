@@ -27,6 +27,7 @@ from trimflow.evaluation.inference import predict
 from trimflow.evaluation.recommend import recommend
 from trimflow.layout import Layout
 from trimflow.models.loading import WEIGHT_SUFFIXES, read_label_map
+from trimflow.stages import inference_data
 from trimflow.tracking.runs import Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
 
@@ -159,14 +160,7 @@ def time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict
 
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     label_map = read_label_map(layout.finetuned)
-    data = TokenizedDataModule(
-        layout.tokenized_splits,
-        layout.tokenizer_dir,
-        batch_size=cfg.evaluate.batch_size,
-        eval_batch_size=cfg.evaluate.batch_size,
-    )
-    data.setup()
-    inputs = build_test_inputs(data, cfg)
+    inputs = build_test_inputs(inference_data(layout, cfg.evaluate.batch_size), cfg)
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate", label_map["dataset_digest"]) as active:
         details = measure_variants(cfg, layout, inputs, label_map["labels"])

@@ -8,11 +8,10 @@ import logging
 from trimflow.compress.quantize import quantize_model, save_quantized
 from trimflow.compress.variants import load_variant, save_onnx_variant
 from trimflow.config.schema import TrimflowConfig
-from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.evaluation.inference import model_inputs
 from trimflow.layout import Layout
 from trimflow.models.loading import read_label_map
-from trimflow.stages import selected_variants
+from trimflow.stages import inference_data, selected_variants
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir
 
@@ -26,13 +25,7 @@ def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None
 
 def calibration_batches(cfg: TrimflowConfig, layout: Layout) -> list[dict]:
     """The first `quantize.calibration_batches` validation batches, without labels."""
-    data = TokenizedDataModule(
-        layout.tokenized_splits,
-        layout.tokenizer_dir,
-        batch_size=cfg.finetune.eval_batch_size,
-        eval_batch_size=cfg.finetune.eval_batch_size,
-    )
-    data.setup()
+    data = inference_data(layout, cfg.finetune.eval_batch_size)
     batches = itertools.islice(data.val_dataloader(), cfg.quantize.calibration_batches)
     return [model_inputs(batch) for batch in batches]
 
