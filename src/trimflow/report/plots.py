@@ -24,7 +24,7 @@ def tradeoff_figure(metrics: Mapping[str, Any], cost_key: str, cost_label: str) 
     points = accuracy_points(metrics, cost_key)
     front = pareto_front(points)
     dominated = [name for name in points if name not in front]
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = Figure(figsize=(8.4, 5.6), layout="constrained")
     ax = fig.add_subplot()
     ax.step(*_coordinates(points, front), where="post", color="C0", zorder=1, label=FRONTIER_LABEL)
     ax.scatter(*_coordinates(points, front), s=70, color="C0", zorder=3, label="on frontier")
@@ -45,19 +45,26 @@ def _coordinates(
 
 
 def _label_points(ax: Axes, points: Mapping[str, Point]) -> None:
-    """Name each point, on the side facing the middle of the x range so labels stay inside."""
+    """Name each point, on the side facing the middle of the x range so labels stay inside.
+
+    Points taken in order of accuracy alternate between labels above and below, so variants
+    with (nearly) equal accuracy do not print their names on top of each other.
+    """
     costs = [cost for cost, _ in points.values()]
     middle = (min(costs) + max(costs)) / 2
-    for name, (cost, accuracy) in points.items():
+    by_accuracy = sorted(points, key=lambda name: (points[name][1], points[name][0]))
+    for rank, name in enumerate(by_accuracy):
+        cost, accuracy = points[name]
         to_left = cost > middle
+        above = rank % 2 == 0
         ax.annotate(
             name,
             (cost, 100 * accuracy),
-            xytext=(-7 if to_left else 7, 4),
+            xytext=(-6 if to_left else 6, 4 if above else -4),
             textcoords="offset points",
             ha="right" if to_left else "left",
-            va="bottom",
-            fontsize=9,
+            va="bottom" if above else "top",
+            fontsize=7.5,
         )
 
 

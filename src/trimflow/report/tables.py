@@ -117,5 +117,5 @@ def recommendation_text(recommendation: Mapping[str, Any]) -> str:
         f"{recommendation['max_accuracy_drop']:.1f} accuracy points of "
         f"{recommendation['baseline']}: {recommendation['speedup']:.2f}x faster at batch 1, "
         f"{recommendation['size_ratio']:.2f}x smaller on disk, "
-        f"{recommendation['accuracy_drop_pts']:+.2f} points of accuracy lost."
+        f"accuracy {-recommendation['accuracy_drop_pts']:+.2f} points."
     )
