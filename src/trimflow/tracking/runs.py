@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trimflow.config.schema import TrackingConfig, TrimflowConfig
+from trimflow.layout import unit_name
 
 PARENT_RUN_ENV = "TRIMFLOW_PARENT_RUN_ID"
 SQLITE_PREFIX = "sqlite:///"
@@ -125,7 +126,7 @@ class Tracker:
         if builds:
             tags[BUILDS_TAG] = builds
         config = self.cfg.model_dump(mode="json")
-        with self.run(f"{stage}@{builds}" if builds else stage, tags, config) as active:
+        with self.run(unit_name(stage, builds), tags, config) as active:
             if active is not None:
                 import mlflow
 
