@@ -33,7 +33,7 @@ from trimflow.data.sources import load_raw_splits
 from trimflow.data.tokenization import tokenize_split
 from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, measure_latency
 from trimflow.models.loading import load_base_classifier, load_tokenizer
-from trimflow.models.module import SequenceClassifier
+from trimflow.models.module import ClassifierModule
 from trimflow.stages.evaluate import environment
 from trimflow.utils.atomic import write_json
 
@@ -87,7 +87,7 @@ def trimflow_fit(cfg, labels, splits_dir: Path, tokenizer_dir: Path) -> None:
     import lightning as L
 
     torch.manual_seed(0)
-    module = SequenceClassifier(
+    module = ClassifierModule(
         load_base_classifier(cfg.model.name, labels),
         lr=cfg.finetune.lr,
         weight_decay=cfg.finetune.weight_decay,

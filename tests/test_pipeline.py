@@ -110,8 +110,8 @@ def test_report_is_self_contained_with_plots(finished):
     assert f"Recommended: {metrics['recommended']}" in page
     assert 'src="http' not in page
     markdown = (layout.reports / "report.md").read_text()
-    assert "plots/accuracy_vs_latency.png" in markdown
-    assert (layout.plots / "tradeoff.csv").read_text().startswith("variant,accuracy")
+    assert "plots/quality_vs_latency.png" in markdown
+    assert (layout.plots / "tradeoff.csv").read_text().startswith("variant,quality")
 
 
 def test_every_mlflow_run_has_metrics_and_tags(finished):

@@ -16,7 +16,7 @@ from trimflow.report.plots import (
     training_curves_figure,
 )
 from trimflow.report.render import render_html, render_markdown
-from trimflow.report.tables import markdown_table, variant_rows
+from trimflow.report.tables import Table, markdown_table, variant_columns, variant_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,11 +103,11 @@ def test_variant_rows_ratios_against_baseline(rows):
     ]
     base, quantized = by_name["finetuned"], by_name["pruned_quantized"]
     assert (base["speedup"], base["size_ratio"], base["throughput_ratio"]) == (1.0, 1.0, 1.0)
-    assert base["accuracy_delta_pts"] == 0.0
+    assert base["delta_pts"] == 0.0
     assert quantized["speedup"] == pytest.approx(20.0 / 8.0)
     assert quantized["size_ratio"] == pytest.approx(3.0)
     assert quantized["throughput_ratio"] == pytest.approx(2.5)
-    assert quantized["accuracy_delta_pts"] == pytest.approx(-3.0)
+    assert quantized["delta_pts"] == pytest.approx(-3.0)
     assert quantized["sparsity"] == pytest.approx(0.5)
     assert quantized["latency_ms_p50"] == 8.0
 
@@ -122,7 +122,7 @@ def test_variant_rows_marks_each_frontier(rows):
 def test_variant_rows_other_baseline(metrics):
     rows = variant_rows(metrics, baseline="quantized")
     assert rows[0]["speedup"] == pytest.approx(0.5)
-    assert rows[0]["accuracy_delta_pts"] == pytest.approx(1.0)
+    assert rows[0]["delta_pts"] == pytest.approx(1.0)
 
 
 def test_variant_rows_missing_baseline_names_it(metrics):
@@ -221,7 +221,8 @@ def images(metrics, tmp_path):
 
 def test_render_markdown_links_images_and_lists_notes(rows):
     images = {"Accuracy vs latency": "figures/latency.png", "Size": "figures/size.png"}
-    text = render_markdown("Report", "Recommended: quantized", rows, images, ["2 threads"])
+    tables = [Table("", variant_columns(), rows)]
+    text = render_markdown("Report", "Recommended: quantized", tables, images, ["2 threads"])
     assert text.startswith("# Report\n\n**Recommended: quantized**\n")
     assert markdown_table(rows) in text
     assert "![Accuracy vs latency](figures/latency.png)" in text
@@ -231,7 +232,11 @@ def test_render_markdown_links_images_and_lists_notes(rows):
 
 def test_render_html_is_self_contained_and_escaped(rows, images):
     page = render_html(
-        "A <b> report", "Pick <it>", rows, images, ["<script>alert(1)</script>", "cpu"]
+        "A <b> report",
+        "Pick <it>",
+        [Table("", variant_columns(), rows)],
+        images,
+        ["<script>alert(1)</script>", "cpu"],
     )
     assert "<p><strong>Pick &lt;it&gt;</strong></p>" in page
     assert "<td>quantized (recommended)</td>" in page
@@ -262,7 +267,7 @@ def test_recommendation_is_the_fastest_variant_inside_the_accuracy_budget():
     assert chosen["variant"] == "faster_tie_smaller"
     assert chosen["speedup"] == pytest.approx(30.0 / 9.0)
     assert chosen["size_ratio"] == pytest.approx(5.0)
-    assert chosen["accuracy_drop_pts"] == pytest.approx(0.9)
+    assert chosen["drop_pts"] == pytest.approx(0.9)
     assert recommend(variants, "finetuned", 3.0)["variant"] == "fast_but_bad"
     assert recommend(variants, "finetuned", 0.0)["variant"] == "slow"  # gains accuracy
 

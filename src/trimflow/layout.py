@@ -19,7 +19,7 @@ VARIANT = "{variant}"
 # The params each stage reads; `{variant}` stands for the variant a foreach stage builds.
 # dvc.yaml's `params:` lists the same, with ${key} for {variant} (a test holds them equal).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("seed", "dataset"),
+    "prepare": ("seed", "dataset", "task"),
     "tokenize": ("model", "task"),
     "finetune": ("seed", "model", "task", "finetune", "trainer"),
     "prune": (
@@ -48,7 +48,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "distill.students",
         "quantize.variants",
         "report.baseline",
-        "report.max_accuracy_drop",
+        "report.max_drop_pts",
+        "task",
     ),
     "report": ("report",),
 }

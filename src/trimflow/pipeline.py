@@ -55,7 +55,8 @@ def _sweep_parent(tracker: Tracker, sweep_dir: str) -> str | None:
 def hydra_entry(raw: DictConfig) -> float:
     """`trimflow pipeline [overrides] [-m]`: one point of a run or sweep, all stages in-process.
 
-    Returns the fine-tuned variant's test accuracy, the objective a sweeper optimises.
+    Returns the fine-tuned variant's test score on the task metric (accuracy; entity F1 for
+    NER), the objective a sweeper optimises.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -69,7 +70,7 @@ def hydra_entry(raw: DictConfig) -> float:
     name = " ".join(hydra_cfg.overrides.task) or "default"
     with tracker.pipeline_run(name, parent_run_id=sweep_parent):
         metrics = run_pipeline(cfg, keyed_layout(cfg, SWEEP_STORE.resolve()))
-    return float(metrics["variants"]["finetuned"]["accuracy"])
+    return float(metrics["variants"]["finetuned"][cfg.task.metric])
 
 
 def dvc_repro(dvc_args: list[str]) -> int:

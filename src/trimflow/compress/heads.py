@@ -18,12 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 from torch import Tensor
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    PreTrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from trimflow.compress.structured import (
     MIN_HEADS,
@@ -33,6 +28,7 @@ from trimflow.compress.structured import (
     restore_intermediate_sizes,
     select_units,
 )
+from trimflow.models.loading import auto_model_class, load_classifier
 
 __all__ = [
     "apply_recorded_pruning",
@@ -81,24 +77,25 @@ def is_structurally_pruned(config: PreTrainedConfig) -> bool:
 
 
 def model_skeleton(path: str | Path) -> PreTrainedModel:
-    """A classifier built from `path`'s config.json with its recorded pruned shapes.
+    """A sequence or token classifier built from `path`'s config.json, pruned shapes applied.
 
     Its weights are freshly initialised: load a state dict into it.
     """
-    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    model = auto_model_class(config).from_config(config)
     apply_recorded_pruning(model)
     return model
 
 
 def load_pruned(path: str | Path) -> PreTrainedModel:
-    """Load a `save_pretrained` classifier directory, re-applying the recorded pruning.
+    """Load a saved sequence or token classifier, re-applying the recorded pruning.
 
     Needed because transformers 5.x `from_pretrained` ignores `pruned_heads` and
     `intermediate_sizes` and would fail on the shrunken weights. Unpruned directories load
     through `from_pretrained`.
     """
     if not is_structurally_pruned(AutoConfig.from_pretrained(path)):
-        return AutoModelForSequenceClassification.from_pretrained(path).eval()
+        return load_classifier(path)
     model = model_skeleton(path)
     state: dict[str, Tensor] = {}
     for shard in sorted(Path(path).glob("*.safetensors")):

@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from trimflow.evaluation.inference import model_inputs
+from trimflow.models.loading import is_token_classifier
 from trimflow.utils.atomic import atomic_file
 
 OPSET = 17
@@ -69,7 +70,8 @@ def export_onnx(model: PreTrainedModel, sample: dict[str, Tensor], path: str | P
     """Export `model` to one self-contained ONNX file (opset 17) with dynamic batch/sequence axes.
 
     Graph inputs are the sample's model inputs (`labels` dropped) in `forward`'s argument order;
-    the output is `logits`. Whatever layer shapes the module has (pruned heads or neurons) are
+    the output is `logits` ([batch, labels], or [batch, sequence, labels] for a token
+    classifier). Whatever layer shapes the module has (pruned heads or neurons) are
     traced as they are.
     """
     inputs = model_inputs(sample)
@@ -78,6 +80,7 @@ def export_onnx(model: PreTrainedModel, sample: dict[str, Tensor], path: str | P
     if len(names) != len(inputs):
         raise ValueError(f"{sorted(set(inputs) - set(names))} are not arguments of forward")
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    logits_axes = {0: "batch", 1: "sequence"} if is_token_classifier(model) else {0: "batch"}
     buffer = io.BytesIO()
     with _eager_attention(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # legacy exporter notice
@@ -91,7 +94,7 @@ def export_onnx(model: PreTrainedModel, sample: dict[str, Tensor], path: str | P
             kwargs={name: inputs[name] for name in names},
             input_names=names,
             output_names=[OUTPUT_NAME],
-            dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes={**axes, OUTPUT_NAME: logits_axes},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -163,7 +166,7 @@ def quantize_onnx_static(
 
 
 class OnnxClassifier:
-    """An ONNX sequence classifier on the CPU execution provider, called like the torch model."""
+    """An ONNX sequence or token classifier on the CPU (ORT), called like the torch model."""
 
     def __init__(self, path: str | Path, num_threads: int) -> None:
         options = ort.SessionOptions()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -30,14 +30,17 @@ class Section(BaseModel):
 class DatasetConfig(Section):
     name: str
     source: Literal["files", "hf"]
-    format: Literal["tab", "csv", "jsonl", "parquet"] | None = None
+    format: Literal["tab", "csv", "jsonl", "parquet", "conll"] | None = None
     subset: str | None = None
     train: str
-    test: str
+    # No test file: a test split of `test_fraction` is cut from train with the seed.
+    test: str | None = None
     validation: str | None = None
+    # Classification: the text and label columns. NER: the token-list and tag-list columns.
     text_column: str
     label_column: str
     validation_fraction: float = Field(gt=0.0, lt=1.0)
+    test_fraction: float = Field(gt=0.0, lt=1.0)
     max_train_samples: int | None = Field(default=None, gt=0)
     max_test_samples: int | None = Field(default=None, gt=0)
 
@@ -47,8 +50,30 @@ class ModelConfig(Section):
     max_length: int = Field(gt=8, le=8192)
 
 
-class TaskConfig(Section):
+class ClassificationTask(Section):
+    """One label per text."""
+
     type: Literal["classification"]
+    # The test metric variants are ranked on, and the validation metrics training may monitor.
+    metric: ClassVar[str] = "accuracy"
+    monitors: ClassVar[tuple[str, ...]] = ("val/accuracy", "val/macro_f1", "val/loss")
+
+
+class NerTask(Section):
+    """Named-entity recognition: one IOB2 tag per word."""
+
+    type: Literal["ner"]
+    # Label every word piece (B-X's later pieces as I-X), not only a word's first piece.
+    label_all_tokens: bool
+    # Rewrite an I-X that starts an entity as B-X instead of stopping with an error.
+    repair_iob: bool
+    # seqeval entity extraction: "default" (conlleval) or "strict" (IOB2 only).
+    seqeval_mode: Literal["default", "strict"]
+    metric: ClassVar[str] = "f1"
+    monitors: ClassVar[tuple[str, ...]] = ("val/f1", "val/token_accuracy", "val/loss")
+
+
+TaskConfig = Annotated[ClassificationTask | NerTask, Field(discriminator="type")]
 
 
 class FinetuneConfig(Section):
@@ -62,7 +87,7 @@ class FinetuneConfig(Section):
     max_epochs: int = Field(ge=1)
     max_steps: int = Field(ge=-1)
     group_by_length: bool
-    monitor: Literal["val/accuracy", "val/macro_f1", "val/loss"]
+    monitor: Literal["val/accuracy", "val/macro_f1", "val/f1", "val/token_accuracy", "val/loss"]
     early_stopping_patience: int = Field(ge=0)
     checkpoint_every_n_steps: int = Field(gt=0)
 
@@ -161,8 +186,9 @@ class EvaluateConfig(Section):
 
 class ReportConfig(Section):
     baseline: str
-    # The recommended variant is the fastest one losing at most this many accuracy points.
-    max_accuracy_drop: float = Field(ge=0.0)
+    # The recommended variant is the fastest one losing at most this many points of the task
+    # metric (accuracy; entity F1 for NER) against the baseline.
+    max_drop_pts: float = Field(ge=0.0)
     title: str
 
 
@@ -224,6 +250,11 @@ class TrimflowConfig(Section):
                     f"quantize.variants.{name}.source: '{variant.source}' is not an "
                     f"unquantized variant ({', '.join(unquantized)})"
                 )
+        if self.finetune.monitor not in self.task.monitors:
+            raise ValueError(
+                f"finetune.monitor: '{self.finetune.monitor}' is not logged for task "
+                f"'{self.task.type}' (choose from {', '.join(self.task.monitors)})"
+            )
         if self.report.baseline not in kinds:
             raise ValueError(
                 f"report.baseline: '{self.report.baseline}' is not one of {list(kinds)}"

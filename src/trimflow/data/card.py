@@ -1,4 +1,4 @@
-"""The data card: counts per label and split, length statistics, leakage report."""
+"""The data card: counts per label (or entity type) and split, lengths, leakage report."""
 
 from __future__ import annotations
 
@@ -19,18 +19,9 @@ def length_stats(texts: pd.Series) -> dict[str, float]:
     }
 
 
-def build_card(
-    name: str,
-    splits: dict[str, pd.DataFrame],
-    labels: list[str],
-    shared_with_test: list[str],
-    digest: str,
-) -> dict[str, Any]:
-    """Describe the prepared splits in a JSON-serialisable dict."""
+def label_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict[str, Any]:
+    """Per split of a classification dataset: rows, rows per label, text lengths."""
     return {
-        "dataset": name,
-        "digest": digest,
-        "labels": labels,
         "splits": {
             split: {
                 "rows": len(frame),
@@ -38,7 +29,23 @@ def build_card(
                 "words": length_stats(frame["text"]),
             }
             for split, frame in splits.items()
-        },
+        }
+    }
+
+
+def build_card(
+    name: str,
+    summary: dict[str, Any],
+    labels: list[str],
+    shared_with_test: list[str],
+    digest: str,
+) -> dict[str, Any]:
+    """Describe the prepared splits (`summary`: the task's per-split counts) as a JSON dict."""
+    return {
+        "dataset": name,
+        "digest": digest,
+        "labels": labels,
+        **summary,
         "train_test_shared_texts": {
             "count": len(shared_with_test),
             "examples": [text[:120] for text in shared_with_test[:5]],

@@ -10,7 +10,11 @@ import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 # Batches per sorted chunk: long enough to group lengths, short enough to stay random.
@@ -67,14 +71,18 @@ class TokenizedDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.num_workers = num_workers
         self.seed = seed
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self.collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.collator: DataCollatorWithPadding | DataCollatorForTokenClassification | None = None
         self.splits: datasets.DatasetDict | None = None
         self.train_lengths: list[int] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits, self.train_lengths = load_tokenized(self.tokenized_dir)
+            self.collator = make_collator(
+                self.tokenizer, self.splits["train"], self.pad_to_multiple_of
+            )
 
     def train_dataloader(self) -> DataLoader:
         train = self.splits["train"]
@@ -98,6 +106,15 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def _loader(self, data: datasets.Dataset, **kwargs) -> DataLoader:
         return DataLoader(data, collate_fn=self.collator, num_workers=self.num_workers, **kwargs)
+
+
+def make_collator(
+    tokenizer, split: datasets.Dataset, pad_to_multiple_of: int | None
+) -> DataCollatorWithPadding | DataCollatorForTokenClassification:
+    """Dynamic padding; token labels (NER) are padded with -100 so the loss ignores them."""
+    if isinstance(split.features["labels"], datasets.List):
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def load_tokenized(path: str | Path) -> tuple[datasets.DatasetDict, list[int]]:

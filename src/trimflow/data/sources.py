@@ -29,12 +29,10 @@ class DataError(ValueError):
 
 
 def load_raw_splits(cfg: DatasetConfig) -> dict[str, pd.DataFrame]:
-    """Return {'train', 'test'[, 'validation']} frames with columns text, label, source, row."""
-    names = {"train": cfg.train, "test": cfg.test}
-    if cfg.validation:
-        names["validation"] = cfg.validation
+    """Return {'train'[, 'test'][, 'validation']} frames with columns text, label, source, row."""
+    names = {"train": cfg.train, "test": cfg.test, "validation": cfg.validation}
     reader = _read_hf_split if cfg.source == "hf" else _read_file
-    return {split: reader(cfg, location) for split, location in names.items()}
+    return {split: reader(cfg, location) for split, location in names.items() if location}
 
 
 def _read_file(cfg: DatasetConfig, location: str) -> pd.DataFrame:
@@ -42,6 +40,8 @@ def _read_file(cfg: DatasetConfig, location: str) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{location}: file not found")
     fmt = cfg.format or SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt == "conll":
+        raise DataError(f"{path}: CoNLL files hold tagged tokens: use task=ner")
     if fmt is None:
         raise DataError(
             f"{path}: cannot tell the format from suffix '{path.suffix}'; "

@@ -1,4 +1,8 @@
-"""Batched tokenization of prepared splits; no padding on disk, truncation counted."""
+"""Batched tokenization of prepared splits; no padding on disk, truncation counted.
+
+Classification: one label per text. NER: word lists with one tag each, labels aligned to word
+pieces (`trimflow.data.token_labels`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
+
+from trimflow.data.token_labels import TruncationCount, tokenize_words
 
 MAP_BATCH_SIZE = 1000
 
@@ -32,3 +38,31 @@ def tokenize_split(
     )
     truncated = int(sum(tokenized["truncated"]))
     return tokenized.remove_columns("truncated"), truncated
+
+
+def tokenize_tagged_split(
+    data: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    label_names: list[str],
+    label_all_tokens: bool,
+) -> tuple[datasets.Dataset, TruncationCount]:
+    """Tokenize the `tokens` word lists with aligned `tag_ids`; count what truncation cut."""
+    cut = TruncationCount()
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        encoded, batch_cut = tokenize_words(
+            batch["tokens"], batch["tag_ids"], tokenizer, max_length, label_names, label_all_tokens
+        )
+        cut.add(batch_cut)
+        return encoded
+
+    tokenized = data.map(
+        encode,
+        batched=True,
+        batch_size=MAP_BATCH_SIZE,
+        remove_columns=data.column_names,
+        desc="tokenize",
+        load_from_cache_file=False,
+    )
+    return tokenized, cut

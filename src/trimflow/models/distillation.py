@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trimflow.compress.heads import is_structurally_pruned
 from trimflow.models.loading import load_base_classifier, load_tokenizer
-from trimflow.models.module import SequenceClassifier
+from trimflow.models.module import ClassifierModule, labelled_positions
 
 
 def _layer_list(model: PreTrainedModel) -> str:
@@ -99,15 +99,19 @@ def student_from_teacher(teacher: PreTrainedModel, layers: Sequence[int]) -> Pre
 
 
 def student_from_pretrained(
-    name_or_path: str, labels: list[str], teacher_tokenizer: PreTrainedTokenizerBase
+    name_or_path: str,
+    labels: list[str],
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    task: str = "classification",
 ) -> PreTrainedModel:
-    """A pretrained encoder with a fresh head for `labels`, if it reads the teacher's tokens."""
+    """A pretrained encoder with a fresh `task` head for `labels`, if it reads the teacher's
+    tokens."""
     if load_tokenizer(name_or_path).get_vocab() != teacher_tokenizer.get_vocab():
         raise ValueError(
             f"student model {name_or_path} has a different tokenizer vocabulary from the"
             " teacher's: it could not read the tokenized data"
         )
-    return load_base_classifier(name_or_path, labels)
+    return load_base_classifier(name_or_path, labels, task)
 
 
 def _check_weights(temperature: float, alpha: float) -> None:
@@ -120,18 +124,21 @@ def _check_weights(temperature: float, alpha: float) -> None:
 def distillation_terms(
     student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """(T^2 * KL(teacher_T || student_T) per example, cross-entropy with the labels).
+    """(T^2 * KL(teacher_T || student_T) per scored position, cross-entropy with the labels).
 
-    Logits are compared in float32; no gradient reaches the teacher's logits.
+    A position is an example, or a labelled token of a token classifier ([batch, seq, labels]
+    logits; IGNORE_INDEX labels are left out of both terms). Logits are compared in float32; no
+    gradient reaches the teacher's logits.
     """
-    student = student_logits.float()
+    student, labels_kept = labelled_positions(student_logits.float(), labels)
+    teacher, _ = labelled_positions(teacher_logits.detach().float(), labels)
     kd = F.kl_div(
         F.log_softmax(student / temperature, dim=-1),
-        F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1),
+        F.log_softmax(teacher / temperature, dim=-1),
         reduction="batchmean",
         log_target=True,
     )
-    return temperature**2 * kd, F.cross_entropy(student, labels)
+    return temperature**2 * kd, F.cross_entropy(student, labels_kept)
 
 
 def distillation_loss(
@@ -147,8 +154,8 @@ def distillation_loss(
     return alpha * kd + (1 - alpha) * ce
 
 
-class DistillationClassifier(SequenceClassifier):
-    """SequenceClassifier training its model (the student) against a frozen teacher.
+class DistillationClassifier(ClassifierModule):
+    """ClassifierModule training its model (the student) against a frozen teacher.
 
     The teacher is held outside the module tree: it is not optimized, not saved in
     checkpoints, not moved by Lightning (done in `on_fit_start`) and stays in eval mode.

@@ -7,8 +7,11 @@ import shutil
 from pathlib import Path
 
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -31,12 +34,40 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_classifier(name: str, labels: list[str]) -> PreTrainedModel:
-    """A pretrained encoder with a fresh classification head for `labels`."""
+# The Auto class of each task: one label per text, or one label per token.
+TASK_MODELS = {
+    "classification": AutoModelForSequenceClassification,
+    "ner": AutoModelForTokenClassification,
+}
+
+
+TOKEN_HEAD_SUFFIX = "ForTokenClassification"
+
+
+def is_token_classifier(model: PreTrainedModel) -> bool:
+    """Whether `model` labels every token (NER) rather than the whole text."""
+    return type(model).__name__.endswith(TOKEN_HEAD_SUFFIX)
+
+
+def auto_model_class(config: PreTrainedConfig) -> type:
+    """The Auto class that rebuilds a saved classifier, from the architecture it was saved as."""
+    saved_as_token = any(name.endswith(TOKEN_HEAD_SUFFIX) for name in config.architectures or ())
+    return TASK_MODELS["ner" if saved_as_token else "classification"]
+
+
+def load_classifier(path: str | Path) -> PreTrainedModel:
+    """A saved (unpruned) sequence or token classifier, in eval mode."""
+    return auto_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path).eval()
+
+
+def load_base_classifier(
+    name: str, labels: list[str], task: str = "classification"
+) -> PreTrainedModel:
+    """A pretrained encoder with a fresh head for `labels`: per text, or per token for NER."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        return TASK_MODELS[task].from_pretrained(
             resolve(name),
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),

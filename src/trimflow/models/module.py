@@ -1,17 +1,58 @@
-"""The one LightningModule every training stage reuses (finetune, pruning recovery)."""
+"""The one LightningModule every training stage reuses (finetune, pruning recovery, students)."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from trimflow.data.token_labels import IGNORE_INDEX
+from trimflow.models.entity_metric import EntityF1
+from trimflow.models.loading import is_token_classifier
+
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+# Metric logged on the progress bar, per head.
+MAIN_METRIC = {False: "accuracy", True: "f1"}
 
 
-class SequenceClassifier(L.LightningModule):
-    """Wraps an AutoModelForSequenceClassification: AdamW, linear warm-up and decay."""
+def validation_metrics(model: PreTrainedModel) -> dict[str, Metric]:
+    """`val/<name>` metrics of a model's head.
+
+    Per text: accuracy and macro-F1. Per token (NER): micro entity F1 (seqeval's entity
+    extraction) and the accuracy of labelled tokens.
+    """
+    num_labels = model.config.num_labels
+    if is_token_classifier(model):
+        labels = [model.config.id2label[i] for i in range(num_labels)]
+        return {
+            "f1": EntityF1(labels),
+            "token_accuracy": MulticlassAccuracy(
+                num_labels, average="micro", ignore_index=IGNORE_INDEX
+            ),
+        }
+    return {
+        "accuracy": MulticlassAccuracy(num_labels, average="micro"),
+        "macro_f1": MulticlassF1Score(num_labels, average="macro"),
+    }
+
+
+def labelled_positions(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits [n, labels] and labels [n] of the scored positions.
+
+    A sequence classifier scores every example; a token classifier only tokens whose label is
+    not IGNORE_INDEX (padding, special tokens and, by default, later word pieces).
+    """
+    if logits.dim() == 2:
+        return logits, labels
+    keep = labels != IGNORE_INDEX
+    return logits[keep], labels[keep]
+
+
+class ClassifierModule(L.LightningModule):
+    """Wraps an AutoModelFor{Sequence,Token}Classification: AdamW, linear warm-up and decay."""
 
     def __init__(
         self,
@@ -25,9 +66,8 @@ class SequenceClassifier(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
-        num_labels = model.config.num_labels
-        self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
-        self.val_macro_f1 = MulticlassF1Score(num_labels, average="macro")
+        self.val_metrics = nn.ModuleDict(validation_metrics(model))
+        self.main_metric = MAIN_METRIC[is_token_classifier(model)]
 
     def forward(self, **batch: torch.Tensor):
         return self.model(**batch)
@@ -40,12 +80,11 @@ class SequenceClassifier(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         output = self.model(**batch)
         predictions = output.logits.argmax(dim=-1)
-        self.val_accuracy.update(predictions, batch["labels"])
-        self.val_macro_f1.update(predictions, batch["labels"])
         size = batch["labels"].shape[0]
         self.log("val/loss", output.loss, batch_size=size, sync_dist=True)
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=size)
-        self.log("val/macro_f1", self.val_macro_f1, batch_size=size)
+        for name, metric in self.val_metrics.items():
+            metric.update(predictions, batch["labels"])
+            self.log(f"val/{name}", metric, prog_bar=name == self.main_metric, batch_size=size)
 
     def configure_optimizers(self):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

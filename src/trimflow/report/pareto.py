@@ -1,4 +1,4 @@
-"""Pareto frontier of accuracy against a cost such as latency or model size."""
+"""Pareto frontier of quality (accuracy, entity F1) against a cost such as latency or size."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from typing import Any
 Point = tuple[float, float]
 
 
-def accuracy_points(metrics: Mapping[str, Any], cost_key: str) -> dict[str, Point]:
-    """Map each variant in `metrics` to its `(cost, accuracy)` point."""
+def quality_metric(metrics: Mapping[str, Any]) -> str:
+    """The metric variants are ranked on: `metrics["metric"]`, accuracy when absent."""
+    return metrics.get("metric", "accuracy")
+
+
+def quality_points(metrics: Mapping[str, Any], cost_key: str) -> dict[str, Point]:
+    """Map each variant in `metrics` to its `(cost, quality)` point."""
+    metric = quality_metric(metrics)
     return {
-        name: (values[cost_key], values["accuracy"]) for name, values in metrics["variants"].items()
+        name: (values[cost_key], values[metric]) for name, values in metrics["variants"].items()
     }
 
 

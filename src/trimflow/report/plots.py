@@ -12,16 +12,21 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from trimflow.report.pareto import Point, accuracy_points, pareto_front
+from trimflow.report.pareto import Point, pareto_front, quality_metric, quality_points
 from trimflow.utils.atomic import atomic_file
 
 FRONTIER_LABEL = "Pareto frontier"
 PNG_DPI = 120
 
 
+# Axis label of each quality metric (plotted in %).
+METRIC_AXIS = {"accuracy": "accuracy", "f1": "entity F1"}
+
+
 def tradeoff_figure(metrics: Mapping[str, Any], cost_key: str, cost_label: str) -> Figure:
-    """Accuracy (%) against `cost_key` per variant, with the Pareto frontier as a step line."""
-    points = accuracy_points(metrics, cost_key)
+    """Quality (%) against `cost_key` per variant, with the Pareto frontier as a step line."""
+    points = quality_points(metrics, cost_key)
+    metric = METRIC_AXIS[quality_metric(metrics)]
     front = pareto_front(points)
     dominated = [name for name in points if name not in front]
     fig = Figure(figsize=(8.4, 5.6), layout="constrained")
@@ -30,7 +35,9 @@ def tradeoff_figure(metrics: Mapping[str, Any], cost_key: str, cost_label: str) 
     ax.scatter(*_coordinates(points, front), s=70, color="C0", zorder=3, label="on frontier")
     ax.scatter(*_coordinates(points, dominated), s=50, color="0.6", zorder=2, label="dominated")
     _label_points(ax, points)
-    ax.set(xlabel=cost_label, ylabel="accuracy (%)", title=f"Accuracy vs {cost_label}")
+    ax.set(
+        xlabel=cost_label, ylabel=f"{metric} (%)", title=f"{metric.capitalize()} vs {cost_label}"
+    )
     ax.margins(x=0.2, y=0.25)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -47,19 +54,19 @@ def _coordinates(
 def _label_points(ax: Axes, points: Mapping[str, Point]) -> None:
     """Name each point, on the side facing the middle of the x range so labels stay inside.
 
-    Points taken in order of accuracy alternate between labels above and below, so variants
-    with (nearly) equal accuracy do not print their names on top of each other.
+    Points taken in order of quality alternate between labels above and below, so variants
+    with (nearly) equal quality do not print their names on top of each other.
     """
     costs = [cost for cost, _ in points.values()]
     middle = (min(costs) + max(costs)) / 2
-    by_accuracy = sorted(points, key=lambda name: (points[name][1], points[name][0]))
-    for rank, name in enumerate(by_accuracy):
-        cost, accuracy = points[name]
+    by_quality = sorted(points, key=lambda name: (points[name][1], points[name][0]))
+    for rank, name in enumerate(by_quality):
+        cost, quality = points[name]
         to_left = cost > middle
         above = rank % 2 == 0
         ax.annotate(
             name,
-            (cost, 100 * accuracy),
+            (cost, 100 * quality),
             xytext=(-6 if to_left else 6, 4 if above else -4),
             textcoords="offset points",
             ha="right" if to_left else "left",
@@ -91,6 +98,27 @@ def confusion_figure(
     return fig
 
 
+def score_heatmap(
+    rows: Sequence[str], columns: Sequence[str], scores: Sequence[Sequence[float]], title: str
+) -> Figure:
+    """Scores in [0, 1] (rows x columns, e.g. variants x entity types), values written in."""
+    values = np.asarray(scores, dtype=float)
+    fig = Figure(
+        figsize=(min(3 + 0.8 * len(columns), 16), min(1.5 + 0.4 * len(rows), 12)),
+        layout="constrained",
+    )
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(title=title)
+    for (row, col), value in np.ndenumerate(values):
+        color = "black" if value > 0.6 else "white"
+        ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    return fig
+
+
 class CurvePanel(NamedTuple):
     """One training-curve panel: the history metrics it draws and how to scale them."""
 
@@ -103,6 +131,7 @@ class CurvePanel(NamedTuple):
 CURVE_PANELS = (
     CurvePanel("Loss", "loss", ("train/loss", "val/loss")),
     CurvePanel("Validation accuracy", "accuracy (%)", ("val/accuracy",), scale=100.0),
+    CurvePanel("Validation entity F1", "entity F1 (%)", ("val/f1",), scale=100.0),
 )
 
 
@@ -146,7 +175,7 @@ def _draw_panel(ax: Axes, panel: CurvePanel, histories: Mapping[str, pd.DataFram
 
 
 def training_curves_figure(histories: Mapping[str, pd.DataFrame]) -> Figure | None:
-    """Loss and validation-accuracy panels over step, one colour per history; None if empty."""
+    """Loss and validation-metric panels over step, one colour per history; None if empty."""
     panels = [panel for panel in CURVE_PANELS if _has_data(panel, histories)]
     if not panels:
         return None

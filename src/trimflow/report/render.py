@@ -7,15 +7,15 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 
-from trimflow.report.tables import COLUMNS, FRONTIER_MARK, Row, format_cells, markdown_table
+from trimflow.report.tables import FRONTIER_MARK, Column, Row, Table, format_cells, markdown_table
 
 READING_GUIDE = (
     "Each row is one model variant, evaluated on the same test split on the same machine.",
     "Ratios compare each variant with the baseline (the row at 1.00x): speedup is baseline "
     "p50 latency / variant p50 latency, smaller is baseline size / variant size, and "
-    "Δ acc is the accuracy change in percentage points.",
+    "Δ is the change of the task's metric (accuracy; entity F1 for NER) in percentage points.",
     f"{FRONTIER_MARK} marks the Pareto frontier: no other variant beats a starred one on "
-    "accuracy or on speed (p50 column) / size (size column) without being worse on the other.",
+    "that metric or on speed (p50 column) / size (size column) without being worse on the other.",
 )
 
 STYLE = """
@@ -35,12 +35,17 @@ figcaption { font-style: italic; color: #555; }
 def render_markdown(
     title: str,
     summary: str,
-    rows: Sequence[Row],
+    tables: Sequence[Table],
     images: Mapping[str, str],
     notes: Sequence[str],
 ) -> str:
-    """The report as markdown; `images` maps each caption to a relative PNG path."""
-    parts = [f"# {title}", f"**{summary}**", *READING_GUIDE, markdown_table(rows).rstrip("\n")]
+    """The report as markdown; the first table is the variant table, the others follow under
+    their headings; `images` maps each caption to a relative PNG path."""
+    parts = [f"# {title}", f"**{summary}**", *READING_GUIDE]
+    for table in tables:
+        if table.heading:
+            parts.append(f"## {table.heading}")
+        parts.append(markdown_table(table.rows, table.columns).rstrip("\n"))
     if images:
         parts.append("## Figures")
         parts.extend(f"### {caption}\n\n![{caption}]({path})" for caption, path in images.items())
@@ -54,21 +59,25 @@ def _html_cell(text: str, numeric: bool) -> str:
     return f'<td class="num">{escape(text)}</td>' if numeric else f"<td>{escape(text)}</td>"
 
 
-def _html_row(row: Row) -> str:
+def _html_row(row: Row, columns: Sequence[Column]) -> str:
     """One table row; rows on either Pareto frontier get the highlighted `frontier` class."""
     cells = "".join(
         _html_cell(text, column.numeric)
-        for column, text in zip(COLUMNS, format_cells(row), strict=True)
+        for column, text in zip(columns, format_cells(row, columns), strict=True)
     )
-    css_class = ' class="frontier"' if row["pareto_latency"] or row["pareto_size"] else ""
+    on_frontier = row.get("pareto_latency") or row.get("pareto_size")
+    css_class = ' class="frontier"' if on_frontier else ""
     return f"<tr{css_class}>{cells}</tr>"
 
 
-def _html_table(rows: Sequence[Row]) -> str:
-    """An HTML table of `rows` with the same columns as the markdown table."""
-    header = "".join(f"<th>{escape(column.header)}</th>" for column in COLUMNS)
-    body = "\n".join(_html_row(row) for row in rows)
-    return f"<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+def _html_table(table: Table) -> str:
+    """An HTML table with the same columns as the markdown one, under its heading if any."""
+    header = "".join(f"<th>{escape(column.header)}</th>" for column in table.columns)
+    body = "\n".join(_html_row(row, table.columns) for row in table.rows)
+    heading = f"<h2>{escape(table.heading)}</h2>\n" if table.heading else ""
+    return (
+        f"{heading}<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    )
 
 
 def _png_data_uri(path: Path) -> str:
@@ -86,7 +95,7 @@ def _html_figure(caption: str, path: Path) -> str:
 def render_html(
     title: str,
     summary: str,
-    rows: Sequence[Row],
+    tables: Sequence[Table],
     images: Mapping[str, str | Path],
     notes: Sequence[str],
 ) -> str:
@@ -95,7 +104,7 @@ def render_html(
         f"<h1>{escape(title)}</h1>",
         f"<p><strong>{escape(summary)}</strong></p>",
         *(f"<p>{escape(paragraph)}</p>" for paragraph in READING_GUIDE),
-        _html_table(rows),
+        *(_html_table(table) for table in tables),
     ]
     if images:
         parts.append("<h2>Figures</h2>")

@@ -1,4 +1,4 @@
-"""Per-variant comparison rows against a baseline, and their markdown table."""
+"""Per-variant comparison rows against a baseline, and their markdown tables."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trimflow.report.pareto import accuracy_points, pareto_front
+from trimflow.report.pareto import pareto_front, quality_metric, quality_points
 
 Row = dict[str, Any]
 FRONTIER_MARK = "★"
 RECOMMENDED_MARK = "(recommended)"
+# Display name of each quality metric a task ranks variants on.
+METRIC_LABELS = {"accuracy": "accuracy", "f1": "entity F1"}
 
 
 def variant_rows(metrics: Mapping[str, Any], baseline: str = "finetuned") -> list[Row]:
@@ -22,8 +24,9 @@ def variant_rows(metrics: Mapping[str, Any], baseline: str = "finetuned") -> lis
             f"(available: {', '.join(variants) or 'none'})"
         )
     base = variants[baseline]
-    latency_front = set(pareto_front(accuracy_points(metrics, "latency_ms_p50")))
-    size_front = set(pareto_front(accuracy_points(metrics, "size_mb")))
+    metric = quality_metric(metrics)
+    latency_front = set(pareto_front(quality_points(metrics, "latency_ms_p50")))
+    size_front = set(pareto_front(quality_points(metrics, "size_mb")))
     return [
         {
             "variant": name,
@@ -32,7 +35,7 @@ def variant_rows(metrics: Mapping[str, Any], baseline: str = "finetuned") -> lis
             "speedup": base["latency_ms_p50"] / values["latency_ms_p50"],
             "size_ratio": base["size_mb"] / values["size_mb"],
             "throughput_ratio": values["throughput_sps"] / base["throughput_sps"],
-            "accuracy_delta_pts": 100 * (values["accuracy"] - base["accuracy"]),
+            "delta_pts": 100 * (values[metric] - base[metric]),
             "pareto_latency": name in latency_front,
             "pareto_size": name in size_front,
             "recommended": name == metrics.get("recommended"),
@@ -66,17 +69,28 @@ def _marked(text: str, on_frontier: bool) -> str:
     return f"{text} {FRONTIER_MARK}" if on_frontier else text
 
 
-COLUMNS: tuple[Column, ...] = (
-    Column(
-        "Variant",
-        lambda row: (
-            f"{row['variant']} {RECOMMENDED_MARK}" if row["recommended"] else row["variant"]
-        ),
-        numeric=False,
-    ),
-    Column("Accuracy", lambda row: _percent(row["accuracy"])),
-    Column("Δ acc (pts)", lambda row: f"{row['accuracy_delta_pts']:+.2f}"),
-    Column("Macro-F1", lambda row: f"{row['macro_f1']:.3f}"),
+def _variant_cell(row: Row) -> str:
+    return f"{row['variant']} {RECOMMENDED_MARK}" if row["recommended"] else row["variant"]
+
+
+def _quality_columns(metric: str) -> tuple[Column, ...]:
+    """The task's quality columns: accuracy and macro-F1, or entity F1, P, R, token accuracy."""
+    if metric == "f1":
+        return (
+            Column("Entity F1", lambda row: f"{row['f1']:.3f}"),
+            Column("Δ F1 (pts)", lambda row: f"{row['delta_pts']:+.2f}"),
+            Column("Precision", lambda row: f"{row['precision']:.3f}"),
+            Column("Recall", lambda row: f"{row['recall']:.3f}"),
+            Column("Token acc", lambda row: _percent(row["token_accuracy"])),
+        )
+    return (
+        Column("Accuracy", lambda row: _percent(row["accuracy"])),
+        Column("Δ acc (pts)", lambda row: f"{row['delta_pts']:+.2f}"),
+        Column("Macro-F1", lambda row: f"{row['macro_f1']:.3f}"),
+    )
+
+
+MEASURE_COLUMNS: tuple[Column, ...] = (
     Column(
         "p50 (ms)", lambda row: _marked(_milliseconds(row["latency_ms_p50"]), row["pareto_latency"])
     ),
@@ -91,31 +105,80 @@ COLUMNS: tuple[Column, ...] = (
 )
 
 
-def format_cells(row: Row) -> list[str]:
+def variant_columns(metric: str = "accuracy") -> tuple[Column, ...]:
+    """Columns of the main variant table for a task ranked on `metric`."""
+    return (
+        Column("Variant", _variant_cell, numeric=False),
+        *_quality_columns(metric),
+        *MEASURE_COLUMNS,
+    )
+
+
+@dataclass(frozen=True)
+class Table:
+    """A report table: a heading (empty for the main one), its columns and rows."""
+
+    heading: str
+    columns: tuple[Column, ...]
+    rows: Sequence[Row]
+
+
+def per_type_table(details: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Entity F1 per type (columns) for each variant (rows), from evaluate's detail files."""
+    types = sorted({t for detail in details.values() for t in detail["per_type"]})
+
+    def f1_cell(entity_type: str) -> Callable[[Row], str]:
+        return lambda row: f"{row['per_type'].get(entity_type, {}).get('f1', 0.0):.3f}"
+
+    columns = (
+        Column("Variant", lambda row: row["variant"], numeric=False),
+        *(Column(t, f1_cell(t)) for t in types),
+    )
+    rows = [{"variant": name, "per_type": d["per_type"]} for name, d in details.items()]
+    return Table("Entity F1 per type", columns, rows)
+
+
+def baseline_table(metrics: Mapping[str, Any], baseline: str) -> Table:
+    """Non-neural NER baselines next to the baseline variant, scored on the same test split."""
+    scores = {**metrics["baselines"], baseline: metrics["variants"][baseline]}
+    columns = (
+        Column("Model", lambda row: row["model"], numeric=False),
+        Column("Entity F1", lambda row: f"{row['f1']:.3f}"),
+        Column("Precision", lambda row: f"{row['precision']:.3f}"),
+        Column("Recall", lambda row: f"{row['recall']:.3f}"),
+        Column("Token acc", lambda row: _percent(row["token_accuracy"])),
+    )
+    rows = [{"model": name, **values} for name, values in scores.items()]
+    return Table("Baselines (learned from train, same test split)", columns, rows)
+
+
+def format_cells(row: Row, columns: Sequence[Column]) -> list[str]:
     """The display text of each column for one row."""
-    return [column.cell(row) for column in COLUMNS]
+    return [column.cell(row) for column in columns]
 
 
 def _markdown_line(cells: Iterable[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    """A GitHub markdown table of `rows`; frontier cells carry the ★ mark."""
+def markdown_table(rows: Sequence[Row], columns: Sequence[Column] | None = None) -> str:
+    """A GitHub markdown table of `rows` (default: the classification variant columns)."""
+    columns = columns or variant_columns()
     lines = [
-        _markdown_line(column.header for column in COLUMNS),
-        _markdown_line("---:" if column.numeric else ":---" for column in COLUMNS),
-        *(_markdown_line(format_cells(row)) for row in rows),
+        _markdown_line(column.header for column in columns),
+        _markdown_line("---:" if column.numeric else ":---" for column in columns),
+        *(_markdown_line(format_cells(row, columns)) for row in rows),
     ]
     return "\n".join(lines) + "\n"
 
 
 def recommendation_text(recommendation: Mapping[str, Any]) -> str:
     """One sentence naming the recommended variant and its ratios against the baseline."""
+    label = METRIC_LABELS[recommendation["metric"]]
     return (
         f"Recommended: {recommendation['variant']}, the fastest variant within "
-        f"{recommendation['max_accuracy_drop']:.1f} accuracy points of "
+        f"{recommendation['max_drop_pts']:.1f} {label} points of "
         f"{recommendation['baseline']}: {recommendation['speedup']:.2f}x faster at batch 1, "
         f"{recommendation['size_ratio']:.2f}x smaller on disk, "
-        f"accuracy {-recommendation['accuracy_drop_pts']:+.2f} points."
+        f"{label} {-recommendation['drop_pts']:+.2f} points."
     )

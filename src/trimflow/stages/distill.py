@@ -15,7 +15,12 @@ from trimflow.models.distillation import (
     student_from_pretrained,
     student_from_teacher,
 )
-from trimflow.models.loading import load_tokenizer, read_label_map, save_model_dir
+from trimflow.models.loading import (
+    load_classifier,
+    load_tokenizer,
+    read_label_map,
+    save_model_dir,
+)
 from trimflow.stages import selected_variants
 from trimflow.stages.finetune import (
     build_datamodule,
@@ -36,17 +41,15 @@ def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None
 
 def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     """Train student `name` on soft and hard labels; save it like any fp32 variant."""
-    from transformers import AutoModelForSequenceClassification
-
     L.seed_everything(cfg.seed, workers=True)
     settings, spec = cfg.distill, cfg.distill.students[name]
     label_map = read_label_map(layout.finetuned)
-    teacher = AutoModelForSequenceClassification.from_pretrained(layout.finetuned)
+    teacher = load_classifier(layout.finetuned)
     tokenizer = load_tokenizer(str(layout.finetuned))
     if spec.layers is not None:
         student = student_from_teacher(teacher, spec.layers)
     else:
-        student = student_from_pretrained(spec.model, label_map["labels"], tokenizer)
+        student = student_from_pretrained(spec.model, label_map["labels"], tokenizer, cfg.task.type)
     module = DistillationClassifier(
         student,
         lr=settings.lr,

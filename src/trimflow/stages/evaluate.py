@@ -1,4 +1,8 @@
-"""evaluate: accuracy, latency, throughput and size of every variant on the same test inputs."""
+"""evaluate: quality, latency, throughput and size of every variant on the same test inputs.
+
+Quality is accuracy for classification, entity F1 (seqeval) for NER, where the majority-tag and
+gazetteer baselines are scored in the same run.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -16,15 +22,15 @@ from trimflow.compress.onnx import OnnxClassifier
 from trimflow.compress.variants import load_variant
 from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
+from trimflow.evaluation.baselines import baseline_scores
 from trimflow.evaluation.benchmark import (
     interleaved_timings,
     latency_summary,
     throughput_summary,
 )
-from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
-from trimflow.evaluation.inference import predict
 from trimflow.evaluation.recommend import recommend
+from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement
 from trimflow.layout import Layout
 from trimflow.models.loading import WEIGHT_SUFFIXES, read_label_map
 from trimflow.stages import inference_data
@@ -32,10 +38,9 @@ from trimflow.tracking.runs import Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
-# reports/metrics.json field -> MLflow metric name (the same for every variant run).
-MLFLOW_NAMES = {
-    "accuracy": "test/accuracy",
-    "macro_f1": "test/macro_f1",
+# reports/metrics.json field -> MLflow metric name (the same for every variant run); quality
+# fields come first, `test/<field>`, from the task's scorer.
+MEASURE_NAMES = {
     "latency_ms_p50": "bench/latency_ms_p50",
     "latency_ms_p95": "bench/latency_ms_p95",
     "throughput_sps": "bench/throughput_sps",
@@ -77,11 +82,18 @@ def environment() -> dict:
     }
 
 
+BASELINES_FILE = "baselines.json"
+
+
+def mlflow_names(scorer: LabelScorer | EntityScorer) -> dict[str, str]:
+    """metrics.json field -> MLflow metric name for every per-variant number."""
+    return {key: f"test/{key}" for key in scorer.quality_keys} | MEASURE_NAMES
+
+
 @dataclass
 class TestInputs:
     """Model inputs built once from the test split and shared by every variant."""
 
-    truth: list[int]
     sorted_batches: list[dict[str, torch.Tensor]]  # length-sorted: little padding
     order: np.ndarray  # row index of each sorted example
     latency_inputs: list[dict[str, torch.Tensor]]  # batch 1
@@ -102,7 +114,6 @@ def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInp
 
     throughput_rows = chunks(np.arange(len(test)), ev.throughput.batch_size)
     return TestInputs(
-        truth=[int(label) for label in test["labels"]],
         sorted_batches=[collate(rows) for rows in chunks(order, ev.batch_size)],
         order=order,
         latency_inputs=[collate([i]) for i in range(min(ev.latency.samples, len(test)))],
@@ -117,16 +128,37 @@ def parameter_counts(model) -> tuple[int, int]:
     return count_parameters(model)
 
 
-def score_variant(model, directory: Path, inputs: TestInputs, labels: list[str]) -> dict:
-    """Accuracy, per-class scores, predictions, size and parameter counts of one variant."""
-    predictions = np.empty(len(inputs.truth), dtype=np.int64)
-    predictions[inputs.order] = predict(model, inputs.sorted_batches)
-    scores = classification_metrics(inputs.truth, predictions.tolist(), labels)
+def make_scorer(cfg: TrimflowConfig, layout: Layout, labels: list[str]):
+    """The task's scorer over the test split (NER: untruncated gold tags from data/prepared)."""
+    if cfg.task.type == "ner":
+        test = pd.read_parquet(layout.prepared / "test.parquet")
+        word_ids = datasets.load_from_disk(str(layout.tokenized_splits))["test"]["word_ids"]
+        return EntityScorer(
+            test["tags"].map(list).tolist(), word_ids, labels, cfg.task.seqeval_mode
+        )
+    truth = datasets.load_from_disk(str(layout.tokenized_splits))["test"]["labels"]
+    return LabelScorer(truth, labels)
+
+
+def score_baselines(cfg: TrimflowConfig, layout: Layout) -> dict[str, dict]:
+    """NER only: majority-tag and gazetteer taggers learned from train, scored on test."""
+    if cfg.task.type != "ner":
+        return {}
+    train, test = (pd.read_parquet(layout.prepared / f"{s}.parquet") for s in ("train", "test"))
+    return baseline_scores(
+        train["tokens"].map(list).tolist(),
+        train["tags"].map(list).tolist(),
+        test["tokens"].map(list).tolist(),
+        test["tags"].map(list).tolist(),
+        cfg.task.seqeval_mode,
+    )
+
+
+def score_variant(model, directory: Path, inputs: TestInputs, scorer) -> dict:
+    """Quality scores, predictions, size and parameter counts of one variant."""
     params, nonzero = parameter_counts(model)
     return {
-        **scores,
-        "label_names": labels,
-        "predictions": predictions.tolist(),
+        **scorer.score(model, inputs.sorted_batches, inputs.order),
         "size_mb": weights_size_mb(directory),
         "params": params,
         "nonzero_params": nonzero,
@@ -161,15 +193,33 @@ def time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     label_map = read_label_map(layout.finetuned)
     inputs = build_test_inputs(inference_data(layout, cfg.evaluate.batch_size), cfg)
+    scorer = make_scorer(cfg, layout, label_map["labels"])
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate", label_map["dataset_digest"]) as active:
-        details = measure_variants(cfg, layout, inputs, label_map["labels"])
+        details = measure_variants(cfg, layout, inputs, scorer)
+        baselines = score_baselines(cfg, layout)
         with atomic_dir(layout.variant_details) as details_dir:
-            write_outputs(cfg, layout, details, details_dir, tracker, active)
+            write_outputs(
+                cfg,
+                layout,
+                Measured(details, baselines, mlflow_names(scorer)),
+                details_dir,
+                tracker,
+                active,
+            )
+
+
+@dataclass
+class Measured:
+    """Everything evaluate measured: per-variant details, NER baselines, metric names."""
+
+    details: dict[str, dict]
+    baselines: dict[str, dict]
+    names: dict[str, str]  # metrics.json field -> MLflow metric name
 
 
 def measure_variants(
-    cfg: TrimflowConfig, layout: Layout, inputs: TestInputs, labels: list[str]
+    cfg: TrimflowConfig, layout: Layout, inputs: TestInputs, scorer
 ) -> dict[str, dict]:
     """Score every variant (each loaded from disk), then time them all together."""
     models, details = {}, {}
@@ -177,13 +227,10 @@ def measure_variants(
     for variant, source in tqdm(sources.items(), desc="score", unit="variant"):
         directory = layout.model_dir(variant)
         models[variant] = load_variant(directory, num_threads=cfg.evaluate.num_threads)
-        details[variant] = score_variant(models[variant], directory, inputs, labels)
+        details[variant] = score_variant(models[variant], directory, inputs, scorer)
         details[variant]["source"] = source
-        details[variant]["agreement"] = float(
-            np.mean(
-                np.array(details[variant]["predictions"])
-                == np.array(details[source]["predictions"])
-            )
+        details[variant]["agreement"] = agreement(
+            details[variant]["predictions"], details[source]["predictions"]
         )
     log.info("timing %d variants in %d interleaved rounds", len(models), cfg.evaluate.rounds)
     for variant, timing in time_variants(models, inputs, cfg).items():
@@ -194,29 +241,32 @@ def measure_variants(
 def write_outputs(
     cfg: TrimflowConfig,
     layout: Layout,
-    details: dict[str, dict],
+    measured: Measured,
     details_dir: Path,
     tracker: Tracker,
     active,
 ) -> None:
-    """metrics.json, a detail file per variant, environment.json and the variant runs."""
+    """metrics.json, a detail file per variant (and baselines), environment.json, MLflow runs."""
+    metric = cfg.task.metric
     results = {
-        variant: {key: detail[key] for key in MLFLOW_NAMES} for variant, detail in details.items()
+        variant: {key: detail[key] for key in measured.names}
+        for variant, detail in measured.details.items()
     }
-    for variant, detail in details.items():
+    for variant, detail in measured.details.items():
         detail_path = details_dir / f"{variant}.json"
         write_json(detail_path, {"variant": variant, **detail})
         log.info(
-            "%s: accuracy %.4f, p50 %.1f ms, %.1f MB",
+            "%s: %s %.4f, p50 %.1f ms, %.1f MB",
             variant,
-            detail["accuracy"],
+            metric,
+            detail[metric],
             detail["latency_ms_p50"],
             detail["size_mb"],
         )
         log_variant_run(
             tracker,
             variant,
-            {MLFLOW_NAMES[k]: v for k, v in results[variant].items()},
+            {measured.names[k]: v for k, v in results[variant].items()},
             active,
             [str(detail_path)],
         )
@@ -229,16 +279,34 @@ def write_outputs(
             "rounds": cfg.evaluate.rounds,
         },
     )
-    recommendation = recommend(results, cfg.report.baseline, cfg.report.max_accuracy_drop)
+    baselines = {
+        name: {key: scores[key] for key in measured.names if key in scores}
+        for name, scores in measured.baselines.items()
+    }
+    if baselines:
+        write_json(details_dir / BASELINES_FILE, measured.baselines)
+        for name, scores in baselines.items():
+            log.info("baseline %s: %s %.4f", name, metric, scores[metric])
+    recommendation = recommend(results, cfg.report.baseline, cfg.report.max_drop_pts, metric)
     write_json(
         layout.metrics_file,
         {
+            "task": cfg.task.type,
+            "metric": metric,
             "recommended": recommendation["variant"],
             "recommendation": recommendation,
             "variants": results,
+            **({"baselines": baselines} if baselines else {}),
         },
     )
     if active is not None:
         import mlflow
 
+        mlflow.log_metrics(
+            {
+                f"baseline/{name}/{key}": value
+                for name, scores in baselines.items()
+                for key, value in scores.items()
+            }
+        )
         mlflow.log_artifact(str(layout.metrics_file))

@@ -17,7 +17,7 @@ from trimflow.models.loading import (
     read_label_map,
     save_model_dir,
 )
-from trimflow.models.module import SequenceClassifier
+from trimflow.models.module import ClassifierModule
 from trimflow.models.training import FitResult, fit_resumable, resolve_precision
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
@@ -70,9 +70,9 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
     )
 
 
-def classifier_module(cfg: TrimflowConfig, model, lr: float) -> SequenceClassifier:
+def classifier_module(cfg: TrimflowConfig, model, lr: float) -> ClassifierModule:
     """The LightningModule around `model` with the shared optimizer settings."""
-    return SequenceClassifier(
+    return ClassifierModule(
         model, lr=lr, weight_decay=cfg.finetune.weight_decay, warmup_ratio=cfg.finetune.warmup_ratio
     )
 
@@ -103,7 +103,7 @@ def train_module(
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     L.seed_everything(cfg.seed, workers=True)
     label_map = read_label_map(layout.tokenized)
-    model = load_base_classifier(cfg.model.name, label_map["labels"])
+    model = load_base_classifier(cfg.model.name, label_map["labels"], cfg.task.type)
     tokenizer = load_tokenizer(str(layout.tokenizer_dir))
     work_dir = layout.work / f"finetune-{stage_keys(cfg)['finetune']}"
     tracker = Tracker(cfg)

@@ -7,7 +7,8 @@ import logging
 import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
-from trimflow.data.card import build_card
+from trimflow.data.card import build_card, label_summary
+from trimflow.data.ner import prepare_tagged
 from trimflow.data.sources import load_raw_splits
 from trimflow.data.splits import split_validation, subsample
 from trimflow.data.validation import check_labels_known, check_rows, shared_texts
@@ -20,9 +21,12 @@ from trimflow.utils.hashing import digest_json
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 CARD_FILE = "card.json"
+# The columns that define a prepared dataset (its digest), per task.
+CONTENT_COLUMNS = {"classification": ["text", "label"], "ner": ["tokens", "tags"]}
 
 
-def run(cfg: TrimflowConfig, layout: Layout) -> None:
+def prepare_labelled(cfg: TrimflowConfig) -> tuple[dict[str, pd.DataFrame], list[str], dict]:
+    """Classification tables (text, label, label_id) per split, the labels, the card summary."""
     data_cfg = cfg.dataset
     raw = load_raw_splits(data_cfg)
     for frame in raw.values():
@@ -31,8 +35,13 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         if split in raw:
             check_labels_known(raw["train"], raw[split], split)
 
-    train = subsample(raw["train"], data_cfg.max_train_samples, cfg.seed)
-    test = subsample(raw["test"], data_cfg.max_test_samples, cfg.seed)
+    train = raw["train"]
+    if "test" in raw:
+        test = raw["test"]
+    else:
+        train, test = split_validation(train, data_cfg.test_fraction, cfg.seed)
+    train = subsample(train, data_cfg.max_train_samples, cfg.seed)
+    test = subsample(test, data_cfg.max_test_samples, cfg.seed)
     if "validation" in raw:
         validation = raw["validation"]
     else:
@@ -41,24 +50,37 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
 
     labels = sorted(train["label"].unique())
     label_ids = {label: i for i, label in enumerate(labels)}
-    shared = shared_texts(train, test)
+    tables = {
+        split: pd.DataFrame(
+            {
+                "text": frame["text"].to_numpy(),
+                "label": frame["label"].to_numpy(),
+                "label_id": frame["label"].map(label_ids).to_numpy(),
+            }
+        )
+        for split, frame in splits.items()
+    }
+    return tables, labels, label_summary(splits, labels)
+
+
+def run(cfg: TrimflowConfig, layout: Layout) -> None:
+    data_cfg = cfg.dataset
+    if cfg.task.type == "ner":
+        tables, labels, summary = prepare_tagged(data_cfg, cfg.task, cfg.seed)
+    else:
+        tables, labels, summary = prepare_labelled(cfg)
+    shared = shared_texts(tables["train"], tables["test"])
     if shared:
         log.warning("%d texts appear in both train and test (listed in %s)", len(shared), CARD_FILE)
-    digest = digest_json({s: f[["text", "label"]].to_dict("list") for s, f in splits.items()})
-    card = build_card(data_cfg.name, splits, labels, shared, digest)
+    content = CONTENT_COLUMNS[cfg.task.type]
+    digest = digest_json({split: table[content].to_dict("list") for split, table in tables.items()})
+    card = build_card(data_cfg.name, summary, labels, shared, digest)
 
     with (
         Tracker(cfg).stage_run("prepare", dataset_digest=digest) as active,
         atomic_dir(layout.prepared) as out,
     ):
-        for split, frame in splits.items():
-            table = pd.DataFrame(
-                {
-                    "text": frame["text"].to_numpy(),
-                    "label": frame["label"].to_numpy(),
-                    "label_id": frame["label"].map(label_ids).to_numpy(),
-                }
-            )
+        for split, table in tables.items():
             table.to_parquet(out / f"{split}.parquet", index=False)
         write_json(
             out / LABEL_MAP_FILE,
@@ -69,10 +91,10 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             import mlflow
 
             mlflow.log_metrics(
-                {f"data/{split}_rows": len(f) for split, f in splits.items()}
+                {f"data/{split}_rows": len(table) for split, table in tables.items()}
                 | {"data/train_test_shared_texts": len(shared)}
             )
             mlflow.log_dict(card, CARD_FILE)
     log.info(
-        "prepared %s: %s", data_cfg.name, ", ".join(f"{s}={len(f)}" for s, f in splits.items())
+        "prepared %s: %s", data_cfg.name, ", ".join(f"{s}={len(t)}" for s, t in tables.items())
     )

@@ -14,7 +14,12 @@ from trimflow.compress.variants import save_sparse_variant
 from trimflow.config.schema import MagnitudePruning, TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
 from trimflow.layout import Layout, stage_keys, unit_name
-from trimflow.models.loading import load_tokenizer, read_label_map, save_model_dir
+from trimflow.models.loading import (
+    load_classifier,
+    load_tokenizer,
+    read_label_map,
+    save_model_dir,
+)
 from trimflow.stages import selected_variants
 from trimflow.stages.finetune import (
     build_datamodule,
@@ -47,12 +52,10 @@ def make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
 
 def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     """Prune the fine-tuned model per `prune.variants.<name>` and save it as models/<name>."""
-    from transformers import AutoModelForSequenceClassification
-
     L.seed_everything(cfg.seed, workers=True)
     spec, recovery = cfg.prune.variants[name], cfg.prune.recovery
     label_map = read_label_map(layout.finetuned)
-    model = AutoModelForSequenceClassification.from_pretrained(layout.finetuned)
+    model = load_classifier(layout.finetuned)
     tokenizer = load_tokenizer(str(layout.finetuned))
     params_before, _ = count_parameters(model)
     datamodule = build_datamodule(cfg, layout)

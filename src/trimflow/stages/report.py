@@ -11,14 +11,24 @@ import pandas as pd
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import Layout
 from trimflow.models.loading import read_label_map
+from trimflow.report.pareto import quality_metric
 from trimflow.report.plots import (
     confusion_figure,
     save_figure,
+    score_heatmap,
     tradeoff_figure,
     training_curves_figure,
 )
 from trimflow.report.render import render_html, render_markdown
-from trimflow.report.tables import recommendation_text, variant_rows
+from trimflow.report.tables import (
+    METRIC_LABELS,
+    Table,
+    baseline_table,
+    per_type_table,
+    recommendation_text,
+    variant_columns,
+    variant_rows,
+)
 from trimflow.stages.finetune import HISTORY_FILE
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_file, read_json
@@ -37,34 +47,58 @@ def _histories(cfg: TrimflowConfig, layout: Layout) -> dict[str, pd.DataFrame]:
     }
 
 
-def _write_tradeoff_csv(rows: list[dict], path: Path) -> None:
-    """The numbers behind the trade-off plots, for `dvc plots show`."""
-    fields = ["variant", "accuracy", "latency_ms_p50", "size_mb", "throughput_sps"]
+def _write_tradeoff_csv(rows: list[dict], metric: str, path: Path) -> None:
+    """The numbers behind the trade-off plots, for `dvc plots show`; `quality` is `metric`."""
+    fields = ["variant", "quality", "latency_ms_p50", "size_mb", "throughput_sps"]
     with atomic_file(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, "quality": row[metric]} for row in rows)
 
 
-def draw_plots(cfg: TrimflowConfig, layout: Layout, metrics: dict) -> dict[str, Path]:
+def _variant_details(cfg: TrimflowConfig, layout: Layout) -> dict[str, dict]:
+    """evaluate's detail file of every declared variant."""
+    return {
+        name: read_json(layout.variant_details / f"{name}.json") for name in cfg.variant_kinds()
+    }
+
+
+def draw_plots(
+    cfg: TrimflowConfig, layout: Layout, metrics: dict, details: dict[str, dict]
+) -> dict[str, Path]:
     """Save every figure under reports/plots/; returns caption -> PNG path."""
     plots = layout.plots
     plots.mkdir(parents=True, exist_ok=True)
+    label = METRIC_LABELS[quality_metric(metrics)]
     figures = {
-        "Accuracy vs latency (batch 1, p50)": (
-            "accuracy_vs_latency.png",
+        f"{label.capitalize()} vs latency (batch 1, p50)": (
+            "quality_vs_latency.png",
             tradeoff_figure(metrics, "latency_ms_p50", "p50 latency at batch 1 (ms)"),
         ),
-        "Accuracy vs size on disk": (
-            "accuracy_vs_size.png",
+        f"{label.capitalize()} vs size on disk": (
+            "quality_vs_size.png",
             tradeoff_figure(metrics, "size_mb", "weights on disk (MB)"),
         ),
     }
+    if cfg.task.type == "ner":
+        table = per_type_table(details)
+        types = [column.header for column in table.columns[1:]]
+        figures["Entity F1 per type and variant"] = (
+            "per_type_f1.png",
+            score_heatmap(
+                list(details),
+                types,
+                [[row["per_type"].get(t, {}).get("f1", 0.0) for t in types] for row in table.rows],
+                "entity F1 per type",
+            ),
+        )
     for variant in dict.fromkeys([cfg.report.baseline, metrics["recommended"]]):
-        detail = read_json(layout.variant_details / f"{variant}.json")
-        figures[f"Confusion matrix: {variant}"] = (
+        detail = details[variant]
+        names = detail.get("label_names") or detail["confusion_labels"]
+        kind = "Entity-type confusion" if cfg.task.type == "ner" else "Confusion matrix"
+        figures[f"{kind}: {variant}"] = (
             f"confusion_{variant}.png",
-            confusion_figure(detail["label_names"], detail["confusion_matrix"], variant),
+            confusion_figure(names, detail["confusion_matrix"], variant),
         )
     curves = training_curves_figure(_histories(cfg, layout))
     if curves is not None:
@@ -76,10 +110,21 @@ def draw_plots(cfg: TrimflowConfig, layout: Layout, metrics: dict) -> dict[str, 
     return images
 
 
+def report_tables(cfg: TrimflowConfig, metrics: dict, details: dict[str, dict]) -> list[Table]:
+    """The variant table; for NER also per-type entity F1 and the baselines."""
+    metric = quality_metric(metrics)
+    rows = variant_rows(metrics, baseline=cfg.report.baseline)
+    tables = [Table("", variant_columns(metric), rows)]
+    if cfg.task.type == "ner":
+        tables += [per_type_table(details), baseline_table(metrics, cfg.report.baseline)]
+    return tables
+
+
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     metrics = read_json(layout.metrics_file)
     environment = read_json(layout.variant_details / "environment.json")
-    rows = variant_rows(metrics, baseline=cfg.report.baseline)
+    details = _variant_details(cfg, layout)
+    tables = report_tables(cfg, metrics, details)
     summary = recommendation_text(metrics["recommendation"])
     notes = [
         f"Measured on {environment['machine']} ({environment['processor']}), "
@@ -89,19 +134,19 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         "Unstructured magnitude sparsity does not speed up dense kernels; its gain is size: "
         "sparse variants are stored as a bitmask plus non-zero values. Structured pruning "
         "(heads, FFN neurons), distillation and int8 give speed.",
-        "Agreement is the share of test predictions equal to the source model's (the "
-        "quantized model's input, or the fine-tuned model).",
+        "Agreement is the share of test predictions (labels; for NER, word tags) equal to the "
+        "source model's (the quantized model's input, or the fine-tuned model).",
         "bf16/fp16 variants target GPU inference; here they were timed on the CPU.",
     ]
     label_map = read_label_map(layout.finetuned)
     with Tracker(cfg).stage_run("report", label_map["dataset_digest"]) as active:
-        images = draw_plots(cfg, layout, metrics)
-        _write_tradeoff_csv(rows, layout.plots / TRADEOFF_CSV)
+        images = draw_plots(cfg, layout, metrics, details)
+        _write_tradeoff_csv(tables[0].rows, quality_metric(metrics), layout.plots / TRADEOFF_CSV)
         relative = {
             caption: str(path.relative_to(layout.reports)) for caption, path in images.items()
         }
-        markdown = render_markdown(cfg.report.title, summary, rows, relative, notes)
-        page = render_html(cfg.report.title, summary, rows, images, notes)
+        markdown = render_markdown(cfg.report.title, summary, tables, relative, notes)
+        page = render_html(cfg.report.title, summary, tables, images, notes)
         with atomic_file(layout.reports / "report.md") as handle:
             handle.write(markdown)
         with atomic_file(layout.reports / "report.html") as handle:

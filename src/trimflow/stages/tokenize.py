@@ -9,7 +9,7 @@ import datasets
 import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
-from trimflow.data.tokenization import tokenize_split
+from trimflow.data.tokenization import tokenize_split, tokenize_tagged_split
 from trimflow.layout import TOKENIZED_SPLITS, TOKENIZER, Layout
 from trimflow.models.loading import LABEL_MAP_FILE, load_tokenizer, read_label_map
 from trimflow.stages.prepare import SPLITS
@@ -20,27 +20,56 @@ log = logging.getLogger(__name__)
 STATS_FILE = "tokenization.json"
 
 
+def tokenize_table(
+    cfg: TrimflowConfig, frame: pd.DataFrame, tokenizer, labels: list[str]
+) -> tuple[datasets.Dataset, dict]:
+    """One tokenized split and what truncation cut from it (texts; words and entities for NER)."""
+    data = datasets.Dataset.from_pandas(frame, preserve_index=False)
+    if cfg.task.type == "ner":
+        tokenized, cut = tokenize_tagged_split(
+            data.select_columns(["tokens", "tag_ids"]),
+            tokenizer,
+            cfg.model.max_length,
+            labels,
+            cfg.task.label_all_tokens,
+        )
+        truncated = {
+            "truncated": cut.examples,
+            "words_cut": cut.words,
+            "entities_cut": cut.entities,
+        }
+    else:
+        tokenized, count = tokenize_split(data, tokenizer, cfg.model.max_length)
+        truncated = {"truncated": count}
+    lengths = tokenized["length"]
+    return tokenized, {
+        "examples": len(data),
+        **truncated,
+        "truncated_fraction": round(truncated["truncated"] / max(len(data), 1), 4),
+        "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
+    }
+
+
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     tokenizer = load_tokenizer(cfg.model.name)
+    labels = read_label_map(layout.prepared)["labels"]
     tokenized, stats = {}, {}
     for split in SPLITS:
         frame = pd.read_parquet(layout.prepared / f"{split}.parquet")
-        data = datasets.Dataset.from_pandas(frame, preserve_index=False)
-        tokenized[split], truncated = tokenize_split(data, tokenizer, cfg.model.max_length)
-        lengths = tokenized[split]["length"]
-        stats[split] = {
-            "examples": len(data),
-            "truncated": truncated,
-            "truncated_fraction": round(truncated / max(len(data), 1), 4),
-            "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
-        }
+        tokenized[split], stats[split] = tokenize_table(cfg, frame, tokenizer, labels)
         log.info(
-            "%s: %d examples, %d truncated at %d tokens",
+            "%s: %s (max_length %d)",
             split,
-            len(data),
-            truncated,
+            ", ".join(f"{key} {value}" for key, value in stats[split].items()),
             cfg.model.max_length,
         )
+        if stats[split].get("entities_cut"):
+            log.warning(
+                "%s: truncation at %d tokens cut %d entities (counted as missed in evaluate)",
+                split,
+                cfg.model.max_length,
+                stats[split]["entities_cut"],
+            )
 
     with (
         Tracker(cfg).stage_run(
@@ -55,4 +84,11 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         if active is not None:
             import mlflow
 
-            mlflow.log_metrics({f"data/{s}_truncated": v["truncated"] for s, v in stats.items()})
+            mlflow.log_metrics(
+                {
+                    f"data/{split}_{key}": value
+                    for split, counts in stats.items()
+                    for key, value in counts.items()
+                    if key in ("truncated", "entities_cut")
+                }
+            )

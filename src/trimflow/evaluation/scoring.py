@@ -1,0 +1,87 @@
+"""Test-set quality of one model, per task: the metrics, and the predictions behind them.
+
+A scorer is built once from the test split; `score(model, batches, order)` runs the model over
+length-sorted batches (`order[k]` is the test row of the k-th sorted example) and returns
+JSON-serialisable metrics plus `predictions` in test-row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from trimflow.data.token_labels import word_predictions
+from trimflow.evaluation.classification import classification_metrics
+from trimflow.evaluation.entities import SeqevalMode, entity_metrics
+from trimflow.evaluation.inference import predict, predict_tokens
+
+Batches = Sequence[dict[str, Tensor]]
+
+
+class LabelScorer:
+    """Classification: one label per text; accuracy, macro-F1, per-class scores, confusion."""
+
+    quality_keys = ("accuracy", "macro_f1")
+
+    def __init__(self, truth: Sequence[int], labels: list[str]) -> None:
+        self.truth = list(truth)
+        self.labels = labels
+
+    def score(self, model: nn.Module, batches: Batches, order: np.ndarray) -> dict[str, Any]:
+        predictions = np.empty(len(self.truth), dtype=np.int64)
+        predictions[order] = predict(model, batches)
+        return {
+            **classification_metrics(self.truth, predictions.tolist(), self.labels),
+            "label_names": self.labels,
+            "predictions": predictions.tolist(),
+        }
+
+
+class EntityScorer:
+    """NER: one tag per word, scored against the untruncated gold tags with seqeval.
+
+    A word's prediction is its first word piece's; words cut by truncation are predicted `O`,
+    so entities truncation removed count as missed.
+    """
+
+    quality_keys = ("f1", "precision", "recall", "macro_f1", "token_accuracy")
+
+    def __init__(
+        self,
+        gold: Sequence[Sequence[str]],
+        word_ids: Sequence[Sequence[int]],
+        labels: list[str],
+        mode: SeqevalMode,
+    ) -> None:
+        self.gold = [list(tags) for tags in gold]
+        self.word_ids = word_ids
+        self.labels = labels
+        self.outside = labels.index("O")
+        self.mode = mode
+
+    def score(self, model: nn.Module, batches: Batches, order: np.ndarray) -> dict[str, Any]:
+        by_row: list[np.ndarray] = [np.empty(0)] * len(self.gold)
+        for row, tokens in zip(order, predict_tokens(model, batches), strict=True):
+            by_row[row] = tokens
+        predicted = [
+            [
+                self.labels[i]
+                for i in word_predictions(tokens, word_ids, len(gold), fill=self.outside)
+            ]
+            for tokens, word_ids, gold in zip(by_row, self.word_ids, self.gold, strict=True)
+        ]
+        return {**entity_metrics(self.gold, predicted, self.mode), "predictions": predicted}
+
+
+def agreement(predictions: Sequence[Any], reference: Sequence[Any]) -> float:
+    """Share of equal predictions: labels of texts, or tags of words (sentences flattened)."""
+    return float(np.mean(_flat(predictions) == _flat(reference)))
+
+
+def _flat(predictions: Sequence[Any]) -> np.ndarray:
+    if predictions and isinstance(predictions[0], list):
+        return np.array([tag for sentence in predictions for tag in sentence])
+    return np.array(predictions)
