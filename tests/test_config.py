@@ -122,3 +122,25 @@ def test_cli_rejects_bad_override_without_writing(tmp_path, caplog):
 def test_gpu_evaluation_is_refused_until_it_exists():
     with pytest.raises(ConfigError, match=r"evaluate\.device"):
         compose_config(["evaluate.device=cuda"])
+
+
+def test_ner_task_selects_its_dataset_and_monitor():
+    cfg = compose_config(["task=ner"])
+    assert (cfg.task.type, cfg.task.metric) == ("ner", "f1")
+    assert cfg.dataset.name == "wnut16" and cfg.dataset.format == "conll"
+    assert cfg.dataset.test is None
+    assert cfg.finetune.monitor == "val/f1"
+    smoke = compose_config(["task=ner", "experiment=smoke"])
+    assert smoke.dataset.max_train_samples == 240 and smoke.task.type == "ner"
+
+
+def test_monitor_must_be_logged_by_the_task():
+    with pytest.raises(ConfigError, match=r"finetune.monitor: 'val/accuracy' is not logged"):
+        compose_config(["task=ner", "finetune.monitor=val/accuracy"])
+    with pytest.raises(ConfigError, match="finetune.monitor"):
+        compose_config(["finetune.monitor=val/f1"])
+
+
+def test_unknown_ner_option_is_named():
+    with pytest.raises(ConfigError, match="seqeval_mode"):
+        compose_config(["task=ner", "task.seqeval_mode=lenient"])

@@ -279,3 +279,74 @@ def test_recommendation_falls_back_to_the_baseline_and_rejects_unknown_ones():
     assert recommend(variants, "finetuned", 1.0)["variant"] == "finetuned"
     with pytest.raises(KeyError, match="nope"):
         recommend(variants, "nope", 1.0)
+
+
+# --- NER -----------------------------------------------------------------------------------------
+
+
+def ner_variant(f1, latency, size, per_type):
+    return {
+        **variant(0.95, latency, size, 100.0),
+        "f1": f1,
+        "precision": f1 + 0.05,
+        "recall": f1 - 0.05,
+        "token_accuracy": 0.95,
+        "per_type": {t: {"f1": v, "precision": v, "recall": v, "support": 3} for t, v in per_type},
+    }
+
+
+@pytest.fixture
+def ner_metrics():
+    return {
+        "task": "ner",
+        "metric": "f1",
+        "recommended": "quantized",
+        "variants": {
+            "finetuned": ner_variant(0.50, 20.0, 90.0, [("loc", 0.6), ("per", 0.4)]),
+            "quantized": ner_variant(0.495, 8.0, 30.0, [("loc", 0.6)]),
+        },
+        "baselines": {
+            "gazetteer": {"f1": 0.2, "precision": 0.6, "recall": 0.12, "token_accuracy": 0.9}
+        },
+    }
+
+
+def test_ner_rows_rank_on_entity_f1(ner_metrics):
+    rows = variant_rows(ner_metrics)
+    assert rows[1]["delta_pts"] == pytest.approx(-0.5)
+    table = markdown_table(rows, variant_columns("f1")).splitlines()
+    assert table[0].startswith("| Variant | Entity F1 | Δ F1 (pts) | Precision | Recall |")
+    assert "| 0.495 | -0.50 | 0.545 | 0.445 | 95.00% |" in table[3]
+
+
+def test_ner_per_type_and_baseline_tables(ner_metrics):
+    from trimflow.report.tables import baseline_table, per_type_table
+
+    per_type = per_type_table(ner_metrics["variants"])
+    assert [c.header for c in per_type.columns] == ["Variant", "loc", "per"]
+    lines = markdown_table(per_type.rows, per_type.columns).splitlines()
+    assert lines[3] == "| quantized | 0.600 | 0.000 |"  # a type never predicted scores 0
+    baselines = baseline_table(ner_metrics, "finetuned")
+    lines = markdown_table(baselines.rows, baselines.columns).splitlines()
+    assert lines[2].startswith("| gazetteer | 0.200 |") and lines[3].startswith(
+        "| finetuned | 0.500 |"
+    )
+
+
+def test_ner_recommendation_uses_the_f1_budget(ner_metrics):
+    from trimflow.evaluation.recommend import recommend
+    from trimflow.report.tables import recommendation_text
+
+    chosen = recommend(ner_metrics["variants"], "finetuned", 1.0, metric="f1")
+    assert (chosen["variant"], chosen["metric"]) == ("quantized", "f1")
+    assert chosen["drop_pts"] == pytest.approx(0.5)
+    assert "within 1.0 entity F1 points" in recommendation_text(chosen)
+    assert recommend(ner_metrics["variants"], "finetuned", 0.4, metric="f1")["variant"] == (
+        "finetuned"
+    )
+
+
+def test_ner_tradeoff_plots_entity_f1(ner_metrics, tmp_path):
+    fig = tradeoff_figure(ner_metrics, "latency_ms_p50", "p50 latency (ms)")
+    assert fig.axes[0].get_ylabel() == "entity F1 (%)"
+    assert saved_png(fig, tmp_path).startswith(PNG_MAGIC)

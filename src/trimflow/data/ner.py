@@ -99,6 +99,12 @@ def split_tagged(
     }
     splits["train"] = _subsample(splits["train"], cfg.max_train_samples, seed)
     splits["test"] = _subsample(splits["test"], cfg.max_test_samples, seed)
+    for split, sentences in splits.items():
+        if not sentences:
+            raise DataError(
+                f"the {split} split is empty: {len(train)} sentences are too few for "
+                "dataset.validation_fraction / dataset.test_fraction / dataset.max_*_samples"
+            )
     for split, types in missing_types(splits).items():
         log.warning("%s split has no %s entity (too few sentences to spread them)", split, types)
     return splits
@@ -117,12 +123,12 @@ def check_types_known(splits: Mapping[str, Sequence[Sentence]]) -> None:
     known = set(entity_types(tag for s in splits["train"] for tag in s.tags))
     for split in ("validation", "test"):
         for sentence in splits[split]:
-            unknown = set(entity_types(sentence.tags)) - known
-            if unknown:
-                raise DataError(
-                    f"{sentence.where()}: {split} entity types missing from train: "
-                    f"{sorted(unknown)}"
-                )
+            for index, tag in enumerate(sentence.tags):
+                if tag != "O" and tag[2:] not in known:
+                    raise DataError(
+                        f"{sentence.where(index)}: {split} entity type '{tag[2:]}' is missing "
+                        "from train (the model could not predict it)"
+                    )
 
 
 def sentence_table(sentences: Sequence[Sentence], label_ids: Mapping[str, int]) -> pd.DataFrame:

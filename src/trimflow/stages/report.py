@@ -70,12 +70,13 @@ def draw_plots(
     plots = layout.plots
     plots.mkdir(parents=True, exist_ok=True)
     label = METRIC_LABELS[quality_metric(metrics)]
+    label = label[0].upper() + label[1:]
     figures = {
-        f"{label.capitalize()} vs latency (batch 1, p50)": (
+        f"{label} vs latency (batch 1, p50)": (
             "quality_vs_latency.png",
             tradeoff_figure(metrics, "latency_ms_p50", "p50 latency at batch 1 (ms)"),
         ),
-        f"{label.capitalize()} vs size on disk": (
+        f"{label} vs size on disk": (
             "quality_vs_size.png",
             tradeoff_figure(metrics, "size_mb", "weights on disk (MB)"),
         ),
