@@ -34,6 +34,51 @@ def run_dvc_stage(name: str, params: str, variant: str | None) -> None:
     run_stage(name, load_params(params), dvc_layout(), variant)
 
 
+def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
+    """`trimflow compare [RUN ...] [--latest-pipeline | --sweep] [options]`."""
+    from trimflow.tracking.compare import DEFAULT_EXPERIMENT, metric_list
+
+    sub = commands.add_parser("compare", help="compare MLflow runs: params, metrics, ratios")
+    sub.add_argument(
+        "runs", nargs="*", help="run ids or names (default: variants of the latest pipeline run)"
+    )
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--latest-pipeline", action="store_true", help="variants of the latest pipeline run"
+    )
+    mode.add_argument("--sweep", action="store_true", help="pipeline runs of the latest sweep")
+    sub.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    sub.add_argument("--baseline", help="run name, id or variant (default: finetuned or first)")
+    sub.add_argument("--metrics", type=metric_list, help="comma-separated metric names")
+    sub.add_argument("--out", default="reports/compare")
+    sub.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, mlflow.db)")
+
+
+def compare_runs(args: argparse.Namespace) -> int:
+    """Print the comparison of MLflow runs and write it to `args.out`; 2 when a run is missing."""
+    from rich.console import Console
+
+    from trimflow.tracking.compare import CompareError, compare, rich_report, write_outputs
+
+    try:
+        comparison = compare(
+            args.uri,
+            args.experiment,
+            args.runs,
+            latest_pipeline=args.latest_pipeline,
+            sweep=args.sweep,
+            baseline=args.baseline,
+            metrics=args.metrics,
+        )
+    except CompareError as err:
+        log.error("%s", err)
+        return 2
+    Console().print(*rich_report(comparison))
+    for path in write_outputs(comparison, args.out):
+        log.info("wrote %s", path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -57,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     repro = commands.add_parser("repro", help="`dvc repro` under one MLflow parent run")
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER)
     commands.add_parser("pipeline", help="all stages in-process via Hydra (supports -m sweeps)")
+    _add_compare_parser(commands)
     args = parser.parse_args(argv)
 
     from trimflow.config.loading import ConfigError
@@ -70,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
             write_params(args.overrides, args.out)
             log.info("wrote %s", args.out)
+        elif args.command == "compare":
+            return compare_runs(args)
         elif args.command == "repro":
             from trimflow.pipeline import dvc_repro
 
