@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import mlflow_runs
+from seqeval.metrics import f1_score
 
 from trimflow.config.loading import compose_config
 from trimflow.layout import stage_units, unit_name
@@ -19,6 +21,8 @@ from trimflow.layout import stage_units, unit_name
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = compose_config(["experiment=smoke"])
 UNITS = [unit_name(stage, variant) for stage, variant in stage_units(SMOKE)]
+# The NER smoke run: a higher learning rate and 3 epochs so the model finds some entities.
+NER_SMOKE = ["experiment=smoke", "task=ner", "finetune.lr=5e-4", "finetune.max_epochs=3"]
 pytestmark = pytest.mark.e2e
 
 
@@ -113,3 +117,25 @@ def test_dvc_exp_run_with_one_variant_override_reruns_only_that_variant_onwards(
         if spec.source == "pruned"
     )
     assert "ffn_fraction: 0.25" in (copy / "params.yaml").read_text()
+
+
+def test_ner_experiment_runs_every_stage_and_reports_seqeval_of_its_saved_predictions(project):
+    copy, sh, _ = project
+    output = sh("dvc", "exp", "run", *(arg for o in NER_SMOKE for arg in ("-S", o)))
+    ner = compose_config(NER_SMOKE)
+    assert sorted(ran_stages(output)) == sorted(unit_name(*unit) for unit in stage_units(ner))
+    metrics = json.loads((copy / "reports/metrics.json").read_text())
+    assert (metrics["task"], metrics["metric"]) == ("ner", "f1")
+    assert list(metrics["variants"]) == list(ner.variant_kinds())
+
+    gold = pd.read_parquet(copy / "data/prepared/test.parquet")["tags"].map(list).tolist()
+    details = json.loads((copy / "reports/variants/baselines.json").read_text())
+    for variant in metrics["variants"]:
+        details[variant] = json.loads((copy / f"reports/variants/{variant}.json").read_text())
+    for name, scores in {**metrics["variants"], **metrics["baselines"]}.items():
+        assert f1_score(gold, details[name]["predictions"]) == scores["f1"], name
+    assert metrics["variants"]["finetuned"]["f1"] > 0  # the comparison above is not vacuous
+
+    report = (copy / "reports/report.md").read_text()
+    assert "## Entity F1 per type" in report and "| gazetteer |" in report
+    assert (copy / "reports/plots/confusion_finetuned.png").is_file()

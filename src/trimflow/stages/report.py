@@ -155,7 +155,10 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         if active is not None:
             import mlflow
 
+            from trimflow.serving.registry import publish_recommended
+
             mlflow.log_artifact(str(layout.reports / "report.html"))
             mlflow.log_artifact(str(layout.reports / "report.md"))
             mlflow.log_artifacts(str(layout.plots), "plots")
+            publish_recommended(cfg, layout, metrics, active.info.run_id)
     log.info("wrote %s", layout.reports / "report.html")

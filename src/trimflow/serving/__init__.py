@@ -1,0 +1,1 @@
+"""Serving: any variant as an MLflow pyfunc, registered with a `champion` alias."""

@@ -1,0 +1,243 @@
+"""An MLflow pyfunc serving any saved variant: texts in, labels or entity spans out.
+
+The logged model holds the variant directory as its artifact (HF, pruned, sparse, torch int8 or
+ONNX: `load_variant` reads them all) and `model_config` with `max_chars` (longest accepted text)
+and `max_length` (tokens; longer texts are truncated and flagged `"truncated": true`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+from seqeval.metrics.sequence_labeling import get_entities
+from torch import Tensor
+from transformers import AutoConfig, BatchEncoding, PreTrainedTokenizerBase
+
+from trimflow.compress.variants import load_variant
+from trimflow.data.token_labels import word_predictions
+from trimflow.models.loading import TASK_MODELS, auto_model_class, load_tokenizer, read_label_map
+
+VARIANT_ARTIFACT = "variant"
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+DEFAULT_MAX_CHARS = 10_000
+BATCH_SIZE = 32
+OUTSIDE = "O"
+WORD = re.compile(r"\S+")  # words as the training data splits them: on whitespace
+INPUT_EXAMPLE = ["Oil prices rose in Paris after the OPEC meeting."]
+# What the model imports at load time; trimflow itself must be installed where it is served.
+RUNTIME_PACKAGES = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "onnx",
+    "onnxruntime",
+    "seqeval",
+    "pandas",
+)
+OUTPUT_EXAMPLES = {
+    "classification": [{"label": "earn", "score": 0.9, "truncated": False}],
+    "ner": [
+        {
+            "entities": [{"type": "loc", "text": "Paris", "start": 19, "end": 24, "score": 0.9}],
+            "truncated": False,
+        }
+    ],
+}
+
+
+def invalid_input(message: str) -> MlflowException:
+    """An input error; the scoring server answers it with HTTP 400."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def is_token_task(variant_dir: str | Path) -> bool:
+    """Whether the variant labels words (NER) rather than whole texts, from its config.json."""
+    return auto_model_class(AutoConfig.from_pretrained(variant_dir)) is TASK_MODELS["ner"]
+
+
+def default_max_length(variant_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input the model takes: its position embeddings or the tokenizer's limit."""
+    positions = AutoConfig.from_pretrained(variant_dir).max_position_embeddings
+    return min(positions, tokenizer.model_max_length)
+
+
+def input_texts(model_input: Any) -> list:
+    """The texts of a list, array, Series, or a DataFrame's `text` (or only) column."""
+    if isinstance(model_input, pd.DataFrame):
+        if "text" in model_input.columns:
+            return model_input["text"].tolist()
+        if len(model_input.columns) == 1:
+            return model_input.iloc[:, 0].tolist()
+        raise invalid_input(
+            f"expected a 'text' column or a single column, got {list(model_input.columns)}"
+        )
+    if isinstance(model_input, list | tuple | np.ndarray | pd.Series):
+        return list(model_input)
+    raise invalid_input(f"expected a list of texts, got {type(model_input).__name__}")
+
+
+def validate_texts(texts: list, max_chars: int) -> list[str]:
+    """The texts as str; raises naming the first empty, non-string or too long item."""
+    if not texts:
+        raise invalid_input("no texts to predict: the input list is empty")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise invalid_input(f"input[{index}] is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise invalid_input(f"input[{index}] is empty")
+        if len(text) > max_chars:
+            raise invalid_input(
+                f"input[{index}] has {len(text)} characters, more than max_chars={max_chars}"
+            )
+    return [str(text) for text in texts]
+
+
+def text_entities(
+    text: str, words: list[re.Match], probabilities: Tensor, word_ids: list, labels: list[str]
+) -> list[dict]:
+    """Entity spans of one text from its token probabilities, tagged at each word's first piece.
+
+    Words cut off by truncation have no piece and are tagged outside.
+    """
+    first_pieces = word_predictions(range(len(word_ids)), word_ids, len(words), fill=-1)
+    best, best_ids = probabilities.max(dim=-1)
+    tags = [labels[best_ids[piece]] if piece >= 0 else OUTSIDE for piece in first_pieces]
+    scores = [float(best[piece]) if piece >= 0 else 0.0 for piece in first_pieces]
+    entities = []
+    for kind, first, last in get_entities(tags):
+        start, end = words[first].start(), words[last].end()
+        entities.append(
+            {
+                "type": kind,
+                "text": text[start:end],
+                "start": start,
+                "end": end,
+                "score": float(np.mean(scores[first : last + 1])),
+            }
+        )
+    return entities
+
+
+class VariantModel(mlflow.pyfunc.PythonModel):
+    """A variant directory behind MLflow's pyfunc API (see the module docstring)."""
+
+    def load_context(self, context) -> None:
+        variant_dir = Path(context.artifacts[VARIANT_ARTIFACT])
+        self.model = load_variant(variant_dir, num_threads=torch.get_num_threads())
+        self.tokenizer = load_tokenizer(str(variant_dir))
+        self.labels = read_label_map(variant_dir)["labels"]
+        self.token_task = is_token_task(variant_dir)
+        self.max_chars = int(context.model_config["max_chars"])
+        self.max_length = int(context.model_config["max_length"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[dict]:
+        """Per text `{"label", "score", "truncated"}`, or `{"entities", "truncated"}` for NER.
+
+        `model_input`: a DataFrame with a `text` column (or one column), which is what MLflow's
+        signature check makes of a list of texts; a list is accepted too. (A DataFrame hint
+        leaves validation to the signature, as `{"dataframe_split": ...}` requests need.)
+        """
+        texts = validate_texts(input_texts(model_input), self.max_chars)
+        predict_batch = self._entities if self.token_task else self._labels
+        return [
+            row
+            for start in range(0, len(texts), BATCH_SIZE)
+            for row in predict_batch(texts[start : start + BATCH_SIZE])
+        ]
+
+    def _probabilities(
+        self, texts: Sequence, split_into_words: bool = False
+    ) -> tuple[Tensor, BatchEncoding]:
+        """(softmax over labels, the tokenizer's encoding) of one batch, truncated."""
+        encoded = self.tokenizer(
+            list(texts),
+            is_split_into_words=split_into_words,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            logits = self.model(**encoded).logits
+        return logits.float().softmax(dim=-1), encoded
+
+    def _labels(self, texts: list[str]) -> list[dict]:
+        probabilities, encoded = self._probabilities(texts)
+        scores, label_ids = probabilities.max(dim=-1)
+        return [
+            {
+                "label": self.labels[label_id],
+                "score": score,
+                "truncated": bool(encoding.overflowing),
+            }
+            for label_id, score, encoding in zip(
+                label_ids.tolist(), scores.tolist(), encoded.encodings, strict=True
+            )
+        ]
+
+    def _entities(self, texts: list[str]) -> list[dict]:
+        words = [list(WORD.finditer(text)) for text in texts]
+        probabilities, encoded = self._probabilities(
+            [[match.group() for match in matches] for matches in words], split_into_words=True
+        )
+        return [
+            {
+                "entities": text_entities(
+                    text, words[row], probabilities[row], encoded.word_ids(row), self.labels
+                ),
+                "truncated": bool(encoded.encodings[row].overflowing),
+            }
+            for row, text in enumerate(texts)
+        ]
+
+
+def signature(token_task: bool) -> ModelSignature:
+    """Input: one unnamed string column (a list of texts); output: the task's records."""
+    inferred = infer_signature(
+        INPUT_EXAMPLE, OUTPUT_EXAMPLES["ner" if token_task else "classification"]
+    )
+    return ModelSignature(Schema([ColSpec("string")]), inferred.outputs)
+
+
+def runtime_requirements() -> list[str]:
+    """The packages the model imports, pinned to the versions installed here."""
+    return [f"{package}=={version(package)}" for package in RUNTIME_PACKAGES]
+
+
+def log_variant_model(
+    variant_dir: str | Path,
+    artifact_path: str = "model",
+    registered_model_name: str | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    max_length: int | None = None,
+) -> ModelInfo:
+    """Log `variant_dir` as a pyfunc model (in the active run); `max_length` defaults to the
+    model's limit."""
+    variant_dir = Path(variant_dir)
+    if max_length is None:
+        max_length = default_max_length(variant_dir, load_tokenizer(str(variant_dir)))
+    return mlflow.pyfunc.log_model(
+        name=artifact_path,
+        python_model=str(MODEL_CODE),
+        artifacts={VARIANT_ARTIFACT: str(variant_dir)},
+        signature=signature(is_token_task(variant_dir)),
+        input_example=INPUT_EXAMPLE,
+        pip_requirements=runtime_requirements(),
+        model_config={"max_chars": max_chars, "max_length": max_length},
+        registered_model_name=registered_model_name,
+    )

@@ -1,0 +1,385 @@
+"""The pyfunc over every variant format, the champion registry, and `mlflow models serve`.
+
+Tiny variants (fp32, torch int8, ONNX Runtime int8, a token classifier) are logged as pyfunc
+models in the session's sqlite store, loaded back with `mlflow.pyfunc.load_model` and compared
+with the in-process model; the serving test starts a real scoring server on a fresh store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from conftest import build_tiny_bert
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from transformers import BertForTokenClassification
+
+from trimflow.compress.quantize import quantize_model, save_quantized
+from trimflow.compress.variants import load_variant, save_onnx_variant
+from trimflow.data.token_labels import word_predictions
+from trimflow.layout import dvc_layout
+from trimflow.models.loading import save_model_dir
+from trimflow.serving.pyfunc import log_variant_model
+from trimflow.serving.registry import (
+    CHAMPION,
+    OBJECTIVE_TAG,
+    VARIANT_TAG,
+    publish_recommended,
+    register_recommended,
+)
+
+CLASSES = ["alpha", "beta", "gamma"]
+TAGS = ["O", "B-loc", "I-loc"]
+TEXTS = [
+    "oil prices rose sharply on opec news",
+    "the company reported higher quarterly earnings",
+    "wheat exports fell",
+    "central bank cuts interest rates again to support the currency",
+    "Kuala Lumpur and Wolfsburg signed a trade deal",
+    "shares of the acquired unit jumped",
+]
+SERVE_MAX_CHARS = 200
+SERVER_START_TIMEOUT_S = 120
+
+
+def perturbed(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Add seeded noise to every weight so that predictions differ between texts."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def build_token_bert() -> BertForTokenClassification:
+    """The tiny BERT config with an O / B-loc / I-loc token head."""
+    config = build_tiny_bert().config
+    config.num_labels = len(TAGS)
+    config.id2label = dict(enumerate(TAGS))
+    config.label2id = {tag: i for i, tag in enumerate(TAGS)}
+    torch.manual_seed(0)
+    return BertForTokenClassification(config).eval()
+
+
+def in_process_logits(variant_dir: Path, tokenizer, texts: list[str]) -> torch.Tensor:
+    """What the variant predicts when loaded directly, on one padded batch."""
+    model = load_variant(variant_dir)
+    with torch.inference_mode():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.float()
+
+
+# --- variant directories and logged models -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def variant_dirs(tmp_path_factory, packaged_tokenizer) -> dict[str, Path]:
+    """fp32, torch dynamic int8 and ONNX Runtime dynamic int8 classifiers, and a token tagger."""
+    root = tmp_path_factory.mktemp("variants")
+    dirs = {name: root / name for name in ("fp32", "quantized", "onnx_int8", "ner")}
+    model = perturbed(build_tiny_bert(), scale=0.5)
+    save_model_dir(model, packaged_tokenizer, {"labels": CLASSES}, dirs["fp32"])
+    save_quantized(quantize_model(model, "dynamic_int8"), dirs["fp32"], dirs["quantized"])
+    sample = dict(packaged_tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
+    dirs["onnx_int8"].mkdir()
+    save_onnx_variant(model, dirs["fp32"], dirs["onnx_int8"], "onnx_dynamic_int8", sample, [])
+    tagger = perturbed(build_token_bert(), scale=0.2)
+    save_model_dir(tagger, packaged_tokenizer, {"labels": TAGS}, dirs["ner"])
+    return dirs
+
+
+@contextlib.contextmanager
+def tracking_to(uri: str, artifacts: Path) -> Iterator[str]:
+    """`uri` as MLflow's tracking URI (restored after); yields a new experiment's id."""
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield mlflow.create_experiment(artifacts.name, artifacts.as_uri())
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, tracking_db):
+    """This module's experiment in the session's sqlite store, the tracking URI meanwhile."""
+    with tracking_to(tracking_db, tmp_path_factory.mktemp("serving-artifacts")) as created:
+        yield created
+
+
+@pytest.fixture(scope="module")
+def logged(experiment, variant_dirs) -> dict[str, str]:
+    """Each variant logged as a pyfunc in one run: variant -> model URI (plus the run id)."""
+    with mlflow.start_run(experiment_id=experiment) as run:
+        uris = {name: log_variant_model(path).model_uri for name, path in variant_dirs.items()}
+    return {**uris, "run_id": run.info.run_id}
+
+
+@pytest.fixture(scope="module")
+def loaded(logged, variant_dirs):
+    """The logged models loaded back through MLflow."""
+    return {name: mlflow.pyfunc.load_model(logged[name]) for name in variant_dirs}
+
+
+# --- predictions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["fp32", "quantized", "onnx_int8"])
+def test_pyfunc_predicts_what_the_variant_predicts(
+    variant, variant_dirs, loaded, packaged_tokenizer
+):
+    expected = in_process_logits(variant_dirs[variant], packaged_tokenizer, TEXTS).softmax(-1)
+    predictions = loaded[variant].predict(TEXTS)
+    assert [row["label"] for row in predictions] == [
+        CLASSES[index] for index in expected.argmax(-1).tolist()
+    ]
+    scores = torch.tensor([row["score"] for row in predictions])
+    torch.testing.assert_close(scores, expected.max(-1).values, atol=1e-5, rtol=0)
+    assert not any(row["truncated"] for row in predictions)
+
+
+def test_variant_predictions_are_not_all_one_label(loaded):
+    assert len({row["label"] for row in loaded["fp32"].predict(TEXTS)}) > 1
+
+
+def test_dataframe_inputs_give_the_same_predictions(loaded):
+    expected = loaded["fp32"].predict(TEXTS)
+    assert loaded["fp32"].predict(pd.DataFrame({"text": TEXTS})) == expected
+    assert loaded["fp32"].predict(pd.DataFrame({"body": TEXTS})) == expected
+
+
+def test_texts_beyond_max_length_are_truncated_and_flagged(loaded):
+    long_text = "wheat " * 400  # far more word pieces than the 128 positions
+    short, long = loaded["fp32"].predict(["wheat", long_text])
+    assert not short["truncated"] and long["truncated"]
+    assert long["label"] in CLASSES
+
+
+def test_ner_entities_are_spans_of_the_input(loaded, variant_dirs, packaged_tokenizer):
+    texts = ["  Kuala   Lumpur  and\tWolfsburg signed", *TEXTS]
+    predictions = loaded["ner"].predict(texts)
+    model = load_variant(variant_dirs["ner"])
+    found = 0
+    for text, prediction in zip(texts, predictions, strict=True):
+        words = text.split()
+        encoded = packaged_tokenizer([words], is_split_into_words=True, return_tensors="pt")
+        with torch.inference_mode():
+            token_tags = model(**encoded).logits.argmax(-1)[0].tolist()
+        tags = word_predictions(token_tags, encoded.word_ids(0), len(words), fill=0)
+        tagged_words = {word for word, tag in zip(words, tags, strict=True) if TAGS[tag] != "O"}
+        entity_words = set()
+        for entity in prediction["entities"]:
+            assert text[entity["start"] : entity["end"]] == entity["text"]
+            assert entity["text"] == entity["text"].strip() and entity["type"] == "loc"
+            assert 0.0 < entity["score"] <= 1.0
+            entity_words.update(entity["text"].split())
+            found += 1
+        assert entity_words == tagged_words
+    assert found > 0
+
+
+def test_ner_truncation_leaves_the_cut_words_outside(loaded):
+    text = " ".join(["Wolfsburg"] * 300)
+    (prediction,) = loaded["ner"].predict([text])
+    assert prediction["truncated"]
+    tagged_words = 126  # at most: 128 positions less [CLS] and [SEP]
+    assert all(
+        entity["end"] <= tagged_words * len("Wolfsburg ") for entity in prediction["entities"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad_input", "message"),
+    [
+        (["fine", 3], "input[1] is a int, not a string"),
+        (["fine", "ok", "   "], "input[2] is empty"),
+        (["fine", "x" * 10_001], "input[1] has 10001 characters, more than max_chars=10000"),
+        (pd.DataFrame({"text": ["fine", None]}), "input[1] is a "),
+    ],
+)
+def test_bad_inputs_are_rejected_naming_the_item(loaded, bad_input, message):
+    with pytest.raises(MlflowException, match=re.escape(message)) as raised:
+        loaded["fp32"].predict(bad_input)
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_a_frame_without_a_text_column_is_rejected(loaded):
+    frame = pd.DataFrame({"title": ["x"], "body": ["y"]})  # MLflow's checks keep one column
+    with pytest.raises(MlflowException, match="expected a 'text' column or a single column"):
+        loaded["fp32"].unwrap_python_model().predict(None, frame)
+
+
+def test_an_empty_list_is_rejected(loaded):
+    with pytest.raises(MlflowException) as raised:
+        loaded["fp32"].predict([])  # MLflow's signature check rejects it before predict runs
+    assert raised.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="the input list is empty"):
+        loaded["fp32"].unwrap_python_model().predict(None, [])
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def test_champion_moves_only_to_a_strictly_better_version(tracking_db, logged, tmp_path):
+    client = MlflowClient(tracking_db)
+    name = f"registry-{tmp_path.name}"
+
+    def register(objective: float, variant: str):
+        return register_recommended(
+            client, logged["run_id"], logged["fp32"], name, objective, variant
+        )
+
+    first = register(0.80, "finetuned")
+    assert (first.version, first.promoted, first.previous_champion) == (1, True, None)
+    worse = register(0.75, "pruned")
+    assert (worse.version, worse.promoted, worse.previous_champion) == (2, False, 1)
+    assert int(client.get_model_version_by_alias(name, CHAMPION).version) == 1
+    better = register(0.85, "distilled")
+    assert (better.version, better.promoted, better.previous_champion) == (3, True, 1)
+    tie = register(0.85, "quantized")
+    assert (tie.version, tie.promoted, tie.previous_champion) == (4, False, 3)
+    assert int(client.get_model_version_by_alias(name, CHAMPION).version) == 3
+    expected = {"1": ("0.8", "finetuned"), "2": ("0.75", "pruned"), "3": ("0.85", "distilled")}
+    for version, (objective, variant) in expected.items():
+        tags = client.get_model_version(name, version).tags
+        assert (tags[OBJECTIVE_TAG], tags[VARIANT_TAG]) == (objective, variant)
+    assert client.get_model_version(name, "2").run_id == logged["run_id"]
+
+
+def test_report_hook_logs_and_registers_the_recommended_variant(
+    experiment, tracking_db, variant_dirs, tiny_config, tmp_path
+):
+    cfg = tiny_config()
+    layout = dvc_layout(tmp_path)
+    shutil.copytree(variant_dirs["onnx_int8"], layout.model_dir("onnx_int8"))
+    metrics = {
+        "metric": "accuracy",
+        "recommended": "onnx_int8",
+        "variants": {"finetuned": {"accuracy": 0.9}, "onnx_int8": {"accuracy": 0.875}},
+    }
+    with mlflow.start_run(experiment_id=experiment) as run:
+        result = publish_recommended(cfg, layout, metrics, run.info.run_id)
+    client = MlflowClient(tracking_db)
+    version = client.get_model_version("trimflow-classification", str(result.version))
+    assert version.tags == {OBJECTIVE_TAG: "0.875", VARIANT_TAG: "onnx_int8"}
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/trimflow-classification/{result.version}")
+    assert model.model_config["max_length"] == cfg.model.max_length
+    assert model.predict(TEXTS[:2])[0]["label"] in CLASSES
+
+
+# --- the scoring server ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, str]:
+    """(HTTP status, response text) of a JSON POST, 4xx/5xx included."""
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def wait_until_ready(server: subprocess.Popen, url: str, stderr: Path) -> None:
+    """Poll GET /ping until it answers 200; fail with the server's stderr if it exits."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited with {server.returncode}:\n{stderr.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"server not ready in {SERVER_START_TIMEOUT_S} s:\n{stderr.read_text()[-4000:]}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Terminate the server's process group (uvicorn runs in a child), kill it if it lingers."""
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_scoring_server_serves_the_champion(tmp_path, variant_dirs, packaged_tokenizer):
+    fresh_store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_to(fresh_store, tmp_path / "artifacts") as experiment:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            info = log_variant_model(variant_dirs["fp32"], max_chars=SERVE_MAX_CHARS)
+        registered = register_recommended(
+            MlflowClient(fresh_store),
+            run.info.run_id,
+            info.model_uri,
+            "trimflow-classification",
+            0.9,
+            "fp32",
+        )
+    assert registered.promoted
+    expected = in_process_logits(variant_dirs["fp32"], packaged_tokenizer, TEXTS).argmax(-1)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    stderr = tmp_path / "server.stderr"
+    # The server execs `uvicorn`: the venv's bin must be on PATH, as in an activated venv.
+    venv_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    command = [
+        *(sys.executable, "-m", "mlflow", "models", "serve"),
+        *("-m", "models:/trimflow-classification@champion", "--env-manager", "local"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ]
+    with open(tmp_path / "server.stdout", "wb") as out, open(stderr, "wb") as err:
+        server = subprocess.Popen(
+            command,
+            env={**os.environ, "MLFLOW_TRACKING_URI": fresh_store, "PATH": venv_path},
+            cwd=tmp_path,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        wait_until_ready(server, url, stderr)
+        status, text = post(f"{url}/invocations", json.dumps({"inputs": TEXTS}).encode())
+        assert status == 200, text
+        labels = [row["label"] for row in json.loads(text)["predictions"]]
+        assert labels == [CLASSES[index] for index in expected.tolist()]
+        frame = {"dataframe_split": {"columns": ["text"], "data": [[sample] for sample in TEXTS]}}
+        status, text = post(f"{url}/invocations", json.dumps(frame).encode())
+        assert status == 200 and [r["label"] for r in json.loads(text)["predictions"]] == labels
+        status, text = post(f"{url}/invocations", b'{"inputs": ["unterminated')
+        assert 400 <= status < 500 and json.loads(text)["message"]
+        too_long = {"inputs": ["fine", "x" * (SERVE_MAX_CHARS + 1)]}
+        status, text = post(f"{url}/invocations", json.dumps(too_long).encode())
+        assert status == 400
+        assert f"input[1] has {SERVE_MAX_CHARS + 1} characters" in json.loads(text)["message"]
+    finally:
+        stop(server)
+    assert server.poll() is not None
