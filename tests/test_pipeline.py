@@ -11,10 +11,12 @@ import pytest
 from conftest import mlflow_runs
 
 from trimflow.compress.variants import load_variant
+from trimflow.evaluation.scoring import LabelScorer
 from trimflow.layout import dvc_layout
 from trimflow.pipeline import run_pipeline
-from trimflow.stages.evaluate import MLFLOW_NAMES
+from trimflow.stages.evaluate import mlflow_names
 
+MLFLOW_NAMES = mlflow_names(LabelScorer)  # metrics.json field -> MLflow name, classification
 # The smoke preset declares every variant kind; the tiny BERT has 2 layers.
 TINY_VARIANTS = ("distill.students.distilled.layers=[1]",)
 # Overrides leaving one structured-pruned and two quantized variants (for the sweep).
