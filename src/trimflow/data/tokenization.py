@@ -6,6 +6,7 @@ pieces (`trimflow.data.token_labels`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -28,14 +29,7 @@ def tokenize_split(
         encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
         return dict(encoded)
 
-    tokenized = data.map(
-        encode,
-        batched=True,
-        batch_size=MAP_BATCH_SIZE,
-        remove_columns=data.column_names,
-        desc="tokenize",
-        load_from_cache_file=False,
-    )
+    tokenized = _map_batches(data, encode)
     truncated = int(sum(tokenized["truncated"]))
     return tokenized.remove_columns("truncated"), truncated
 
@@ -57,7 +51,14 @@ def tokenize_tagged_split(
         cut.add(batch_cut)
         return encoded
 
-    tokenized = data.map(
+    return _map_batches(data, encode), cut
+
+
+def _map_batches(
+    data: datasets.Dataset, encode: Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
+) -> datasets.Dataset:
+    """`encode` over batches of `data`, replacing its columns (never from a stale cache)."""
+    return data.map(
         encode,
         batched=True,
         batch_size=MAP_BATCH_SIZE,
@@ -65,4 +66,3 @@ def tokenize_tagged_split(
         desc="tokenize",
         load_from_cache_file=False,
     )
-    return tokenized, cut
