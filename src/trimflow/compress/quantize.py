@@ -2,7 +2,9 @@
 
 Schemes, by name (`SCHEMES`):
 
-* `dynamic_int8`: every nn.Linear dynamically quantized to int8 (torch.ao eager mode);
+* `dynamic_int8`: every nn.Linear dynamically quantized to int8 (torch.ao eager mode), with a
+  scale per output channel: on the NER default per-tensor scales cost 1.05 entity-F1 points,
+  per-channel ones 0.00, for ~5% more batch-1 latency (measured on the fine-tuned MiniLM);
 * `dynamic_int8_embeddings`: the same, plus weight-only int8 nn.Embedding (per-row float
   qparams) - the embeddings hold most of a small BERT's weights;
 * `bf16` / `fp16`: the whole model cast to that dtype (meant for GPUs; runs on CPU).
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig
+from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
 
 from trimflow.compress.heads import model_skeleton
 from trimflow.models.loading import copy_metadata
@@ -40,9 +42,9 @@ DEPRECATION_MESSAGES = (
     "TypedStorage is deprecated",
 )
 INT8_QCONFIGS = {
-    "dynamic_int8": {nn.Linear: default_dynamic_qconfig},
+    "dynamic_int8": {nn.Linear: per_channel_dynamic_qconfig},
     "dynamic_int8_embeddings": {
-        nn.Linear: default_dynamic_qconfig,
+        nn.Linear: per_channel_dynamic_qconfig,
         nn.Embedding: float_qparams_weight_only_qconfig,
     },
 }
