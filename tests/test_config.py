@@ -144,3 +144,16 @@ def test_monitor_must_be_logged_by_the_task():
 def test_unknown_ner_option_is_named():
     with pytest.raises(ConfigError, match="seqeval_mode"):
         compose_config(["task=ner", "task.seqeval_mode=lenient"])
+
+
+def test_latency_budget_search_needs_a_budget_and_every_stage():
+    with pytest.raises(ConfigError, match="search.latency_budget_ms must be set"):
+        compose_config(["search.objective=latency_budget"])
+    with pytest.raises(ConfigError, match="search.last_stage must be 'report'"):
+        compose_config(
+            [
+                "search.objective=latency_budget",
+                "search.latency_budget_ms=5",
+                "search.last_stage=finetune",
+            ]
+        )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import mlflow_runs
 
 from trimflow.compress.variants import load_variant
@@ -57,7 +58,8 @@ def finished(tmp_path_factory, tiny_encoder_dir, tracking_db):
         ]
     )
     layout = dvc_layout(root)
-    metrics = run_pipeline(cfg, layout)
+    run_pipeline(cfg, layout)
+    metrics = json.loads(layout.metrics_file.read_text())
     return cfg, layout, metrics
 
 
@@ -178,3 +180,44 @@ def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_di
     assert len(sweeps) == 1
     points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]
     assert len(points) == 4
+
+
+def test_optuna_search_maximises_the_validation_score_and_resumes_by_config_hash(
+    tmp_path, tiny_encoder_dir
+):
+    db = tmp_path / "mlflow.db"
+    sweep_dir = tmp_path / "optuna"
+    command = [
+        sys.executable,
+        "-m",
+        "trimflow.cli",
+        "pipeline",
+        "hparams_search=finetune",
+        "experiment=smoke",
+        f"model.name={tiny_encoder_dir}",
+        "dataset.max_train_samples=80",
+        "dataset.max_test_samples=24",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+
+    def search() -> str:
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    search()
+    models = tmp_path / "outputs" / "store" / "models"
+    trained = sorted(p.name for p in models.iterdir())
+    assert len(trained) == 3 and all(name.startswith("finetuned-") for name in trained)
+
+    runs = mlflow_runs(f"sqlite:///{db}", "trimflow")
+    points = [r for r in runs if "search/validation" in r.data.metrics]
+    assert len(points) == 3
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == max(r.data.metrics["search/validation"] for r in points)
+
+    output = search()  # an interrupted or repeated search: same seed, same trials
+    assert output.count("finetune: up to date") == 3
+    assert sorted(p.name for p in models.iterdir()) == trained

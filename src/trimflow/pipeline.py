@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import hydra
+import pandas as pd
 from omegaconf import DictConfig
 
 from trimflow.config.loading import HYDRA_VERSION_BASE, conf_dir, load_params, validate
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import Layout, keyed_layout, stage_units, unit_name, unit_output
 from trimflow.stages import run_stage
+from trimflow.stages.finetune import HISTORY_FILE
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import read_json
 
@@ -22,16 +24,39 @@ SWEEP_STORE = Path("outputs/store")
 SWEEP_TAG = "trimflow.sweep"
 
 
-def run_pipeline(cfg: TrimflowConfig, layout: Layout) -> dict:
-    """Run every stage unit in order, skipping those whose (config-keyed) output exists."""
-    for stage, variant in stage_units(cfg):
+def run_pipeline(cfg: TrimflowConfig, layout: Layout, last_stage: str = "report") -> None:
+    """Run the stage units in order up to `last_stage`, skipping those whose (config-keyed)
+    output exists."""
+    units = stage_units(cfg)
+    last = max(i for i, (stage, _) in enumerate(units) if stage == last_stage)
+    for stage, variant in units[: last + 1]:
         name = unit_name(stage, variant)
         if unit_output(layout, stage, variant).exists():
             log.info("%s: up to date (%s)", name, unit_output(layout, stage, variant))
             continue
         log.info("%s: running", name)
         run_stage(stage, cfg, layout, variant)
-    return read_json(layout.metrics_file)
+
+
+def best_validation_score(model_dir: Path, metric: str) -> float:
+    """The best value of `metric` in a trained variant's history.csv."""
+    history = pd.read_csv(model_dir / HISTORY_FILE)
+    values = history.loc[history["metric"] == metric, "value"].dropna()
+    if values.empty:
+        raise ValueError(f"{model_dir / HISTORY_FILE}: no '{metric}' was logged")
+    return float(values.max())
+
+
+def search_objective(cfg: TrimflowConfig, layout: Layout) -> float:
+    """The value a sweeper maximises for a finished run, per `cfg.search.objective`."""
+    metric = cfg.task.metric
+    if cfg.search.objective == "validation":
+        return best_validation_score(layout.finetuned, f"val/{metric}")
+    variants = read_json(layout.metrics_file)["variants"].values()
+    fast_enough = [
+        v[metric] for v in variants if v["latency_ms_p50"] <= cfg.search.latency_budget_ms
+    ]
+    return float(max(fast_enough, default=0.0))
 
 
 def _sweep_parent(tracker: Tracker, sweep_dir: str) -> str | None:
@@ -55,8 +80,8 @@ def _sweep_parent(tracker: Tracker, sweep_dir: str) -> str | None:
 def hydra_entry(raw: DictConfig) -> float:
     """`trimflow pipeline [overrides] [-m]`: one point of a run or sweep, all stages in-process.
 
-    Returns the fine-tuned variant's test score on the task metric (accuracy; entity F1 for
-    NER), the objective a sweeper optimises.
+    Runs the stages up to `search.last_stage` and returns the objective of `search`
+    (conf/search/default.yaml) that a sweeper maximises.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -68,9 +93,18 @@ def hydra_entry(raw: DictConfig) -> float:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_parent = _sweep_parent(tracker, str(Path(hydra_cfg.sweep.dir).resolve()))
     name = " ".join(hydra_cfg.overrides.task) or "default"
-    with tracker.pipeline_run(name, parent_run_id=sweep_parent):
-        metrics = run_pipeline(cfg, keyed_layout(cfg, SWEEP_STORE.resolve()))
-    return float(metrics["variants"]["finetuned"][cfg.task.metric])
+    layout = keyed_layout(cfg, SWEEP_STORE.resolve())
+    with tracker.pipeline_run(name, parent_run_id=sweep_parent) as active:
+        run_pipeline(cfg, layout, cfg.search.last_stage)
+        value = search_objective(cfg, layout)
+        if active is not None:
+            from mlflow import MlflowClient
+
+            MlflowClient(tracker.uri).log_metric(
+                active.info.run_id, f"search/{cfg.search.objective}", value
+            )
+    log.info("objective %s = %.4f", cfg.search.objective, value)
+    return value
 
 
 def dvc_repro(dvc_args: list[str]) -> int:

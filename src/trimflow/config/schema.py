@@ -210,6 +210,22 @@ class TrackingConfig(Section):
     experiment: str
 
 
+class SearchConfig(Section):
+    """What the pipeline entry point returns to a sweeper (read by no DVC stage)."""
+
+    objective: Literal["validation", "latency_budget"]
+    latency_budget_ms: float | None = Field(default=None, gt=0.0)
+    last_stage: Literal["finetune", "report"]
+
+    @model_validator(mode="after")
+    def _objective_is_computable(self) -> SearchConfig:
+        if self.objective == "latency_budget" and self.latency_budget_ms is None:
+            raise ValueError("search.latency_budget_ms must be set for objective latency_budget")
+        if self.objective == "latency_budget" and self.last_stage != "report":
+            raise ValueError("search.last_stage must be 'report' for objective latency_budget")
+        return self
+
+
 class TrimflowConfig(Section):
     """The whole composed config (conf/config.yaml and its groups)."""
 
@@ -225,6 +241,7 @@ class TrimflowConfig(Section):
     report: ReportConfig
     trainer: TrainerConfig
     tracking: TrackingConfig
+    search: SearchConfig
 
     def variant_kinds(self) -> dict[str, str]:
         """Every variant the pipeline builds -> the stage that builds it, in report order."""
