@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run test lint format params bench ui clean
+.PHONY: install run test lint format params bench ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: install  ## fine-tune / tokenize / int8 ratios against peers, into report
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+ui-test: install  ## Debian's Chromium + chromedriver (apt, as root), then the MLflow UI browser test
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+	$(PY) -m pytest tests/test_mlflow_ui.py
 
 clean:
 	rm -rf outputs multirun .trimflow

@@ -1,0 +1,273 @@
+"""The MLflow UI in a real headless Chromium: the smoke run's child runs and their metrics.
+
+Runs the smoke pipeline on the tiny BERT under one parent run into a fresh sqlite store, serves
+it with `mlflow ui` on 127.0.0.1 and reads the experiment's runs table (the "Training runs"
+tab). Skipped where Chromium, chromedriver or selenium is missing: `make ui-test` installs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def _executable(name: str) -> str | None:
+    """`name` on PATH, else Debian's /usr/bin/`name`; None when neither is executable."""
+    path = shutil.which(name) or f"/usr/bin/{name}"
+    return path if os.access(path, os.X_OK) else None
+
+
+CHROMIUM = _executable("chromium")
+CHROMEDRIVER = _executable("chromedriver")
+MISSING = [
+    name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not path
+]
+if MISSING:
+    pytest.skip(
+        f"{' and '.join(MISSING)} not installed (neither on PATH nor in /usr/bin); "
+        "`make ui-test` installs Chromium and chromedriver and runs this test",
+        allow_module_level=True,
+    )
+pytest.importorskip(
+    "selenium", reason="selenium is not installed (pip install -r requirements.lock)"
+)
+
+TIMEOUT_S = 60
+# Compared per variant row: the accuracy, and a metric whose value differs between variants.
+METRICS = ("test/accuracy", "model/size_mb")
+
+
+@pytest.fixture(scope="module")
+def smoke_store(tmp_path_factory, tiny_encoder_dir):
+    """The smoke pipeline, under one `pipeline` parent run, in a fresh sqlite store."""
+    from trimflow.config.loading import compose_config
+    from trimflow.layout import dvc_layout
+    from trimflow.pipeline import run_pipeline
+    from trimflow.tracking.runs import Tracker
+
+    root = tmp_path_factory.mktemp("mlflow-ui")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            f"model.name={tiny_encoder_dir}",
+            f"tracking.uri={uri}",
+            f"tracking.experiment={root.name}",
+            "dataset.max_train_samples=120",
+            "dataset.max_test_samples=40",
+            "distill.students.distilled.layers=[1]",
+        ]
+    )
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: put back the session's value.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with Tracker(cfg).pipeline_run("smoke"):
+            run_pipeline(cfg, dvc_layout(root / "work"))
+    return cfg, root
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (mlflow ui + uvicorn), SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)
+        try:
+            server.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(smoke_store):
+    """The base URL of `mlflow ui` serving the smoke store on a free port of 127.0.0.1."""
+    cfg, root = smoke_store
+    port = _free_port()
+    log = root / "mlflow-ui.log"
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job workers for a read-only UI
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        cfg.tracking.uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, server, log)
+        yield base
+    finally:
+        _stop(server)
+
+
+def _wait_healthy(base: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow ui exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{base}/health", timeout=5) as response,
+        ):
+            if response.status == 200:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"mlflow ui not healthy after {TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def browser(smoke_store):
+    """Headless Chromium driven by Debian's chromedriver; tall enough to render every row."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1920,2400",  # the table virtualises rows: 35 runs fit on one screen
+    ):
+        options.add_argument(argument)
+    _, root = smoke_store
+    service = Service(CHROMEDRIVER, log_output=str(root / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(TIMEOUT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _run_name_text(driver, run_id: str) -> str:
+    """The run name linked from the Run Name cell of `run_id`'s table row ('' while not
+    rendered)."""
+    from selenium.webdriver.common.by import By
+
+    links = driver.find_elements(
+        By.CSS_SELECTOR, f"[role=row][row-id='{run_id}'] [col-id*='Run Name'] a[href$='/{run_id}']"
+    )
+    return links[0].get_attribute("textContent").strip() if links else ""
+
+
+def _show_metric_column(driver, wait, metric: str) -> None:
+    """Tick `metric` in the runs table's "Columns" selector."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait.until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=column-selection-dropdown]"))
+    ).click()
+    search = wait.until(
+        ec.visibility_of_element_located((By.CSS_SELECTOR, "input[placeholder='Search columns']"))
+    )
+    search.send_keys(Keys.CONTROL, "a")
+    search.send_keys(Keys.DELETE, metric)
+    leaf = (
+        By.XPATH,
+        "//*[@data-testid='column-selector-tree']"
+        f"//span[contains(@class, 'tree-title')][normalize-space(.)='{metric}']",
+    )
+    wait.until(ec.element_to_be_clickable(leaf)).click()
+    search.send_keys(Keys.ESCAPE)
+    wait.until(
+        ec.invisibility_of_element_located((By.CSS_SELECTOR, "[data-testid=column-selector-tree]"))
+    )
+
+
+def test_experiment_page_lists_the_child_runs_with_their_metrics(smoke_store, mlflow_ui, browser):
+    from mlflow import MlflowClient
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cfg, root = smoke_store
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags.get("trimflow.stage") == "pipeline"]
+    variants = {
+        r.data.tags["trimflow.variant"]: r for r in runs if "trimflow.variant" in r.data.tags
+    }
+    assert sorted(variants) == sorted(cfg.variant_kinds())
+    for run in variants.values():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    wait = WebDriverWait(browser, TIMEOUT_S)
+    try:
+        # `#/experiments/<id>` opens the GenAI overview in MLflow 3; runs are on the runs tab.
+        browser.get(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs")
+        wait.until(lambda d: _run_name_text(d, parent.info.run_id) == "smoke")
+        assert _run_name_text(browser, variants["finetuned"].info.run_id) == ""  # collapsed
+        # The parent row's +/- button (in its Run Name cell) unfolds its child runs.
+        expand = (
+            By.CSS_SELECTOR,
+            f"[role=row][row-id='{parent.info.run_id}'] [col-id*='Run Name'] button",
+        )
+        wait.until(ec.element_to_be_clickable(expand)).click()
+        wait.until(
+            lambda d: all(_run_name_text(d, r.info.run_id) for r in variants.values()),
+            "the variant runs did not appear under the expanded parent run",
+        )
+        for name, run in variants.items():
+            assert _run_name_text(browser, run.info.run_id) == f"variant:{name}"
+
+        for metric in METRICS:
+            _show_metric_column(browser, wait, metric)
+            for name, run in variants.items():
+                cell = wait.until(
+                    ec.presence_of_element_located(
+                        (
+                            By.CSS_SELECTOR,
+                            f"[role=row][row-id='{run.info.run_id}'] "
+                            f"[role=gridcell][col-id='metrics.`{metric}`']",
+                        )
+                    )
+                )
+                browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", cell)
+                assert cell.is_displayed(), (name, metric)
+                shown = cell.get_attribute("textContent").strip()
+                assert float(shown) == pytest.approx(run.data.metrics[metric], rel=1e-3), (
+                    name,
+                    metric,
+                    shown,
+                )
+    except Exception:
+        browser.save_screenshot(str(root / "mlflow-ui.png"))
+        print(f"screenshot: {root / 'mlflow-ui.png'}; server log: {root / 'mlflow-ui.log'}")
+        raise
