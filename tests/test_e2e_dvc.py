@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -139,3 +140,35 @@ def test_ner_experiment_runs_every_stage_and_reports_seqeval_of_its_saved_predic
     report = (copy / "reports/report.md").read_text()
     assert "## Entity F1 per type" in report and "| gazetteer |" in report
     assert (copy / "reports/plots/confusion_finetuned.png").is_file()
+
+
+def experiment_points(shown) -> dict[float, dict]:
+    """finetune.lr -> metrics.json data of every revision in `dvc exp show --json` output."""
+    found = {}
+    if isinstance(shown, list):
+        for item in shown:
+            found.update(experiment_points(item))
+    elif isinstance(shown, dict):
+        data = shown.get("data") or {}
+        params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+        metrics = data.get("metrics", {}).get("reports/metrics.json", {}).get("data")
+        if metrics and "finetune" in params:
+            found[float(params["finetune"]["lr"])] = metrics
+        for experiment in shown.get("experiments") or []:
+            found.update(experiment_points(experiment.get("revs", [])))
+    return found
+
+
+def test_queued_dvc_experiments_run_and_dvc_exp_show_lists_them(project):
+    _, sh, _ = project
+    sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "finetune.lr=2e-5,5e-5")
+    sh("dvc", "queue", "start", "--jobs", "1")
+    deadline = time.monotonic() + 1800
+    while re.search(r"\b(Queued|Running)\b", sh("dvc", "queue", "status")):
+        assert time.monotonic() < deadline, "queued experiments did not finish in 30 min"
+        time.sleep(10)
+    assert "Failed" not in sh("dvc", "queue", "status")
+    points = experiment_points(json.loads(sh("dvc", "exp", "show", "--json")))
+    assert {2e-5, 5e-5} <= set(points)
+    for lr in (2e-5, 5e-5):
+        assert points[lr]["recommended"] in points[lr]["variants"]
