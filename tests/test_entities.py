@@ -15,11 +15,11 @@ from seqeval.metrics import (
 )
 from seqeval.scheme import IOB2
 
+from trimflow.data.conll import repaired_tags
 from trimflow.evaluation.baselines import (
     GazetteerBaseline,
     MajorityTagBaseline,
     baseline_scores,
-    repair_iob2,
 )
 from trimflow.evaluation.entities import NO_ENTITY, entity_confusion, entity_metrics
 
@@ -233,10 +233,10 @@ def test_majority_tag_repairs_inside_tags_that_open_an_entity():
     ]
 
 
-def test_repair_iob2_only_touches_inside_tags_that_continue_nothing():
+def test_repaired_tags_only_touch_inside_tags_that_continue_nothing():
     tags = ["I-a", "I-a", "B-b", "I-a", "O", "I-b", "B-a", "I-a"]
 
-    assert repair_iob2(tags) == ["B-a", "I-a", "B-b", "B-a", "O", "B-b", "B-a", "I-a"]
+    assert repaired_tags(tags) == ["B-a", "I-a", "B-b", "B-a", "O", "B-b", "B-a", "I-a"]
 
 
 def test_gazetteer_prefers_the_longest_entry_case_insensitively():
@@ -270,9 +270,9 @@ def test_gazetteer_types_an_entry_by_its_majority():
 
 
 def test_baselines_reject_misaligned_training_data():
-    with pytest.raises(ValueError, match="train sentence 1: 1 tokens but 2 tags"):
+    with pytest.raises(ValueError, match=r"train row 1: 1 tokens but 2 tags"):
         GazetteerBaseline([["a"], ["b"]], [["O"], ["O", "O"]])
-    with pytest.raises(ValueError, match="2 training sentences but 1 tag sequences"):
+    with pytest.raises(ValueError, match="train: 2 token rows but 1 tag rows"):
         MajorityTagBaseline([["a"], ["b"]], [["O"]])
 
 

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +36,7 @@ from trimflow.serving.registry import (
     publish_recommended,
     register_recommended,
 )
+from trimflow.serving.server import ScoringServer, ServerError
 
 CLASSES = ["alpha", "beta", "gamma"]
 TAGS = ["O", "B-loc", "I-loc"]
@@ -56,7 +49,6 @@ TEXTS = [
     "shares of the acquired unit jumped",
 ]
 SERVE_MAX_CHARS = 200
-SERVER_START_TIMEOUT_S = 120
 
 
 def perturbed(model: torch.nn.Module, scale: float) -> torch.nn.Module:
@@ -288,49 +280,6 @@ def test_report_hook_logs_and_registers_the_recommended_variant(
 # --- the scoring server ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def post(url: str, body: bytes) -> tuple[int, str]:
-    """(HTTP status, response text) of a JSON POST, 4xx/5xx included."""
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def wait_until_ready(server: subprocess.Popen, url: str, stderr: Path) -> None:
-    """Poll GET /ping until it answers 200; fail with the server's stderr if it exits."""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"server exited with {server.returncode}:\n{stderr.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"server not ready in {SERVER_START_TIMEOUT_S} s:\n{stderr.read_text()[-4000:]}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    """Terminate the server's process group (uvicorn runs in a child), kill it if it lingers."""
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
 def test_scoring_server_serves_the_champion(tmp_path, variant_dirs, packaged_tokenizer):
     fresh_store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking_to(fresh_store, tmp_path / "artifacts") as experiment:
@@ -346,40 +295,19 @@ def test_scoring_server_serves_the_champion(tmp_path, variant_dirs, packaged_tok
         )
     assert registered.promoted
     expected = in_process_logits(variant_dirs["fp32"], packaged_tokenizer, TEXTS).argmax(-1)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    stderr = tmp_path / "server.stderr"
-    # The server execs `uvicorn`: the venv's bin must be on PATH, as in an activated venv.
-    venv_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    command = [
-        *(sys.executable, "-m", "mlflow", "models", "serve"),
-        *("-m", "models:/trimflow-classification@champion", "--env-manager", "local"),
-        *("--host", "127.0.0.1", "--port", str(port)),
-    ]
-    with open(tmp_path / "server.stdout", "wb") as out, open(stderr, "wb") as err:
-        server = subprocess.Popen(
-            command,
-            env={**os.environ, "MLFLOW_TRACKING_URI": fresh_store, "PATH": venv_path},
-            cwd=tmp_path,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-        )
-    try:
-        wait_until_ready(server, url, stderr)
-        status, text = post(f"{url}/invocations", json.dumps({"inputs": TEXTS}).encode())
-        assert status == 200, text
-        labels = [row["label"] for row in json.loads(text)["predictions"]]
+    server = ScoringServer("models:/trimflow-classification@champion", fresh_store, tmp_path)
+    with server:
+        labels = [row["label"] for row in server.predict(TEXTS)]
         assert labels == [CLASSES[index] for index in expected.tolist()]
         frame = {"dataframe_split": {"columns": ["text"], "data": [[sample] for sample in TEXTS]}}
-        status, text = post(f"{url}/invocations", json.dumps(frame).encode())
+        status, text = server.post(json.dumps(frame).encode())
         assert status == 200 and [r["label"] for r in json.loads(text)["predictions"]] == labels
-        status, text = post(f"{url}/invocations", b'{"inputs": ["unterminated')
+        status, text = server.post(b'{"inputs": ["unterminated')
         assert 400 <= status < 500 and json.loads(text)["message"]
         too_long = {"inputs": ["fine", "x" * (SERVE_MAX_CHARS + 1)]}
-        status, text = post(f"{url}/invocations", json.dumps(too_long).encode())
+        status, text = server.post(json.dumps(too_long).encode())
         assert status == 400
         assert f"input[1] has {SERVE_MAX_CHARS + 1} characters" in json.loads(text)["message"]
-    finally:
-        stop(server)
-    assert server.poll() is not None
+        with pytest.raises(ServerError, match="answered 400"):
+            server.predict(["fine", ""])
+    assert server.process.poll() is not None

@@ -169,12 +169,15 @@ def _entity_starting_inside_tags(tags: Sequence[str]) -> list[int]:
     ]
 
 
+def repaired_tags(tags: Sequence[str]) -> list[str]:
+    """`tags` with every I-X that does not continue an X entity rewritten as B-X."""
+    bad = set(_entity_starting_inside_tags(tags))
+    return ["B-" + tag[2:] if i in bad else tag for i, tag in enumerate(tags)]
+
+
 def _repair(sentence: Sentence) -> Sentence:
-    bad = _entity_starting_inside_tags(sentence.tags)
-    if not bad:
-        return sentence
-    tags = tuple("B-" + tag[2:] if i in bad else tag for i, tag in enumerate(sentence.tags))
-    return replace(sentence, tags=tags)
+    tags = tuple(repaired_tags(sentence.tags))
+    return sentence if tags == sentence.tags else replace(sentence, tags=tags)
 
 
 def entity_types(tags: Iterable[str]) -> list[str]:

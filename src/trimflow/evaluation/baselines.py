@@ -8,6 +8,7 @@ from typing import Any
 
 from seqeval.metrics.sequence_labeling import get_entities
 
+from trimflow.data.conll import repaired_tags, sentences_from_columns
 from trimflow.evaluation.entities import SeqevalMode, entity_metrics
 
 OUTSIDE = "O"
@@ -26,7 +27,7 @@ class MajorityTagBaseline:
     def predict(self, sentences_tokens: Sequence[Sequence[str]]) -> list[list[str]]:
         """Valid IOB2 tags for every token of every sentence."""
         return [
-            repair_iob2([self.tag_by_word.get(token.lower(), OUTSIDE) for token in tokens])
+            repaired_tags([self.tag_by_word.get(token.lower(), OUTSIDE) for token in tokens])
             for tokens in sentences_tokens
         ]
 
@@ -85,32 +86,14 @@ def baseline_scores(
     return scores
 
 
-def repair_iob2(tags: list[str]) -> list[str]:
-    """`tags` with every I-X that does not continue an X entity turned into B-X."""
-    repaired: list[str] = []
-    for tag in tags:
-        previous = repaired[-1] if repaired else OUTSIDE
-        entity_type = tag[2:]
-        if tag.startswith("I-") and previous not in (f"B-{entity_type}", f"I-{entity_type}"):
-            tag = f"B-{entity_type}"
-        repaired.append(tag)
-    return repaired
-
-
 def _training_sentences(
     tokens: Sequence[Sequence[str]], tags: Sequence[Sequence[str]]
 ) -> list[tuple[tuple[str, ...], list[str]]]:
-    """(lowercased words, tags) per training sentence, checking there is one tag per word."""
-    if len(tokens) != len(tags):
-        raise ValueError(f"{len(tokens)} training sentences but {len(tags)} tag sequences")
-    sentences = []
-    for i, (sentence_tokens, sentence_tags) in enumerate(zip(tokens, tags, strict=True)):
-        if len(sentence_tokens) != len(sentence_tags):
-            raise ValueError(
-                f"train sentence {i}: {len(sentence_tokens)} tokens but {len(sentence_tags)} tags"
-            )
-        sentences.append((tuple(token.lower() for token in sentence_tokens), list(sentence_tags)))
-    return sentences
+    """(lowercased words, tags) per training sentence; a `DataError` names a misaligned row."""
+    return [
+        (tuple(token.lower() for token in sentence.tokens), list(sentence.tags))
+        for sentence in sentences_from_columns(tokens, tags, "train")
+    ]
 
 
 def _most_common(counts: Counter[str]) -> str:

@@ -1,0 +1,126 @@
+"""A local `mlflow models serve` scoring server, started and stopped by its process group.
+
+Used by the serving test and the serving benchmark: `with ScoringServer(uri, store, workdir) as
+server: server.predict(texts)`. It listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+START_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 20
+REQUEST_TIMEOUT_S = 300
+
+
+class ServerError(RuntimeError):
+    """The server did not start, died, or answered a request with an error."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ScoringServer:
+    """`mlflow models serve -m model_uri --env-manager local` against `tracking_uri`.
+
+    Its stdout and stderr go to `workdir/server.{stdout,stderr}`; errors quote the stderr tail.
+    """
+
+    def __init__(self, model_uri: str, tracking_uri: str, workdir: str | Path) -> None:
+        self.model_uri = model_uri
+        self.tracking_uri = tracking_uri
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / "server.stderr"
+
+    def stderr_tail(self, chars: int = 4000) -> str:
+        return self.stderr_path.read_text(errors="replace")[-chars:]
+
+    def start(self) -> None:
+        """Start the server in a new session (uvicorn runs in a child) and wait for /ping."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [
+            *(sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri),
+            *("--env-manager", "local", "--host", "127.0.0.1", "--port", str(self.port)),
+        ]
+        # The server execs `uvicorn`: this interpreter's bin must be on PATH, as in a venv.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "PATH": path}
+        with (
+            open(self.workdir / "server.stdout", "wb") as out,
+            open(self.stderr_path, "wb") as err,
+        ):
+            self.process = subprocess.Popen(
+                command, env=env, cwd=self.workdir, stdout=out, stderr=err, start_new_session=True
+            )
+        self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"server exited with {self.process.returncode}:\n{self.stderr_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"server not ready in {START_TIMEOUT_S} s:\n{self.stderr_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group; SIGKILL it if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> ScoringServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def post(self, body: bytes) -> tuple[int, str]:
+        """(HTTP status, response text) of a JSON POST to /invocations, 4xx/5xx included."""
+        request = urllib.request.Request(
+            f"{self.url}/invocations", body, {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        """The served predictions of `texts`; raises `ServerError` on any non-200 answer."""
+        status, text = self.post(json.dumps({"inputs": texts}).encode())
+        if status != 200:
+            raise ServerError(f"POST /invocations answered {status}: {text[:2000]}")
+        return json.loads(text)["predictions"]
