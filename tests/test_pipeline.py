@@ -15,6 +15,7 @@ from trimflow.compress.variants import load_variant
 from trimflow.evaluation.scoring import LabelScorer
 from trimflow.layout import dvc_layout
 from trimflow.pipeline import run_pipeline
+from trimflow.stages import run_stage
 from trimflow.stages.evaluate import mlflow_names
 
 MLFLOW_NAMES = mlflow_names(LabelScorer)  # metrics.json field -> MLflow name, classification
@@ -144,6 +145,35 @@ def test_every_mlflow_run_has_metrics_and_tags(finished):
         assert set(MLFLOW_NAMES.values()) <= set(run.data.metrics)
     finetune_run = next(r for r in runs if r.data.tags["trimflow.stage"] == "finetune")
     assert "train/loss" in finetune_run.data.metrics
+
+
+def report_run_ids(cfg) -> set[str]:
+    return {
+        r.info.run_id
+        for r in mlflow_runs(cfg.tracking.uri, cfg.tracking.experiment)
+        if r.data.tags["trimflow.stage"] == "report"
+    }
+
+
+def registered_versions(uri: str, run_ids: set[str]) -> list:
+    """Registry versions of trimflow-classification created by the runs `run_ids`."""
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(uri).search_model_versions("name='trimflow-classification'")
+    return [version for version in versions if version.run_id in run_ids]
+
+
+def test_report_registers_the_recommended_variant_unless_turned_off(finished):
+    cfg, layout, metrics = finished
+    (version,) = registered_versions(cfg.tracking.uri, report_run_ids(cfg))
+    assert version.tags["trimflow.variant"] == metrics["recommended"]
+
+    quiet = cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"register_model": False})}
+    )
+    run_stage("report", quiet, layout)
+    assert len(report_run_ids(cfg)) == 2
+    assert registered_versions(cfg.tracking.uri, report_run_ids(cfg)) == [version]
 
 
 def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_dir):

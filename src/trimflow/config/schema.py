@@ -208,6 +208,7 @@ class TrackingConfig(Section):
     enabled: bool
     uri: str
     experiment: str
+    register_model: bool = True  # report stage: log + register the recommended variant
 
 
 class SearchConfig(Section):

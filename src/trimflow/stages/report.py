@@ -160,5 +160,6 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             mlflow.log_artifact(str(layout.reports / "report.html"))
             mlflow.log_artifact(str(layout.reports / "report.md"))
             mlflow.log_artifacts(str(layout.plots), "plots")
-            publish_recommended(cfg, layout, metrics, active.info.run_id)
+            if cfg.tracking.register_model:
+                publish_recommended(cfg, layout, metrics, active.info.run_id)
     log.info("wrote %s", layout.reports / "report.html")
