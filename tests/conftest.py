@@ -123,3 +123,18 @@ def mlflow_runs(uri: str, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment '{experiment}' in {uri}"
     return client.search_runs([found.experiment_id], max_results=1000)
+
+
+def quiet_trainer(**settings):
+    """A CPU Lightning Trainer without logger, checkpoints, progress bar or model summary;
+    `settings` add to or override those."""
+    import lightning as L
+
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**quiet, **settings})

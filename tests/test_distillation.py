@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_LABELS, build_tiny_bert
+from conftest import TINY_LABELS, build_tiny_bert, quiet_trainer
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -58,15 +58,9 @@ def random_batches(count: int = 4, size: int = 4, length: int = 12, seed: int = 
 
 
 def fit(module: L.LightningModule, batches: list[dict], steps: int) -> None:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    quiet_trainer(max_steps=steps).fit(
+        module, train_dataloaders=DataLoader(batches, batch_size=None)
     )
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
 
 
 def kl_to_teacher(student, teacher, batches: list[dict]) -> float:

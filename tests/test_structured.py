@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import build_tiny_bert
+from conftest import build_tiny_bert, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -333,15 +333,7 @@ def test_gradual_pruning_reaches_the_final_masks_during_a_short_fit(tiny_bert, l
     structured, magnitude = pruners_for(tiny_bert, *unit_importance(tiny_bert, labelled_batches))
     pruning = GradualPruning([structured, magnitude], end_fraction=0.5)
     spy = ProgressSpy(pruning)
-    trainer = L.Trainer(
-        max_steps=6,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[pruning, spy],
-    )
+    trainer = quiet_trainer(max_steps=6, callbacks=[pruning, spy])
 
     trainer.fit(Classifier(tiny_bert), random_tokens())
 
@@ -365,13 +357,8 @@ def test_a_resumed_fit_continues_with_the_same_masks(tiny_bert, labelled_batches
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(
             tmp_path, "{step}", save_top_k=-1, every_n_train_steps=3
         )
-        trainer = L.Trainer(
-            max_steps=6,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[spy, pruning, checkpoints],
+        trainer = quiet_trainer(
+            max_steps=6, enable_checkpointing=True, callbacks=[spy, pruning, checkpoints]
         )
         trainer.fit(Classifier(model), random_tokens(), **kwargs)
         return pruning, spy

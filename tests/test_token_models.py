@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_bert
+from conftest import build_tiny_bert, quiet_trainer
 from seqeval.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -207,16 +206,7 @@ def test_fit_logs_entity_f1_and_token_accuracy_of_the_trained_model(token_batche
     """val/f1 and val/token_accuracy after fit equal seqeval / hand-made scores of the model."""
     module = ClassifierModule(build_tiny_token_bert(), lr=5e-3)
     val = token_batches[0]
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, num_sanity_val_steps=0)
     # Three training batches: the epoch (and its validation) ends at the last step.
     trainer.fit(
         module,
