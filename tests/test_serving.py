@@ -311,3 +311,11 @@ def test_scoring_server_serves_the_champion(tmp_path, variant_dirs, packaged_tok
         with pytest.raises(ServerError, match="answered 400"):
             server.predict(["fine", ""])
     assert server.process.poll() is not None
+
+
+def test_a_server_that_cannot_load_its_model_fails_with_its_stderr(tmp_path):
+    fresh_store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = ScoringServer("models:/no-such-model@champion", fresh_store, tmp_path)
+    with pytest.raises(ServerError, match=r"server exited with \d+:\n(.|\n)*no-such-model"):
+        server.start()
+    assert server.process.poll() is not None
