@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run test lint format params bench ui ui-test clean
+.PHONY: install run test lint format params bench bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,6 +39,9 @@ params: install  ## recompose params.yaml from conf/ (pass OVERRIDES="key=value 
 
 bench: install  ## fine-tune / tokenize / int8 ratios against peers, into reports/bench.json
 	$(PY) bench/run_bench.py
+
+bench-serving: install  ## served (mlflow models serve) vs in-process throughput at batch 32, after the pipeline
+	$(PY) bench/serving_bench.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
