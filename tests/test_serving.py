@@ -8,6 +8,7 @@ with the in-process model; the serving test starts a real scoring server on a fr
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import shutil
@@ -23,7 +24,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from transformers import BertForTokenClassification
 
+from trimflow.compress.heads import prune_heads
 from trimflow.compress.quantize import quantize_model, save_quantized
+from trimflow.compress.structured import prune_neurons
 from trimflow.compress.variants import load_variant, save_onnx_variant
 from trimflow.data.token_labels import word_predictions
 from trimflow.layout import dvc_layout
@@ -82,11 +85,16 @@ def in_process_logits(variant_dir: Path, tokenizer, texts: list[str]) -> torch.T
 
 @pytest.fixture(scope="module")
 def variant_dirs(tmp_path_factory, packaged_tokenizer) -> dict[str, Path]:
-    """fp32, torch dynamic int8 and ONNX Runtime dynamic int8 classifiers, and a token tagger."""
+    """fp32, head- and neuron-pruned, torch dynamic int8 and ONNX Runtime dynamic int8
+    classifiers, and a token tagger."""
     root = tmp_path_factory.mktemp("variants")
-    dirs = {name: root / name for name in ("fp32", "quantized", "onnx_int8", "ner")}
+    dirs = {name: root / name for name in ("fp32", "pruned", "quantized", "onnx_int8", "ner")}
     model = perturbed(build_tiny_bert(), scale=0.5)
     save_model_dir(model, packaged_tokenizer, {"labels": CLASSES}, dirs["fp32"])
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, {0: [1], 1: [0, 3]})
+    prune_neurons(pruned, {0: list(range(0, 64, 2))})
+    save_model_dir(pruned, packaged_tokenizer, {"labels": CLASSES}, dirs["pruned"])
     save_quantized(quantize_model(model, "dynamic_int8"), dirs["fp32"], dirs["quantized"])
     sample = dict(packaged_tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
     dirs["onnx_int8"].mkdir()
@@ -133,7 +141,7 @@ def loaded(logged, variant_dirs):
 # --- predictions -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["fp32", "quantized", "onnx_int8"])
+@pytest.mark.parametrize("variant", ["fp32", "pruned", "quantized", "onnx_int8"])
 def test_pyfunc_predicts_what_the_variant_predicts(
     variant, variant_dirs, loaded, packaged_tokenizer
 ):
@@ -145,6 +153,12 @@ def test_pyfunc_predicts_what_the_variant_predicts(
     scores = torch.tensor([row["score"] for row in predictions])
     torch.testing.assert_close(scores, expected.max(-1).values, atol=1e-5, rtol=0)
     assert not any(row["truncated"] for row in predictions)
+
+
+def test_pruned_pyfunc_serves_the_pruned_architecture(loaded):
+    served = loaded["pruned"].unwrap_python_model().model
+    assert served.config.intermediate_sizes == [32, 64]
+    assert served.bert.encoder.layer[1].attention.self.num_attention_heads == 2
 
 
 def test_variant_predictions_are_not_all_one_label(loaded):
