@@ -67,7 +67,7 @@ def recommended_variant(layout: Layout) -> str:
     return json.loads(metrics.read_text())["recommended"]
 
 
-def test_texts(cfg: TrimflowConfig, layout: Layout) -> list[str]:
+def split_texts(cfg: TrimflowConfig, layout: Layout) -> list[str]:
     """The test split's texts in file order (NER: its words joined by spaces)."""
     test = pd.read_parquet(layout.prepared / "test.parquet")
     if cfg.task.type == "ner":
@@ -197,7 +197,7 @@ def main() -> None:
     model = load_variant(variant_dir, num_threads=ev.num_threads)
     with torch_threads(ev.num_threads):
         scored = make_scorer(cfg, layout, labels).score(model, inputs.sorted_batches, inputs.order)
-    test_batches = batches_of(test_texts(cfg, layout), ev.throughput.batch_size)
+    test_batches = batches_of(split_texts(cfg, layout), ev.throughput.batch_size)
 
     with tempfile.TemporaryDirectory(prefix="trimflow-serving-") as tmp:
         store = Path(tmp)
