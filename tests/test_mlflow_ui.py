@@ -7,18 +7,13 @@ tab). Skipped where Chromium, chromedriver or selenium is missing: `make ui-test
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from trimflow.serving.server import LocalMlflowServer
 
 
 def _executable(name: str) -> str | None:
@@ -76,75 +71,30 @@ def smoke_store(tmp_path_factory, tiny_encoder_dir):
     return cfg, root
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class MlflowUi(LocalMlflowServer):
+    """`mlflow ui` over one backend store: one worker, no huey job workers (read-only UI)."""
 
+    start_timeout_s = TIMEOUT_S
 
-def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (mlflow ui + uvicorn), SIGKILL it if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, sig)
-        try:
-            server.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    def __init__(self, store_uri: str, workdir: Path) -> None:
+        env = {
+            "MLFLOW_TRACKING_URI": store_uri,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        super().__init__(workdir, env)
+        self.store_uri = store_uri
+
+    def arguments(self) -> list[str]:
+        return ["ui", "--backend-store-uri", self.store_uri, "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
 def mlflow_ui(smoke_store):
     """The base URL of `mlflow ui` serving the smoke store on a free port of 127.0.0.1."""
     cfg, root = smoke_store
-    port = _free_port()
-    log = root / "mlflow-ui.log"
-    env = {
-        **os.environ,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job workers for a read-only UI
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        cfg.tracking.uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base, server, log)
-        yield base
-    finally:
-        _stop(server)
-
-
-def _wait_healthy(base: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow ui exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{base}/health", timeout=5) as response,
-        ):
-            if response.status == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"mlflow ui not healthy after {TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    with MlflowUi(cfg.tracking.uri, root / "mlflow-ui") as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""A local `mlflow models serve` scoring server, started and stopped by its process group.
+"""Local MLflow servers on 127.0.0.1, started and stopped by their process group.
 
-Used by the serving test and the serving benchmark: `with ScoringServer(uri, store, workdir) as
-server: server.predict(texts)`. It listens on 127.0.0.1 only.
+`ScoringServer` (`mlflow models serve`) serves the serving test and the serving benchmark:
+`with ScoringServer(uri, store, workdir) as server: server.predict(texts)`. The MLflow UI test
+runs `mlflow ui` through the same `LocalMlflowServer`.
 """
 
 from __future__ import annotations
@@ -33,19 +34,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ScoringServer:
-    """`mlflow models serve -m model_uri --env-manager local` against `tracking_uri`.
+class LocalMlflowServer:
+    """An `mlflow` subcommand serving HTTP on a free port of 127.0.0.1 in its own session.
 
-    Its stdout and stderr go to `workdir/server.{stdout,stderr}`; errors quote the stderr tail.
+    Subclasses give `arguments()` (after `python -m mlflow`, without host and port) and the
+    `health_path` that answers 200 once it is ready. Its stdout and stderr go to
+    `workdir/server.{stdout,stderr}`; errors quote the stderr tail.
     """
 
-    def __init__(self, model_uri: str, tracking_uri: str, workdir: str | Path) -> None:
-        self.model_uri = model_uri
-        self.tracking_uri = tracking_uri
+    health_path = "/health"
+    start_timeout_s = START_TIMEOUT_S
+
+    def __init__(self, workdir: str | Path, env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
+
+    def arguments(self) -> list[str]:
+        raise NotImplementedError
 
     @property
     def stderr_path(self) -> Path:
@@ -55,15 +63,15 @@ class ScoringServer:
         return self.stderr_path.read_text(errors="replace")[-chars:]
 
     def start(self) -> None:
-        """Start the server in a new session (uvicorn runs in a child) and wait for /ping."""
+        """Start the server in a new session (uvicorn runs in a child) and wait until healthy."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [
-            *(sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri),
-            *("--env-manager", "local", "--host", "127.0.0.1", "--port", str(self.port)),
+            *(sys.executable, "-m", "mlflow", *self.arguments()),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
         ]
         # The server execs `uvicorn`: this interpreter's bin must be on PATH, as in a venv.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "PATH": path}
+        env = {**os.environ, **self.env, "PATH": path}
         with (
             open(self.workdir / "server.stdout", "wb") as out,
             open(self.stderr_path, "wb") as err,
@@ -74,20 +82,20 @@ class ScoringServer:
         self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(
                     f"server exited with {self.process.returncode}:\n{self.stderr_tail()}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=5) as response:
+                with urllib.request.urlopen(self.url + self.health_path, timeout=5) as response:
                     if response.status == 200:
                         return
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        raise ServerError(f"server not ready in {START_TIMEOUT_S} s:\n{self.stderr_tail()}")
+        raise ServerError(f"server not ready in {self.start_timeout_s} s:\n{self.stderr_tail()}")
 
     def stop(self) -> None:
         """SIGTERM the server's process group; SIGKILL it if it lingers."""
@@ -100,12 +108,25 @@ class ScoringServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> ScoringServer:
+    def __enter__(self) -> LocalMlflowServer:
         self.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class ScoringServer(LocalMlflowServer):
+    """`mlflow models serve -m model_uri --env-manager local` against `tracking_uri`."""
+
+    health_path = "/ping"
+
+    def __init__(self, model_uri: str, tracking_uri: str, workdir: str | Path) -> None:
+        super().__init__(workdir, {"MLFLOW_TRACKING_URI": tracking_uri})
+        self.model_uri = model_uri
+
+    def arguments(self) -> list[str]:
+        return ["models", "serve", "-m", self.model_uri, "--env-manager", "local"]
 
     def post(self, body: bytes) -> tuple[int, str]:
         """(HTTP status, response text) of a JSON POST to /invocations, 4xx/5xx included."""
