@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -50,7 +50,13 @@ from trimflow.serving.pyfunc import log_variant_model
 from trimflow.serving.registry import register_recommended
 from trimflow.serving.server import ScoringServer
 from trimflow.stages import inference_data
-from trimflow.stages.evaluate import TestInputs, build_test_inputs, environment, make_scorer
+from trimflow.stages.evaluate import (
+    TestInputs,
+    build_test_inputs,
+    chunks,
+    environment,
+    make_scorer,
+)
 from trimflow.utils.atomic import write_json
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,18 +81,11 @@ def split_texts(cfg: TrimflowConfig, layout: Layout) -> list[str]:
     return test["text"].tolist()
 
 
-def batches_of(texts: Sequence[str], size: int) -> list[list[str]]:
-    return [list(texts[start : start + size]) for start in range(0, len(texts), size)]
-
-
 def file_order_batches(data: TokenizedDataModule, size: int) -> list[dict]:
     """The tokenized test split in file order, `size` rows per padded batch: the rows the
     server gets in each request (evaluate scores length-sorted batches instead)."""
     test = data.splits["test"]
-    return [
-        data.collator([test[row] for row in range(start, min(start + size, len(test)))])
-        for start in range(0, len(test), size)
-    ]
+    return [data.collator([test[row] for row in rows]) for rows in chunks(range(len(test)), size)]
 
 
 def timed_text_calls(predict: Callable[[list[str]], list], batches: list[list[str]]) -> list:
@@ -197,7 +196,7 @@ def main() -> None:
     model = load_variant(variant_dir, num_threads=ev.num_threads)
     with torch_threads(ev.num_threads):
         scored = make_scorer(cfg, layout, labels).score(model, inputs.sorted_batches, inputs.order)
-    test_batches = batches_of(split_texts(cfg, layout), ev.throughput.batch_size)
+    test_batches = chunks(split_texts(cfg, layout), ev.throughput.batch_size)
 
     with tempfile.TemporaryDirectory(prefix="trimflow-serving-") as tmp:
         store = Path(tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,11 @@ class TestInputs:
     throughput_batches: list[dict[str, torch.Tensor]]  # file order, mixed lengths
 
 
+def chunks(items: Sequence, size: int) -> list[Sequence]:
+    """`items` cut into consecutive pieces of `size` (the last one may be shorter)."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
 def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInputs:
     ev = cfg.evaluate
     test = data.splits["test"]
@@ -108,9 +114,6 @@ def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInp
 
     def collate(rows) -> dict[str, torch.Tensor]:
         return data.collator([test[int(i)] for i in rows])
-
-    def chunks(rows, size: int):
-        return [rows[start : start + size] for start in range(0, len(rows), size)]
 
     throughput_rows = chunks(np.arange(len(test)), ev.throughput.batch_size)
     return TestInputs(
