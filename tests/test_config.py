@@ -134,6 +134,33 @@ def test_ner_task_selects_its_dataset_and_monitor():
     assert smoke.dataset.max_train_samples == 240 and smoke.task.type == "ner"
 
 
+def test_guard_metrics_default_to_the_task_quality_figures():
+    assert compose_config().guard_metrics() == ["accuracy", "macro_f1"]
+    assert compose_config(["task=ner"]).guard_metrics() == ["f1", "macro_f1"]
+    assert compose_config(["report.guard_metrics=[accuracy]"]).guard_metrics() == ["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["report.guard_metrics=[accuracy,f1]"], r"report\.guard_metrics: f1 not measured"),
+        (["task=ner", "report.guard_metrics=[accuracy]"], r"report\.guard_metrics: accuracy"),
+        (["report.guard_metrics=[]"], r"report\.guard_metrics"),
+    ],
+)
+def test_unknown_guard_metrics_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+
+
+def test_guard_metrics_are_quality_fields_evaluate_writes():
+    from trimflow.config.schema import ClassificationTask, NerTask
+    from trimflow.evaluation.scoring import EntityScorer, LabelScorer
+
+    assert ClassificationTask.quality_metrics == LabelScorer.quality_keys
+    assert NerTask.quality_metrics == EntityScorer.quality_keys
+
+
 def test_monitor_must_be_logged_by_the_task():
     with pytest.raises(ConfigError, match=r"finetune.monitor: 'val/accuracy' is not logged"):
         compose_config(["task=ner", "finetune.monitor=val/accuracy"])

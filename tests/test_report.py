@@ -249,36 +249,37 @@ def test_render_html_is_self_contained_and_escaped(rows, images):
     assert "<td>pruned_quantized</td>" in page
 
 
-def _variant(accuracy: float, latency: float, size: float) -> dict:
-    return {"accuracy": accuracy, "latency_ms_p50": latency, "size_mb": size}
-
-
-def test_recommendation_is_the_fastest_variant_inside_the_accuracy_budget():
+def test_recommendation_text_names_every_guard_and_each_exclusion():
     from trimflow.evaluation.recommend import recommend
+    from trimflow.report.tables import exclusion_lines, recommendation_text
 
     variants = {
-        "finetuned": _variant(0.970, 30.0, 80.0),
-        "fast_but_bad": _variant(0.950, 5.0, 10.0),  # 2.0 points lost: over budget
-        "fast": _variant(0.962, 9.0, 20.0),  # 0.8 points lost
-        "faster_tie_smaller": _variant(0.961, 9.0, 16.0),  # same latency, smaller
-        "slow": _variant(0.975, 25.0, 40.0),
+        "finetuned": variant(0.90, 20.0, 90.0, 400.0),
+        "quantized": variant(0.895, 10.0, 30.0, 800.0),
+        "distilled": {**variant(0.90, 5.0, 30.0, 900.0), "macro_f1": 0.70},
+        "tiny": {**variant(0.80, 2.0, 10.0, 990.0), "macro_f1": 0.60},
     }
-    chosen = recommend(variants, "finetuned", 1.0)
-    assert chosen["variant"] == "faster_tie_smaller"
-    assert chosen["speedup"] == pytest.approx(30.0 / 9.0)
-    assert chosen["size_ratio"] == pytest.approx(5.0)
-    assert chosen["drop_pts"] == pytest.approx(0.9)
-    assert recommend(variants, "finetuned", 3.0)["variant"] == "fast_but_bad"
-    assert recommend(variants, "finetuned", 0.0)["variant"] == "slow"  # gains accuracy
+    chosen = recommend(variants, "finetuned", 1.0, ["accuracy", "macro_f1"])
+    assert recommendation_text(chosen) == (
+        "Recommended: quantized, the fastest variant within 1.0 points of finetuned on "
+        "accuracy and macro-F1: 2.00x faster at batch 1, 3.00x smaller on disk, "
+        "accuracy -0.50 points, macro-F1 -0.50 points."
+    )
+    assert exclusion_lines(chosen) == [
+        "distilled: macro-F1 -15.00 points",
+        "tiny: accuracy -10.00 points, macro-F1 -25.00 points",
+    ]
 
 
-def test_recommendation_falls_back_to_the_baseline_and_rejects_unknown_ones():
-    from trimflow.evaluation.recommend import recommend
-
-    variants = {"finetuned": _variant(0.9, 30.0, 80.0), "bad": _variant(0.5, 1.0, 1.0)}
-    assert recommend(variants, "finetuned", 1.0)["variant"] == "finetuned"
-    with pytest.raises(KeyError, match="nope"):
-        recommend(variants, "nope", 1.0)
+def test_report_pages_list_the_variants_each_guard_excluded(rows, images):
+    tables = [Table("", variant_columns(), rows)]
+    excluded = ["distilled: macro-F1 -15.00 points"]
+    text = render_markdown("Report", "Recommended: quantized", tables, {}, [], excluded)
+    assert "**Recommended: quantized**\n\nExcluded by the quality guards" in text
+    assert "\n- distilled: macro-F1 -15.00 points\n" in text
+    page = render_html("Report", "Recommended: quantized", tables, images, [], excluded)
+    assert "<li>distilled: macro-F1 -15.00 points</li>" in page
+    assert "Excluded by" not in render_markdown("Report", "R", tables, {}, [])
 
 
 # --- NER -----------------------------------------------------------------------------------------
@@ -337,13 +338,11 @@ def test_ner_recommendation_uses_the_f1_budget(ner_metrics):
     from trimflow.evaluation.recommend import recommend
     from trimflow.report.tables import recommendation_text
 
-    chosen = recommend(ner_metrics["variants"], "finetuned", 1.0, metric="f1")
-    assert (chosen["variant"], chosen["metric"]) == ("quantized", "f1")
-    assert chosen["drop_pts"] == pytest.approx(0.5)
-    assert "within 1.0 entity F1 points" in recommendation_text(chosen)
-    assert recommend(ner_metrics["variants"], "finetuned", 0.4, metric="f1")["variant"] == (
-        "finetuned"
-    )
+    chosen = recommend(ner_metrics["variants"], "finetuned", 1.0, ["f1"])
+    assert chosen["variant"] == "quantized"
+    assert chosen["drop_pts"] == {"f1": pytest.approx(0.5)}
+    assert "within 1.0 points of finetuned on entity F1:" in recommendation_text(chosen)
+    assert recommend(ner_metrics["variants"], "finetuned", 0.4, ["f1"])["variant"] == ("finetuned")
 
 
 def test_ner_tradeoff_plots_entity_f1(ner_metrics, tmp_path):

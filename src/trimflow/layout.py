@@ -49,6 +49,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "quantize.variants",
         "report.baseline",
         "report.max_drop_pts",
+        "report.guard_metrics",
         "task",
     ),
     "report": ("report",),

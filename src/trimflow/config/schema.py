@@ -57,6 +57,9 @@ class ClassificationTask(Section):
     # The test metric variants are ranked on, and the validation metrics training may monitor.
     metric: ClassVar[str] = "accuracy"
     monitors: ClassVar[tuple[str, ...]] = ("val/accuracy", "val/macro_f1", "val/loss")
+    # The test quality figures evaluate writes per variant, and those guarded by default.
+    quality_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
+    default_guards: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
 
 
 class NerTask(Section):
@@ -71,6 +74,15 @@ class NerTask(Section):
     seqeval_mode: Literal["default", "strict"]
     metric: ClassVar[str] = "f1"
     monitors: ClassVar[tuple[str, ...]] = ("val/f1", "val/token_accuracy", "val/loss")
+    # macro_f1: the mean of the per-type entity F1s.
+    quality_metrics: ClassVar[tuple[str, ...]] = (
+        "f1",
+        "precision",
+        "recall",
+        "macro_f1",
+        "token_accuracy",
+    )
+    default_guards: ClassVar[tuple[str, ...]] = ("f1", "macro_f1")
 
 
 TaskConfig = Annotated[ClassificationTask | NerTask, Field(discriminator="type")]
@@ -186,9 +198,11 @@ class EvaluateConfig(Section):
 
 class ReportConfig(Section):
     baseline: str
-    # The recommended variant is the fastest one losing at most this many points of the task
-    # metric (accuracy; entity F1 for NER) against the baseline.
+    # The recommended variant is the fastest one losing at most this many points of each guarded
+    # quality metric against the baseline.
     max_drop_pts: float = Field(ge=0.0)
+    # The guarded metrics; None: the task's default_guards.
+    guard_metrics: list[str] | None = Field(default=None, min_length=1)
     title: str
 
 
@@ -258,6 +272,10 @@ class TrimflowConfig(Section):
                 kinds[name] = stage
         return kinds
 
+    def guard_metrics(self) -> list[str]:
+        """The quality metrics the recommendation keeps within `report.max_drop_pts`."""
+        return list(self.report.guard_metrics or self.task.default_guards)
+
     @model_validator(mode="after")
     def _variants_are_consistent(self) -> TrimflowConfig:
         kinds = self.variant_kinds()
@@ -276,6 +294,12 @@ class TrimflowConfig(Section):
         if self.report.baseline not in kinds:
             raise ValueError(
                 f"report.baseline: '{self.report.baseline}' is not one of {list(kinds)}"
+            )
+        unknown = [m for m in self.guard_metrics() if m not in self.task.quality_metrics]
+        if unknown:
+            raise ValueError(
+                f"report.guard_metrics: {', '.join(unknown)} not measured for task "
+                f"'{self.task.type}' (choose from {', '.join(self.task.quality_metrics)})"
             )
         return self
 

@@ -14,9 +14,13 @@ READING_GUIDE = (
     "Ratios compare each variant with the baseline (the row at 1.00x): speedup is baseline "
     "p50 latency / variant p50 latency, smaller is baseline size / variant size, and "
     "Δ is the change of the task's metric (accuracy; entity F1 for NER) in percentage points.",
+    "The recommendation is the fastest variant that loses at most the configured number of "
+    "points (report.max_drop_pts) on every guarded quality metric (report.guard_metrics).",
     f"{FRONTIER_MARK} marks the Pareto frontier: no other variant beats a starred one on "
     "that metric or on speed (p50 column) / size (size column) without being worse on the other.",
 )
+
+EXCLUDED_INTRO = "Excluded by the quality guards (the guarded metrics each loses too much on):"
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2rem auto;
@@ -38,10 +42,15 @@ def render_markdown(
     tables: Sequence[Table],
     images: Mapping[str, str],
     notes: Sequence[str],
+    excluded: Sequence[str] = (),
 ) -> str:
     """The report as markdown; the first table is the variant table, the others follow under
-    their headings; `images` maps each caption to a relative PNG path."""
-    parts = [f"# {title}", f"**{summary}**", *READING_GUIDE]
+    their headings; `images` maps each caption to a relative PNG path; `excluded` lists the
+    variants the quality guards excluded (one line each)."""
+    parts = [f"# {title}", f"**{summary}**"]
+    if excluded:
+        parts.append(EXCLUDED_INTRO + "\n\n" + "\n".join(f"- {line}" for line in excluded))
+    parts.extend(READING_GUIDE)
     for table in tables:
         if table.heading:
             parts.append(f"## {table.heading}")
@@ -53,6 +62,10 @@ def render_markdown(
         parts.append("## Notes")
         parts.append("\n".join(f"- {note}" for note in notes))
     return "\n\n".join(parts) + "\n"
+
+
+def _html_list(items: Sequence[str]) -> str:
+    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 
 def _html_cell(text: str, numeric: bool) -> str:
@@ -98,11 +111,13 @@ def render_html(
     tables: Sequence[Table],
     images: Mapping[str, str | Path],
     notes: Sequence[str],
+    excluded: Sequence[str] = (),
 ) -> str:
     """The report as one self-contained HTML page: inline CSS, images embedded as data URIs."""
-    parts = [
-        f"<h1>{escape(title)}</h1>",
-        f"<p><strong>{escape(summary)}</strong></p>",
+    parts = [f"<h1>{escape(title)}</h1>", f"<p><strong>{escape(summary)}</strong></p>"]
+    if excluded:
+        parts.append(f"<p>{escape(EXCLUDED_INTRO)}</p>\n{_html_list(excluded)}")
+    parts += [
         *(f"<p>{escape(paragraph)}</p>" for paragraph in READING_GUIDE),
         *(_html_table(table) for table in tables),
     ]
@@ -111,7 +126,7 @@ def render_html(
         parts.extend(_html_figure(caption, Path(path)) for caption, path in images.items())
     if notes:
         parts.append("<h2>Notes</h2>")
-        parts.append("<ul>" + "".join(f"<li>{escape(note)}</li>" for note in notes) + "</ul>")
+        parts.append(_html_list(notes))
     body = "\n".join(parts)
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'

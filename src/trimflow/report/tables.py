@@ -11,8 +11,15 @@ from trimflow.report.pareto import pareto_front, quality_metric, quality_points
 Row = dict[str, Any]
 FRONTIER_MARK = "★"
 RECOMMENDED_MARK = "(recommended)"
-# Display name of each quality metric a task ranks variants on.
-METRIC_LABELS = {"accuracy": "accuracy", "f1": "entity F1"}
+# Display name of each quality metric evaluate writes (ranked on: accuracy; f1 for NER).
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "f1": "entity F1",
+    "precision": "entity precision",
+    "recall": "entity recall",
+    "token_accuracy": "token accuracy",
+}
 
 
 def variant_rows(metrics: Mapping[str, Any], baseline: str = "finetuned") -> list[Row]:
@@ -172,13 +179,27 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[Column] | None = None)
     return "\n".join(lines) + "\n"
 
 
+def _drops(drops: Mapping[str, float]) -> str:
+    """'accuracy -0.14 points, macro-F1 -13.04 points' for metric -> points lost."""
+    return ", ".join(
+        f"{METRIC_LABELS[metric]} {-drop:+.2f} points" for metric, drop in drops.items()
+    )
+
+
 def recommendation_text(recommendation: Mapping[str, Any]) -> str:
-    """One sentence naming the recommended variant and its ratios against the baseline."""
-    label = METRIC_LABELS[recommendation["metric"]]
+    """One sentence naming the recommended variant, its ratios against the baseline and its
+    change on every guarded metric."""
+    *others, last = [METRIC_LABELS[metric] for metric in recommendation["guards"]]
+    guards = f"{', '.join(others)} and {last}" if others else last
     return (
         f"Recommended: {recommendation['variant']}, the fastest variant within "
-        f"{recommendation['max_drop_pts']:.1f} {label} points of "
-        f"{recommendation['baseline']}: {recommendation['speedup']:.2f}x faster at batch 1, "
+        f"{recommendation['max_drop_pts']:.1f} points of {recommendation['baseline']} on "
+        f"{guards}: {recommendation['speedup']:.2f}x faster at batch 1, "
         f"{recommendation['size_ratio']:.2f}x smaller on disk, "
-        f"{label} {-recommendation['drop_pts']:+.2f} points."
+        f"{_drops(recommendation['drop_pts'])}."
     )
+
+
+def exclusion_lines(recommendation: Mapping[str, Any]) -> list[str]:
+    """One line per variant the quality guards excluded: the guard(s) it failed, by how much."""
+    return [f"{name}: {_drops(drops)}" for name, drops in recommendation["excluded"].items()]

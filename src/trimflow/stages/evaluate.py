@@ -290,7 +290,9 @@ def write_outputs(
         write_json(details_dir / BASELINES_FILE, measured.baselines)
         for name, scores in baselines.items():
             log.info("baseline %s: %s %.4f", name, metric, scores[metric])
-    recommendation = recommend(results, cfg.report.baseline, cfg.report.max_drop_pts, metric)
+    recommendation = recommend(
+        results, cfg.report.baseline, cfg.report.max_drop_pts, cfg.guard_metrics()
+    )
     write_json(
         layout.metrics_file,
         {

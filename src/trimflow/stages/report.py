@@ -24,6 +24,7 @@ from trimflow.report.tables import (
     METRIC_LABELS,
     Table,
     baseline_table,
+    exclusion_lines,
     per_type_table,
     recommendation_text,
     variant_columns,
@@ -127,6 +128,7 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     details = _variant_details(cfg, layout)
     tables = report_tables(cfg, metrics, details)
     summary = recommendation_text(metrics["recommendation"])
+    excluded = exclusion_lines(metrics["recommendation"])
     notes = [
         f"Measured on {environment['machine']} ({environment['processor']}), "
         f"{environment['cpu_count']} CPUs, {environment['num_threads']} torch threads, "
@@ -146,8 +148,8 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         relative = {
             caption: str(path.relative_to(layout.reports)) for caption, path in images.items()
         }
-        markdown = render_markdown(cfg.report.title, summary, tables, relative, notes)
-        page = render_html(cfg.report.title, summary, tables, images, notes)
+        markdown = render_markdown(cfg.report.title, summary, tables, relative, notes, excluded)
+        page = render_html(cfg.report.title, summary, tables, images, notes, excluded)
         with atomic_file(layout.reports / "report.md") as handle:
             handle.write(markdown)
         with atomic_file(layout.reports / "report.html") as handle:

@@ -1,0 +1,80 @@
+"""The recommendation: the fastest variant within the drop budget on every guarded metric."""
+
+from __future__ import annotations
+
+import pytest
+
+from trimflow.evaluation.recommend import guard_failures, recommend
+
+ACCURACY = ["accuracy"]
+CLASSIFICATION_GUARDS = ["accuracy", "macro_f1"]
+
+
+def _variant(accuracy: float, latency: float, size: float, macro_f1: float = 0.9) -> dict:
+    return {"accuracy": accuracy, "macro_f1": macro_f1, "latency_ms_p50": latency, "size_mb": size}
+
+
+def test_recommendation_is_the_fastest_variant_inside_the_accuracy_budget():
+    variants = {
+        "finetuned": _variant(0.970, 30.0, 80.0),
+        "fast_but_bad": _variant(0.950, 5.0, 10.0),  # 2.0 points lost: over budget
+        "fast": _variant(0.962, 9.0, 20.0),  # 0.8 points lost
+        "faster_tie_smaller": _variant(0.961, 9.0, 16.0),  # same latency, smaller
+        "slow": _variant(0.975, 25.0, 40.0),
+    }
+    chosen = recommend(variants, "finetuned", 1.0, ACCURACY)
+    assert chosen["variant"] == "faster_tie_smaller"
+    assert chosen["speedup"] == pytest.approx(30.0 / 9.0)
+    assert chosen["size_ratio"] == pytest.approx(5.0)
+    assert chosen["drop_pts"] == {"accuracy": pytest.approx(0.9)}
+    assert chosen["excluded"] == {"fast_but_bad": {"accuracy": pytest.approx(2.0)}}
+    assert recommend(variants, "finetuned", 3.0, ACCURACY)["variant"] == "fast_but_bad"
+    assert recommend(variants, "finetuned", 0.0, ACCURACY)["variant"] == "slow"  # gains
+
+
+def test_recommendation_falls_back_to_the_baseline_and_rejects_unknown_ones():
+    variants = {"finetuned": _variant(0.9, 30.0, 80.0), "bad": _variant(0.5, 1.0, 1.0)}
+    assert recommend(variants, "finetuned", 1.0, ACCURACY)["variant"] == "finetuned"
+    with pytest.raises(KeyError, match="nope"):
+        recommend(variants, "nope", 1.0, ACCURACY)
+
+
+# R8-like: the distilled student keeps accuracy but loses the rare classes (macro-F1).
+R8_LIKE = {
+    "finetuned": _variant(0.9712, 24.8, 86.7, macro_f1=0.925),
+    "pruned_onnx_int8": _variant(0.9726, 7.0, 16.9, macro_f1=0.930),
+    "distilled": _variant(0.9694, 12.3, 66.4, macro_f1=0.794),
+    "distilled_onnx_int8": _variant(0.9698, 4.8, 16.8, macro_f1=0.795),
+    "sparse80": _variant(0.9625, 24.6, 21.2, macro_f1=0.868),
+    "tiny": _variant(0.9500, 3.0, 5.0, macro_f1=0.700),  # made up: fastest, fails both guards
+}
+
+
+def test_macro_f1_guard_excludes_a_variant_that_keeps_accuracy_only():
+    by_accuracy = recommend(R8_LIKE, "finetuned", 1.0, ACCURACY)
+    assert by_accuracy["variant"] == "distilled_onnx_int8"
+    assert by_accuracy["excluded"] == {"tiny": {"accuracy": pytest.approx(2.12)}}
+    chosen = recommend(R8_LIKE, "finetuned", 1.0, CLASSIFICATION_GUARDS)
+    assert chosen["variant"] == "pruned_onnx_int8"
+    assert chosen["guards"] == CLASSIFICATION_GUARDS
+    assert chosen["drop_pts"] == {
+        "accuracy": pytest.approx(-0.14),
+        "macro_f1": pytest.approx(-0.5),
+    }
+    assert chosen["excluded"] == {
+        "distilled": {"macro_f1": pytest.approx(13.1)},
+        "distilled_onnx_int8": {"macro_f1": pytest.approx(13.0)},
+        "sparse80": {"macro_f1": pytest.approx(5.7)},  # 0.87 accuracy points: within
+        "tiny": {"accuracy": pytest.approx(2.12), "macro_f1": pytest.approx(22.5)},
+    }
+
+
+def test_every_guard_is_checked_and_the_budget_is_inclusive():
+    base = _variant(0.90, 10.0, 10.0, macro_f1=0.80)
+    at_budget = _variant(0.89, 5.0, 5.0, macro_f1=0.79)  # exactly 1.0 point on both
+    over_on_f1 = _variant(0.90, 5.0, 5.0, macro_f1=0.7899)
+    assert guard_failures(at_budget, base, CLASSIFICATION_GUARDS, 1.0) == {}
+    assert guard_failures(over_on_f1, base, CLASSIFICATION_GUARDS, 1.0) == {
+        "macro_f1": pytest.approx(1.01)
+    }
+    assert guard_failures(over_on_f1, base, ACCURACY, 1.0) == {}
