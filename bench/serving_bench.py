@@ -42,21 +42,20 @@ from trimflow.compress.variants import load_variant
 from trimflow.config.loading import load_params
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
-from trimflow.evaluation.benchmark import throughput_summary, timed_forwards, torch_threads
+from trimflow.evaluation.benchmark import (
+    environment,
+    throughput_summary,
+    timed_forwards,
+    torch_threads,
+)
 from trimflow.evaluation.inference import predict
+from trimflow.evaluation.inputs import TestInputs, build_test_inputs, chunks, inference_data
+from trimflow.evaluation.scoring import make_scorer
 from trimflow.layout import Layout, dvc_layout
 from trimflow.models.loading import read_label_map
 from trimflow.serving.pyfunc import log_variant_model
 from trimflow.serving.registry import register_recommended
 from trimflow.serving.server import ScoringServer
-from trimflow.stages import inference_data
-from trimflow.stages.evaluate import (
-    TestInputs,
-    build_test_inputs,
-    chunks,
-    environment,
-    make_scorer,
-)
 from trimflow.utils.atomic import write_json
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -56,9 +56,13 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 STAGES = tuple(STAGE_PARAMS)
 VARIANT_STAGES = ("prune", "distill", "quantize")
+# Inside data/prepared/: one `<split>.parquet` per split.
+SPLITS = ("train", "validation", "test")
 # Inside data/tokenized/: the Arrow splits and the tokenizer they were made with.
 TOKENIZED_SPLITS = "splits"
 TOKENIZER = "tokenizer"
+# Inside a trained variant's directory: its training curves.
+HISTORY_FILE = "history.csv"
 
 
 @dataclass(frozen=True)

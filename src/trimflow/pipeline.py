@@ -13,9 +13,15 @@ from omegaconf import DictConfig
 
 from trimflow.config.loading import HYDRA_VERSION_BASE, conf_dir, load_params, validate
 from trimflow.config.schema import TrimflowConfig
-from trimflow.layout import Layout, keyed_layout, stage_units, unit_name, unit_output
+from trimflow.layout import (
+    HISTORY_FILE,
+    Layout,
+    keyed_layout,
+    stage_units,
+    unit_name,
+    unit_output,
+)
 from trimflow.stages import run_stage
-from trimflow.stages.finetune import HISTORY_FILE
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import read_json
 

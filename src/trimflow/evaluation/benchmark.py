@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -109,3 +111,15 @@ def interleaved_timings(
         for name, model in models.items():
             timings[name] += timed_forwards(model, batches, warmup, per_round, num_threads)
     return timings
+
+
+def environment() -> dict:
+    """The machine and settings the numbers were measured on."""
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "quantized_engine": torch.backends.quantized.engine,
+    }

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import datasets
 import numpy as np
+import pandas as pd
 from torch import Tensor, nn
 
+from trimflow.config.schema import TrimflowConfig
 from trimflow.data.token_labels import word_predictions
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.entities import SeqevalMode, entity_metrics
 from trimflow.evaluation.inference import predict, predict_tokens
+from trimflow.layout import Layout
 
 Batches = Sequence[dict[str, Tensor]]
 
@@ -74,6 +78,20 @@ class EntityScorer:
             for tokens, word_ids, gold in zip(by_row, self.word_ids, self.gold, strict=True)
         ]
         return {**entity_metrics(self.gold, predicted, self.mode), "predictions": predicted}
+
+
+def make_scorer(
+    cfg: TrimflowConfig, layout: Layout, labels: list[str]
+) -> LabelScorer | EntityScorer:
+    """The task's scorer over the test split (NER: untruncated gold tags from data/prepared)."""
+    if cfg.task.type == "ner":
+        test = pd.read_parquet(layout.prepared / "test.parquet")
+        word_ids = datasets.load_from_disk(str(layout.tokenized_splits))["test"]["word_ids"]
+        return EntityScorer(
+            test["tags"].map(list).tolist(), word_ids, labels, cfg.task.seqeval_mode
+        )
+    truth = datasets.load_from_disk(str(layout.tokenized_splits))["test"]["labels"]
+    return LabelScorer(truth, labels)
 
 
 def agreement(predictions: Sequence[Any], reference: Sequence[Any]) -> float:

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from trimflow.config.loading import ConfigError
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import STAGES, Layout
-
-if TYPE_CHECKING:
-    from trimflow.data.datamodule import TokenizedDataModule
 
 StageFn = Callable[..., None]
 
@@ -37,20 +33,6 @@ def selected_variants(declared: Iterable[str], variant: str | None, config_key: 
             f"{config_key}: no variant '{variant}' (declared: {', '.join(names) or 'none'})"
         )
     return [variant]
-
-
-def inference_data(layout: Layout, batch_size: int) -> TokenizedDataModule:
-    """The tokenized splits, set up, batched for inference (no shuffling, dynamic padding)."""
-    from trimflow.data.datamodule import TokenizedDataModule
-
-    data = TokenizedDataModule(
-        layout.tokenized_splits,
-        layout.tokenizer_dir,
-        batch_size=batch_size,
-        eval_batch_size=batch_size,
-    )
-    data.setup()
-    return data
 
 
 def run_stage(name: str, cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:

@@ -7,34 +7,28 @@ gazetteer baselines are scored in the same run.
 from __future__ import annotations
 
 import logging
-import os
-import platform
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from trimflow.compress.onnx import OnnxClassifier
 from trimflow.compress.variants import load_variant
 from trimflow.config.schema import FINETUNED, TrimflowConfig
-from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.evaluation.baselines import baseline_scores
 from trimflow.evaluation.benchmark import (
+    environment,
     interleaved_timings,
     latency_summary,
     throughput_summary,
 )
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
+from trimflow.evaluation.inputs import TestInputs, build_test_inputs, inference_data
 from trimflow.evaluation.recommend import recommend
-from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement
+from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement, make_scorer
 from trimflow.layout import Layout
 from trimflow.models.loading import WEIGHT_SUFFIXES, read_label_map
-from trimflow.stages import inference_data
 from trimflow.tracking.runs import Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
 
@@ -71,18 +65,6 @@ def weights_size_mb(directory: Path) -> float:
     )
 
 
-def environment() -> dict:
-    """The machine and settings the numbers were measured on."""
-    return {
-        "machine": platform.machine(),
-        "processor": platform.processor() or "unknown",
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "quantized_engine": torch.backends.quantized.engine,
-    }
-
-
 BASELINES_FILE = "baselines.json"
 
 
@@ -91,56 +73,11 @@ def mlflow_names(scorer: LabelScorer | EntityScorer) -> dict[str, str]:
     return {key: f"test/{key}" for key in scorer.quality_keys} | MEASURE_NAMES
 
 
-@dataclass
-class TestInputs:
-    """Model inputs built once from the test split and shared by every variant."""
-
-    sorted_batches: list[dict[str, torch.Tensor]]  # length-sorted: little padding
-    order: np.ndarray  # row index of each sorted example
-    latency_inputs: list[dict[str, torch.Tensor]]  # batch 1
-    throughput_batches: list[dict[str, torch.Tensor]]  # file order, mixed lengths
-
-
-def chunks(items: Sequence, size: int) -> list[Sequence]:
-    """`items` cut into consecutive pieces of `size` (the last one may be shorter)."""
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
-def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInputs:
-    ev = cfg.evaluate
-    test = data.splits["test"]
-    lengths = np.array([len(ids) for ids in test["input_ids"]])
-    order = np.argsort(lengths, kind="stable")
-
-    def collate(rows) -> dict[str, torch.Tensor]:
-        return data.collator([test[int(i)] for i in rows])
-
-    throughput_rows = chunks(np.arange(len(test)), ev.throughput.batch_size)
-    return TestInputs(
-        sorted_batches=[collate(rows) for rows in chunks(order, ev.batch_size)],
-        order=order,
-        latency_inputs=[collate([i]) for i in range(min(ev.latency.samples, len(test)))],
-        throughput_batches=[collate(rows) for rows in throughput_rows[: ev.throughput.repeats]],
-    )
-
-
 def parameter_counts(model) -> tuple[int, int]:
     """(total, non-zero) weights of a torch module or an ONNX Runtime graph."""
     if isinstance(model, OnnxClassifier):
         return model.parameter_counts()
     return count_parameters(model)
-
-
-def make_scorer(cfg: TrimflowConfig, layout: Layout, labels: list[str]):
-    """The task's scorer over the test split (NER: untruncated gold tags from data/prepared)."""
-    if cfg.task.type == "ner":
-        test = pd.read_parquet(layout.prepared / "test.parquet")
-        word_ids = datasets.load_from_disk(str(layout.tokenized_splits))["test"]["word_ids"]
-        return EntityScorer(
-            test["tags"].map(list).tolist(), word_ids, labels, cfg.task.seqeval_mode
-        )
-    truth = datasets.load_from_disk(str(layout.tokenized_splits))["test"]["labels"]
-    return LabelScorer(truth, labels)
 
 
 def score_baselines(cfg: TrimflowConfig, layout: Layout) -> dict[str, dict]:

@@ -19,7 +19,6 @@ from trimflow.utils.atomic import atomic_dir, write_json
 from trimflow.utils.hashing import digest_json
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "validation", "test")
 CARD_FILE = "card.json"
 # The columns that define a prepared dataset (its digest), per task.
 CONTENT_COLUMNS = {"classification": ["text", "label"], "ner": ["tokens", "tags"]}

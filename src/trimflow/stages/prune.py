@@ -20,14 +20,14 @@ from trimflow.models.loading import (
     read_label_map,
     save_model_dir,
 )
-from trimflow.stages import selected_variants
-from trimflow.stages.finetune import (
+from trimflow.models.recipe import (
     build_datamodule,
     classifier_module,
     mlflow_logger,
     train_module,
     write_training_outputs,
 )
+from trimflow.stages import selected_variants
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 

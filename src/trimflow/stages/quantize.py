@@ -9,9 +9,10 @@ from trimflow.compress.quantize import quantize_model, save_quantized
 from trimflow.compress.variants import load_variant, save_onnx_variant
 from trimflow.config.schema import TrimflowConfig
 from trimflow.evaluation.inference import model_inputs
+from trimflow.evaluation.inputs import inference_data
 from trimflow.layout import Layout
 from trimflow.models.loading import read_label_map
-from trimflow.stages import inference_data, selected_variants
+from trimflow.stages import selected_variants
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
-from trimflow.layout import Layout
+from trimflow.layout import HISTORY_FILE, Layout
 from trimflow.models.loading import read_label_map
 from trimflow.report.pareto import quality_metric
 from trimflow.report.plots import (
@@ -30,7 +30,6 @@ from trimflow.report.tables import (
     variant_columns,
     variant_rows,
 )
-from trimflow.stages.finetune import HISTORY_FILE
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_file, read_json
 

@@ -10,9 +10,8 @@ import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.tokenization import tokenize_split, tokenize_tagged_split
-from trimflow.layout import TOKENIZED_SPLITS, TOKENIZER, Layout
+from trimflow.layout import SPLITS, TOKENIZED_SPLITS, TOKENIZER, Layout
 from trimflow.models.loading import LABEL_MAP_FILE, load_tokenizer, read_label_map
-from trimflow.stages.prepare import SPLITS
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 

@@ -1,0 +1,58 @@
+"""Model inputs from data/tokenized/: inference batches, and the test inputs every variant sees."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trimflow.config.schema import TrimflowConfig
+from trimflow.data.datamodule import TokenizedDataModule
+from trimflow.layout import Layout
+
+
+def inference_data(layout: Layout, batch_size: int) -> TokenizedDataModule:
+    """The tokenized splits, set up, batched for inference (no shuffling, dynamic padding)."""
+    data = TokenizedDataModule(
+        layout.tokenized_splits,
+        layout.tokenizer_dir,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+    )
+    data.setup()
+    return data
+
+
+@dataclass
+class TestInputs:
+    """Model inputs built once from the test split and shared by every variant."""
+
+    sorted_batches: list[dict[str, torch.Tensor]]  # length-sorted: little padding
+    order: np.ndarray  # row index of each sorted example
+    latency_inputs: list[dict[str, torch.Tensor]]  # batch 1
+    throughput_batches: list[dict[str, torch.Tensor]]  # file order, mixed lengths
+
+
+def chunks(items: Sequence, size: int) -> list[Sequence]:
+    """`items` cut into consecutive pieces of `size` (the last one may be shorter)."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInputs:
+    ev = cfg.evaluate
+    test = data.splits["test"]
+    lengths = np.array([len(ids) for ids in test["input_ids"]])
+    order = np.argsort(lengths, kind="stable")
+
+    def collate(rows) -> dict[str, torch.Tensor]:
+        return data.collator([test[int(i)] for i in rows])
+
+    throughput_rows = chunks(np.arange(len(test)), ev.throughput.batch_size)
+    return TestInputs(
+        sorted_batches=[collate(rows) for rows in chunks(order, ev.batch_size)],
+        order=order,
+        latency_inputs=[collate([i]) for i in range(min(ev.latency.samples, len(test)))],
+        throughput_batches=[collate(rows) for rows in throughput_rows[: ev.throughput.repeats]],
+    )

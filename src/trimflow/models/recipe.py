@@ -1,0 +1,94 @@
+"""The training recipe finetune, pruning recovery and distillation share.
+
+The data module, the LightningModule's optimizer settings, the fit with the shared trainer
+settings, MLflow logging and the files written next to a trained model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from trimflow.config.schema import TrimflowConfig
+from trimflow.data.datamodule import TokenizedDataModule
+from trimflow.layout import HISTORY_FILE, Layout
+from trimflow.models.module import ClassifierModule
+from trimflow.models.training import FitResult, fit_resumable, resolve_precision
+from trimflow.tracking.runs import Tracker
+from trimflow.utils.atomic import write_json
+
+SUMMARY_FILE = "training.json"
+
+
+def build_datamodule(cfg: TrimflowConfig, layout: Layout) -> TokenizedDataModule:
+    """The data module over data/tokenized/ with the finetune batch settings."""
+    on_gpu = resolve_precision(cfg.trainer) != "32-true"
+    return TokenizedDataModule(
+        layout.tokenized_splits,
+        layout.tokenizer_dir,
+        batch_size=cfg.finetune.batch_size,
+        eval_batch_size=cfg.finetune.eval_batch_size,
+        group_by_length=cfg.finetune.group_by_length,
+        num_workers=cfg.trainer.num_workers,
+        seed=cfg.seed,
+        pad_to_multiple_of=8 if on_gpu else None,
+    )
+
+
+def mlflow_logger(tracker: Tracker, active_run) -> L.pytorch.loggers.Logger | bool:
+    """A Lightning logger writing into the stage's MLflow run (or none)."""
+    if active_run is None:
+        return False
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(
+        tracking_uri=tracker.uri,
+        run_id=active_run.info.run_id,
+        experiment_name=tracker.cfg.tracking.experiment,
+    )
+
+
+def write_training_outputs(out, result: FitResult, extra: dict) -> None:
+    """The history CSV and a JSON summary of how training went."""
+    result.history.write_csv(out / HISTORY_FILE)
+    write_json(
+        out / SUMMARY_FILE,
+        {
+            "global_step": result.global_step,
+            "epochs": result.epochs,
+            "resumed_from_step": result.resumed_from_step,
+            "best_score": result.best_score,
+            **extra,
+        },
+    )
+
+
+def classifier_module(cfg: TrimflowConfig, model, lr: float) -> ClassifierModule:
+    """The LightningModule around `model` with the shared optimizer settings."""
+    return ClassifierModule(
+        model, lr=lr, weight_decay=cfg.finetune.weight_decay, warmup_ratio=cfg.finetune.warmup_ratio
+    )
+
+
+def train_module(
+    cfg: TrimflowConfig,
+    module: L.LightningModule,
+    datamodule: TokenizedDataModule,
+    work_dir: Path,
+    logger,
+    **schedule,
+) -> FitResult:
+    """Fit `module` with the shared trainer settings; `schedule` sets length and callbacks."""
+    return fit_resumable(
+        module,
+        datamodule,
+        cfg.trainer,
+        work_dir,
+        accumulate_grad_batches=cfg.finetune.accumulate_grad_batches,
+        gradient_clip_val=cfg.finetune.gradient_clip_val,
+        patience=cfg.finetune.early_stopping_patience,
+        checkpoint_every_n_steps=cfg.finetune.checkpoint_every_n_steps,
+        logger=logger,
+        **schedule,
+    )
