@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER)
     commands.add_parser("pipeline", help="all stages in-process via Hydra (supports -m sweeps)")
     _add_compare_parser(commands)
+    dag = commands.add_parser("dag", help="dvc.yaml's code deps from the imports of each stage")
+    mode = dag.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="list wrong code deps; exit 1 if any")
+    mode.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
     args = parser.parse_args(argv)
 
     from trimflow.config.loading import ConfigError
@@ -118,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("wrote %s", args.out)
         elif args.command == "compare":
             return compare_runs(args)
+        elif args.command == "dag":
+            from trimflow.dag import run_dag
+
+            return run_dag(write=args.write)
         elif args.command == "repro":
             from trimflow.pipeline import dvc_repro
 
