@@ -92,6 +92,33 @@ def test_second_repro_runs_nothing(project):
     assert ran_stages(output) == []
 
 
+def stale_after_editing(project, path: str) -> set[str]:
+    """The stage units `dvc status` names once a comment is appended to `path` (then undone)."""
+    copy, sh, _ = project
+    with (copy / path).open("a") as handle:
+        handle.write("# edited\n")
+    try:
+        status, _ = json.JSONDecoder().raw_decode(sh("dvc", "status", "--json"))
+        return set(status)
+    finally:
+        sh("git", "checkout", "--", path)
+
+
+def test_editing_code_makes_stale_the_stages_that_run_it_and_nothing_upstream(project):
+    """dvc.yaml's code deps at work: only evaluate runs the NER baselines; the training recipe
+    runs in finetune, pruning recovery and distillation. (Stages downstream of those rerun only
+    if their outputs change.)"""
+    assert stale_after_editing(project, "src/trimflow/evaluation/baselines.py") == {"evaluate"}
+    training = {
+        unit_name(stage, variant)
+        for stage, variant in stage_units(SMOKE)
+        if stage in ("finetune", "prune", "distill")
+    }
+    assert stale_after_editing(project, "src/trimflow/models/recipe.py") == training
+    # Allowlisted (MLflow logging): no stage. Also shows that the edits above were undone.
+    assert stale_after_editing(project, "src/trimflow/tracking/runs.py") == set()
+
+
 def test_every_mlflow_run_of_the_repro_is_nested_and_tagged(project):
     copy, _, _ = project
     runs = mlflow_runs(f"sqlite:///{copy / 'mlflow.db'}", "trimflow")
