@@ -11,6 +11,7 @@ A module is covered when dvc.yaml lists its file or a folder above it; empty fil
 from __future__ import annotations
 
 import ast
+import logging
 import shlex
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from trimflow.layout import STAGES
 from trimflow.utils.atomic import atomic_file
 
+log = logging.getLogger(__name__)
 PACKAGE = "trimflow"
 DVC_FILE = "dvc.yaml"
 SOURCE_DIR = "src"  # dvc.yaml's code deps are the paths under it
@@ -76,7 +79,7 @@ def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
 def _absolute(package: str, module: str | None, level: int) -> str:
     """The absolute name of `from <level dots><module> import ...` inside `package`."""
     if not level:
-        return module or ""
+        return module
     parts = package.split(".")
     if level > len(parts):
         raise DagError(f"relative import beyond the top package in {package}")
@@ -162,10 +165,10 @@ def _stage_definitions(dvc: dict) -> Iterator[tuple[str, dict]]:
         yield name, stage["do"] if "foreach" in stage else stage
 
 
-def _stage_module(name: str, definition: dict) -> str:
-    """The stage `trimflow <stage> ...` runs."""
+def _stage_run_by(name: str, definition: dict) -> str:
+    """The trimflow stage that dvc.yaml stage `name` runs (its cmd is `trimflow <stage> ...`)."""
     argv = shlex.split(definition["cmd"])
-    if len(argv) < 2 or argv[0] != PACKAGE:
+    if len(argv) < 2 or argv[0] != PACKAGE or argv[1] not in STAGES:
         raise DagError(f"{name}: cmd is not `trimflow <stage>`: {definition['cmd']}")
     return argv[1]
 
@@ -190,7 +193,7 @@ def check_deps(root: Path) -> list[str]:
     problems = []
     dvc = _round_trip_yaml().load(root / DVC_FILE)
     for name, definition in _stage_definitions(dvc):
-        needed = set(stage_code(root, _stage_module(name, definition)))
+        needed = set(stage_code(root, _stage_run_by(name, definition)))
         deps = [dep for dep in definition.get("deps", []) if _is_code(dep)]
         problems += [
             f"{name}: runs {file}, not a dep"
@@ -215,7 +218,7 @@ def write_deps(root: Path) -> None:
     dvc = yaml.load(path)
     for name, definition in _stage_definitions(dvc):
         deps = definition.setdefault("deps", [])
-        deps[:] = stage_code(root, _stage_module(name, definition)) + [
+        deps[:] = stage_code(root, _stage_run_by(name, definition)) + [
             dep for dep in deps if not _is_code(dep)
         ]
     with atomic_file(path) as handle:
@@ -223,11 +226,16 @@ def write_deps(root: Path) -> None:
 
 
 def run_dag(write: bool) -> int:
-    """`trimflow dag --check`, or `--write` first: 1 while a code dep is wrong, listing them."""
+    """`trimflow dag --check`, or `--write` first: 1 while a code dep is wrong (each listed), 2
+    when dvc.yaml or the source is not as expected."""
     root = Path(".")
-    if write:
-        write_deps(root)
-    problems = check_deps(root)
+    try:
+        if write:
+            write_deps(root)
+        problems = check_deps(root)
+    except DagError as err:
+        log.error("%s", err)
+        return 2
     for problem in problems:
         print(problem)
     if problems:
