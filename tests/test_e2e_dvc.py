@@ -18,6 +18,7 @@ from seqeval.metrics import f1_score
 
 from trimflow.config.loading import compose_config
 from trimflow.layout import stage_units, unit_name
+from trimflow.tracking.runs import COMMIT_TAG, FINISHED, HEADLINE_PREFIX, RECOMMENDED_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = compose_config(["experiment=smoke"])
@@ -124,6 +125,14 @@ def test_every_mlflow_run_of_the_repro_is_nested_and_tagged(project):
     runs = mlflow_runs(f"sqlite:///{copy / 'mlflow.db'}", "trimflow")
     parents = [r for r in runs if r.data.tags.get("trimflow.stage") == "pipeline"]
     assert len(parents) == 1
+    parent = parents[0]  # named by its commit, ended FINISHED, with the headline
+    metrics = json.loads((copy / "reports/metrics.json").read_text())
+    assert parent.info.status == FINISHED
+    assert parent.info.run_name.startswith(parent.data.tags[COMMIT_TAG][:7])
+    assert parent.data.tags[RECOMMENDED_TAG] == metrics["recommended"]
+    assert parent.data.metrics[f"{HEADLINE_PREFIX}speedup"] == pytest.approx(
+        metrics["recommendation"]["speedup"]
+    )
     children = [r for r in runs if r is not parents[0]]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     stage_runs = [r for r in children if "trimflow.variant" not in r.data.tags]

@@ -17,6 +17,7 @@ from trimflow.layout import dvc_layout
 from trimflow.pipeline import run_pipeline
 from trimflow.stages import run_stage
 from trimflow.stages.evaluate import mlflow_names
+from trimflow.tracking.runs import FINISHED, HEADLINE_PREFIX, RECOMMENDED_TAG
 
 MLFLOW_NAMES = mlflow_names(LabelScorer)  # metrics.json field -> MLflow name, classification
 # The smoke preset declares every variant kind; the tiny BERT has 2 layers.
@@ -210,6 +211,10 @@ def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_di
     assert len(sweeps) == 1
     points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]
     assert len(points) == 4
+    for point in points:  # named by their overrides, with the headline on the run itself
+        assert "finetune.lr=" in point.info.run_name and point.info.status == FINISHED
+        assert RECOMMENDED_TAG in point.data.tags
+        assert f"{HEADLINE_PREFIX}speedup" in point.data.metrics
 
 
 def test_optuna_search_maximises_the_validation_score_and_resumes_by_config_hash(

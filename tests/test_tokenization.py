@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datasets
+import pytest
 import torch
 
-from trimflow.data.datamodule import LengthGroupedBatchSampler
+from trimflow.data.datamodule import SeededBatchSampler
 from trimflow.data.tokenization import tokenize_split
 
 
@@ -32,23 +33,40 @@ def test_tokenize_matches_a_raw_tokenizer_call(packaged_tokenizer):
     assert list(tokenized["input_ids"]) == raw["input_ids"]
 
 
-def test_length_grouped_sampler_covers_every_index_once_per_epoch():
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_seeded_sampler_covers_every_index_once_per_epoch(group_by_length):
     lengths = [(i * 37) % 101 for i in range(250)]
-    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=5)
-    first = list(sampler)
-    second = list(sampler)
-    for epoch in (first, second):
-        assert sorted(i for batch in epoch for i in batch) == list(range(250))
-        assert len(epoch) == len(sampler) == 32
-    assert first != second  # a new order each epoch
-    assert first == list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=5))
+    sampler = SeededBatchSampler(lengths, batch_size=8, seed=5, group_by_length=group_by_length)
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    for batches in epochs:
+        assert sorted(i for batch in batches for i in batch) == list(range(250))
+        assert len(batches) == len(sampler) == 32
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    assert epochs[0] == list(SeededBatchSampler(lengths, 8, 5, group_by_length))
+
+
+def test_seeded_sampler_resumes_at_the_batch_after_the_last_one_done():
+    lengths = [(i * 37) % 101 for i in range(250)]
+    sampler = SeededBatchSampler(lengths, batch_size=8, seed=5)
+    sampler.set_epoch(1)
+    whole_epoch = list(sampler)
+    for _ in range(7):
+        sampler.batch_done()
+    resumed = SeededBatchSampler(lengths, batch_size=8, seed=5)
+    resumed.load_state_dict(sampler.state_dict())
+    assert list(resumed) == whole_epoch[7:]
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == 32  # a new epoch starts from its first batch
 
 
 def test_length_grouping_reduces_padding():
     lengths = [
         int(x) for x in torch.randint(5, 200, (800,), generator=torch.Generator().manual_seed(0))
     ]
-    grouped = LengthGroupedBatchSampler(lengths, batch_size=16, seed=0)
+    grouped = SeededBatchSampler(lengths, batch_size=16, seed=0)
 
     def padded_tokens(batches):
         return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
-from trimflow.layout import STAGES, VARIANT_STAGES
+from trimflow.layout import STAGES, VARIANT_STAGES, unit_name
+from trimflow.utils.interrupt import StageInterrupted, naming_stage, signals_raise
 
 log = logging.getLogger("trimflow")
 
@@ -79,9 +81,31 @@ def compare_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_interruption(err: StageInterrupted, argv: list[str]) -> int:
+    """Say which stage a signal stopped and how to continue; the exit status for it."""
+    rerun = "dvc repro" if os.environ.get("DVC_STAGE") else shlex.join(["trimflow", *argv])
+    log.error(
+        "%s %s; nothing half-written was kept. Rerun `%s` to continue where it stopped.",
+        err.stage or "trimflow",
+        err,
+        rerun,
+    )
+    return err.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`trimflow ...`: the exit status is 2 for bad config or data, 128 + n after signal n."""
     _setup_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
+    with signals_raise():
+        try:
+            return run_command(argv)
+        except StageInterrupted as err:
+            return report_interruption(err, argv)
+
+
+def run_command(argv: list[str]) -> int:
+    """Parse `argv` and run the command."""
     if argv and argv[0] == "pipeline":
         from trimflow.pipeline import hydra_entry
 
@@ -114,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in STAGES:
-            run_dvc_stage(args.command, args.params, getattr(args, "variant", None))
+            variant = getattr(args, "variant", None)
+            with naming_stage(unit_name(args.command, variant)):
+                run_dvc_stage(args.command, args.params, variant)
         elif args.command == "params":
             from trimflow.config.loading import write_params
 

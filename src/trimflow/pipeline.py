@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,23 +15,42 @@ import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
-from trimflow.config.loading import HYDRA_VERSION_BASE, conf_dir, load_params, validate
+from trimflow.config.loading import (
+    HYDRA_VERSION_BASE,
+    compose_config,
+    conf_dir,
+    load_params,
+    validate,
+)
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import (
     HISTORY_FILE,
     Layout,
+    dvc_layout,
     keyed_layout,
     stage_units,
     unit_name,
     unit_output,
 )
 from trimflow.stages import run_stage
-from trimflow.tracking.runs import Tracker
+from trimflow.tracking.runs import (
+    DVC_STAGE_TAG,
+    INTERRUPTS,
+    LOCK_HASH_TAG,
+    PARENT_TAG,
+    STAGE_TAG,
+    SWEEP,
+    SWEEP_TAG,
+    CommandFailed,
+    Tracker,
+    changed_params,
+    run_name,
+)
 from trimflow.utils.atomic import read_json
+from trimflow.utils.interrupt import naming_stage
 
 log = logging.getLogger(__name__)
 SWEEP_STORE = Path("outputs/store")
-SWEEP_TAG = "trimflow.sweep"
 
 
 def run_pipeline(cfg: TrimflowConfig, layout: Layout, last_stage: str = "report") -> None:
@@ -41,7 +64,8 @@ def run_pipeline(cfg: TrimflowConfig, layout: Layout, last_stage: str = "report"
             log.info("%s: up to date (%s)", name, unit_output(layout, stage, variant))
             continue
         log.info("%s: running", name)
-        run_stage(stage, cfg, layout, variant)
+        with naming_stage(name):
+            run_stage(stage, cfg, layout, variant)
 
 
 def best_validation_score(model_dir: Path, metric: str) -> float:
@@ -77,7 +101,7 @@ def _sweep_parent(tracker: Tracker, sweep_dir: str) -> str | None:
     if found:
         return found[0].info.run_id
     with tracker.run(
-        f"sweep {Path(sweep_dir).name}", {SWEEP_TAG: sweep_dir, "trimflow.stage": "sweep"}
+        run_name([SWEEP, Path(sweep_dir).name]), {SWEEP_TAG: sweep_dir, STAGE_TAG: SWEEP}
     ) as parent:
         return parent.info.run_id
 
@@ -98,30 +122,70 @@ def hydra_entry(raw: DictConfig) -> float:
     sweep_parent = None
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_parent = _sweep_parent(tracker, str(Path(hydra_cfg.sweep.dir).resolve()))
-    name = " ".join(hydra_cfg.overrides.task) or "default"
     layout = keyed_layout(cfg, SWEEP_STORE.resolve())
+    name = run_name(hydra_cfg.overrides.task)
     with tracker.pipeline_run(name, parent_run_id=sweep_parent) as active:
         run_pipeline(cfg, layout, cfg.search.last_stage)
         value = search_objective(cfg, layout)
         if active is not None:
-            from mlflow import MlflowClient
-
-            MlflowClient(tracker.uri).log_metric(
-                active.info.run_id, f"search/{cfg.search.objective}", value
-            )
+            tracker.client().log_metric(active.info.run_id, f"search/{cfg.search.objective}", value)
+            if layout.metrics_file.exists():  # keyed by config: this pipeline's
+                tracker.log_headline(active.info.run_id, layout.metrics_file)
     log.info("objective %s = %.4f", cfg.search.objective, value)
     return value
 
 
 def dvc_repro(dvc_args: list[str]) -> int:
-    """Run `dvc repro` under one MLflow parent run, then tag each stage run with its lock hash."""
+    """Run `dvc repro` under one MLflow parent run; returns dvc's exit status.
+
+    The run is named by the commit, the dvc arguments and the params that differ from conf/.
+    It ends FAILED when dvc fails, KILLED when a signal stopped dvc or this process. On success
+    each stage run is tagged with its lock hash and, when evaluate is up to date, the run gets
+    the headline of reports/metrics.json.
+    """
     cfg = load_params()
     tracker = Tracker(cfg)
-    with tracker.pipeline_run("dvc repro") as active:
-        code = subprocess.call([sys.executable, "-m", "dvc", "repro", *dvc_args])
-        if active is not None and code == 0:
-            _tag_lock_hashes(tracker, active.info.run_id)
-    return code
+    words = [shlex.join(["dvc", "repro", *dvc_args])] if dvc_args else []
+    words += changed_params(cfg.model_dump(mode="json"), compose_config().model_dump(mode="json"))
+    try:
+        with tracker.pipeline_run(run_name(words)) as active:
+            code = _call_forwarding_signals([sys.executable, "-m", "dvc", "repro", *dvc_args])
+            if code != 0:
+                raise CommandFailed("dvc repro", code)
+            if active is not None:
+                _tag_lock_hashes(tracker, active.info.run_id)
+                if _evaluate_is_current():
+                    tracker.log_headline(active.info.run_id, dvc_layout().metrics_file)
+    except CommandFailed as failed:
+        return failed.exit_code
+    return 0
+
+
+def _call_forwarding_signals(command: list[str]) -> int:
+    """Run `command` in its own process group and return its exit status.
+
+    A signal that stops this process (Ctrl-C reaches only it) is passed on to the group as
+    SIGINT, which dvc handles gracefully: it lets the running stage stop on it, then exits;
+    then the interruption is raised here.
+    """
+    process = subprocess.Popen(command, process_group=0)
+    try:
+        return process.wait()
+    except INTERRUPTS:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait()
+        raise
+
+
+def _evaluate_is_current() -> bool:
+    """Whether evaluate and every stage upstream of it are up to date (`dvc status`), so
+    reports/metrics.json describes this pipeline."""
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json", "--with-deps", "evaluate"],
+        capture_output=True,
+        text=True,
+    )
+    return status.returncode == 0 and json.loads(status.stdout or "null") == {}
 
 
 def _tag_lock_hashes(tracker: Tracker, parent_run_id: str) -> None:
@@ -136,10 +200,10 @@ def _tag_lock_hashes(tracker: Tracker, parent_run_id: str) -> None:
         return
     stages = yaml.safe_load(lock_path.read_text()).get("stages", {})
     runs = mlflow.search_runs(
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", output_format="list"
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", output_format="list"
     )
-    client = mlflow.MlflowClient(tracker.uri)
+    client = tracker.client()
     for run in runs:
-        stage = run.data.tags.get("dvc.stage")
+        stage = run.data.tags.get(DVC_STAGE_TAG)
         if stage in stages:
-            client.set_tag(run.info.run_id, "dvc.lock_hash", digest_json(stages[stage]))
+            client.set_tag(run.info.run_id, LOCK_HASH_TAG, digest_json(stages[stage]))

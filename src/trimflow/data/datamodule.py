@@ -21,20 +21,46 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 GROUP_CHUNK_BATCHES = 50
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (little padding) in a seeded random order, new each epoch."""
+class SeededBatchSampler(Sampler[list[int]]):
+    """Batches in a random order fixed by (seed, epoch), optionally of similar length.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+    Its position is part of the training state: `set_epoch` picks the epoch's order,
+    `batch_done` counts the batches trained on, and `state_dict`/`load_state_dict` carry both
+    through a checkpoint (`models.training.ExactResume`), so a run resumed mid-epoch continues
+    on exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True
+    ) -> None:
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
+        self.group_by_length = group_by_length
         self.epoch = 0
+        self.completed = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first batch."""
+        self.epoch, self.completed = epoch, 0
+
+    def batch_done(self) -> None:
+        """One more batch of the current epoch was trained on."""
+        self.completed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "completed": self.completed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.completed = state["epoch"], state["completed"]
+
+    def epoch_batches(self) -> list[list[int]]:
+        """Every batch of the current epoch, in order."""
         rng = random.Random(self.seed + self.epoch)
-        self.epoch += 1
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
+        if not self.group_by_length:
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         chunk = self.batch_size * GROUP_CHUNK_BATCHES
         batches = []
         for start in range(0, len(order), chunk):
@@ -44,7 +70,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 for i in range(0, len(sorted_chunk), self.batch_size)
             ]
         rng.shuffle(batches)
-        return iter(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator, so the epoch and position are read at the first batch: Lightning
+        # creates the loader's iterator before a resumed run's state is restored.
+        yield from self.epoch_batches()[self.completed :]
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
@@ -85,12 +116,18 @@ class TokenizedDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        train = self.splits["train"]
-        if self.group_by_length:
-            sampler = LengthGroupedBatchSampler(self.train_lengths, self.batch_size, self.seed)
-            return self._loader(train, batch_sampler=sampler)
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(train, batch_size=self.batch_size, shuffle=True, generator=generator)
+        sampler = SeededBatchSampler(
+            self.train_lengths, self.batch_size, self.seed, self.group_by_length
+        )
+        # Its own generator: the loader then draws no worker seed from the global RNG, which
+        # a resumed run restores at its first batch (dropout must see the same stream).
+        return DataLoader(
+            self.splits["train"],
+            batch_sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader("validation")

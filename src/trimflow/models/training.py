@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import random
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +16,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trimflow.config.schema import TrainerConfig
+from trimflow.utils.interrupt import (
+    HANDLED_SIGNALS,
+    StageInterrupted,
+    deferred_signals,
+    handle_signal,
+    received_signal,
+)
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
@@ -71,6 +82,91 @@ class HistoryRecorder(Callback):
             writer.writerows(self.rows)
 
 
+class ExactResume(Callback):
+    """Makes a resumed run train on what an uninterrupted one would have.
+
+    Drives the position of the train loader's `SeededBatchSampler` (epoch, batches done) and
+    keeps it in checkpoints, and saves the RNG states in every checkpoint, restoring them at
+    the first batch after a resume so that dropout draws the same masks. (The position is
+    this callback's state, not the loader's: Lightning restores a stateful loader only if the
+    loader was not set up before the checkpoint was read, and `estimated_stepping_batches`
+    in `configure_optimizers` sets it up earlier.)
+    """
+
+    def __init__(self) -> None:
+        self.sampler = None
+        self.pending_position: dict[str, int] | None = None
+        self.pending_rng: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        self.sampler = sampler if hasattr(sampler, "batch_done") else None
+        if self.sampler is not None and self.pending_position is not None:
+            self.sampler.load_state_dict(self.pending_position)
+        self.pending_position = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.pending_rng is not None:
+            torch.set_rng_state(self.pending_rng["torch"])
+            if "cuda" in self.pending_rng:
+                torch.cuda.set_rng_state_all(self.pending_rng["cuda"])
+            random.setstate(self.pending_rng["python"])
+            self.pending_rng = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.sampler is not None:
+            self.sampler.batch_done()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pending_position = state_dict.get("sampler")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self.pending_rng = checkpoint.get("rng_states")
+
+
+class StopOnSignal(Callback):
+    """On SIGTERM/SIGINT, checkpoint at the next optimizer step and raise `StageInterrupted`.
+
+    Takes the signals over from Lightning, whose own SIGTERM handling ends `fit` as if it
+    had finished (a SystemExit with status 0) without a checkpoint.
+    """
+
+    def __init__(self, last_checkpoint: Path) -> None:
+        self.last_checkpoint = last_checkpoint
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning put its handlers in place just before; it restores the previous ones
+        # at teardown.
+        if threading.current_thread() is threading.main_thread():
+            for signum in HANDLED_SIGNALS:
+                signal.signal(signum, handle_signal)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if received_signal() is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        self.stop(trainer)
+
+    def stop(self, trainer: L.Trainer) -> None:
+        """Save the training state as the last checkpoint and raise."""
+        signum = received_signal()
+        assert signum is not None
+        trainer.save_checkpoint(self.last_checkpoint)
+        raise StageInterrupted(signum, f" at step {trainer.global_step} (checkpoint saved)")
+
+
 @dataclass
 class FitResult:
     """What a training run did, for the stage's summary file."""
@@ -105,11 +201,15 @@ def fit_resumable(
     back into the module at the end. The caller removes `work_dir` once the result is saved.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
+    last = work_dir / LAST_CHECKPOINT
     mode = "min" if monitor and monitor.endswith("loss") else "max"
     history = HistoryRecorder()
+    stop_on_signal = StopOnSignal(last)
     all_callbacks: list[Callback] = [
+        ExactResume(),
         *callbacks,
         history,
+        stop_on_signal,
         ModelCheckpoint(
             dirpath=work_dir,
             save_last=True,
@@ -153,12 +253,19 @@ def fit_resumable(
         default_root_dir=work_dir,
         num_sanity_val_steps=0,
     )
-    last = work_dir / LAST_CHECKPOINT
     resumed_from = None
     if last.exists():
         resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
         log.warning("Resuming from %s (step %d)", last, resumed_from)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    with deferred_signals():
+        try:
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None
+            )
+        except SIGTERMException as stopped:  # Lightning's handler, before ours took over
+            raise StageInterrupted(signal.SIGTERM, " before training started") from stopped
+        if received_signal() is not None:  # after the last training batch
+            stop_on_signal.stop(trainer)
     best_score = None
     if best is not None and best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)

@@ -12,14 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from trimflow.config.schema import TrackingConfig
-from trimflow.tracking.runs import SQLITE_PREFIX, tracking_uri
+from trimflow.tracking.runs import (
+    PARENT_TAG,
+    PIPELINE,
+    SQLITE_PREFIX,
+    STAGE_TAG,
+    SWEEP,
+    VARIANT_TAG,
+    tracking_uri,
+)
 from trimflow.utils.atomic import atomic_file, write_json
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "trimflow"
-STAGE_TAG = "trimflow.stage"
-VARIANT_TAG = "trimflow.variant"
-PARENT_TAG = "mlflow.parentRunId"
 DEFAULT_VARIANT_BASELINE = "finetuned"
 # Metrics where smaller is better: their ratio is baseline/run (a speedup), others run/baseline.
 SMALLER_IS_BETTER = ("bench/latency", "model/size")
@@ -193,12 +198,12 @@ def select_latest_variants(client: Any, experiment_id: str, experiment: str) -> 
     """The `variant:*` runs of the most recent pipeline run that has any."""
     pipelines = client.search_runs(
         [experiment_id],
-        f"tags.`{STAGE_TAG}` = 'pipeline'",
+        f"tags.`{STAGE_TAG}` = '{PIPELINE}'",
         order_by=["attributes.start_time DESC"],
     )
     if not pipelines:
         raise CompareError(
-            f"no pipeline run (tag {STAGE_TAG}=pipeline) in MLflow experiment '{experiment}'"
+            f"no pipeline run (tag {STAGE_TAG}={PIPELINE}) in MLflow experiment '{experiment}'"
         )
     for pipeline in pipelines:
         variants = _variant_runs(client, experiment_id, pipeline.info.run_id)
@@ -218,17 +223,17 @@ def select_latest_sweep(client: Any, experiment_id: str, experiment: str) -> Sel
     `<variant>/<metric>`."""
     sweeps = client.search_runs(
         [experiment_id],
-        f"tags.`{STAGE_TAG}` = 'sweep'",
+        f"tags.`{STAGE_TAG}` = '{SWEEP}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     if not sweeps:
         raise CompareError(
-            f"no sweep run (tag {STAGE_TAG}=sweep) in MLflow experiment '{experiment}'"
+            f"no sweep run (tag {STAGE_TAG}={SWEEP}) in MLflow experiment '{experiment}'"
         )
     sweep = sweeps[0]
     points = _children(client, experiment_id, sweep.info.run_id)
-    points = [run for run in points if run.data.tags.get(STAGE_TAG) == "pipeline"]
+    points = [run for run in points if run.data.tags.get(STAGE_TAG) == PIPELINE]
     if not points:
         raise CompareError(f"sweep run '{sweep.info.run_name}' has no pipeline runs")
     description = (

@@ -1,22 +1,61 @@
-"""MLflow runs: one parent per pipeline execution, a child per stage and per variant."""
+"""MLflow runs: one parent per pipeline execution, a child per stage and per variant.
+
+A run ends FINISHED, FAILED on an error, or KILLED when a signal stopped it. Runs left RUNNING
+by a process that died (SIGKILL) are closed as KILLED by their pipeline run on its way out, or
+by the next run of the same stage.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from trimflow.config.schema import TrackingConfig, TrimflowConfig
 from trimflow.layout import unit_name
+from trimflow.utils.atomic import read_json
+from trimflow.utils.interrupt import StageInterrupted
 
 PARENT_RUN_ENV = "TRIMFLOW_PARENT_RUN_ID"
 SQLITE_PREFIX = "sqlite:///"
 log = logging.getLogger(__name__)
+
+# Run tags. STAGE_TAG holds a stage name, or PIPELINE / SWEEP for the runs that group them.
+STAGE_TAG = "trimflow.stage"
+PIPELINE = "pipeline"
+SWEEP = "sweep"
+BUILDS_TAG = "trimflow.builds"  # a variant stage run (prune@pruned): the variant it builds
+VARIANT_TAG = "trimflow.variant"  # a variant run of evaluate: the variant it measures
+SWEEP_TAG = "trimflow.sweep"  # a sweep run: the sweep directory
+RECOMMENDED_TAG = "trimflow.recommended"  # a pipeline run: the variant it recommends
+DATASET_DIGEST_TAG = "dataset.digest"
+DVC_STAGE_TAG = "dvc.stage"
+LOCK_HASH_TAG = "dvc.lock_hash"  # digest of the stage's dvc.lock entry
+COMMIT_TAG = "git.commit"
+DIRTY_TAG = "git.dirty"
+PARENT_TAG = "mlflow.parentRunId"
+# A pipeline run's summary metrics: headline/speedup, headline/size_ratio, headline/<guard>.
+HEADLINE_PREFIX = "headline/"
+# MLflow 3's experiment kind (the UI's kind selector writes this tag; "custom_model_development"
+# is "Machine learning"). UIs that route on it open such an experiment on its runs table. The
+# 3.17 UI routes on its own GenAI / Model training switch instead (remembered per browser;
+# `?workflowType=machine_learning` in the URL selects it), which the README's link sets.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+# MLflow run statuses.
+RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+INTERRUPTS = (StageInterrupted, KeyboardInterrupt)
+# dvc's exit status when Ctrl-C stops it between stages.
+DVC_INTERRUPTED = 252
+MAX_RUN_NAME = 250  # characters MLflow's database stores
 
 
 # Read once: mlflow.set_tracking_uri() writes this variable itself, so a later read would
@@ -49,6 +88,29 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def changed_params(
+    params: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """Hydra-style overrides turning `defaults` into `params`: `key=value`, `+key=value` for a
+    key only in `params`, `~key` for a key only in `defaults`."""
+
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+    changes = []
+    for key in [*params, *(key for key in defaults if key not in params)]:
+        name = f"{prefix}{key}"
+        if key not in defaults:
+            changes.append(f"+{name}={text(params[key])}")
+        elif key not in params:
+            changes.append(f"~{name}")
+        elif isinstance(params[key], Mapping) and isinstance(defaults[key], Mapping):
+            changes += changed_params(params[key], defaults[key], f"{name}.")
+        elif params[key] != defaults[key]:
+            changes.append(f"{name}={text(params[key])}")
+    return changes
+
+
 def git_tags() -> dict[str, str]:
     """The commit and dirty flag of the working tree (empty outside git)."""
 
@@ -59,15 +121,64 @@ def git_tags() -> dict[str, str]:
 
     try:
         return {
-            "git.commit": git("rev-parse", "HEAD"),
-            "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))),
+            COMMIT_TAG: git("rev-parse", "HEAD"),
+            DIRTY_TAG: str(bool(git("status", "--porcelain", "--untracked-files=no"))),
         }
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {}
 
 
-# Tag of a variant stage run (prune@pruned): the variant it builds.
-BUILDS_TAG = "trimflow.builds"
+def run_name(words: Sequence[str]) -> str:
+    """The short commit (`-dirty` when the tree is modified) then `words` (overrides, changed
+    params, dvc arguments; "defaults" when none): what tells pipeline runs apart. A long name
+    loses its middle: the commit leads, and a sweep's own overrides come last."""
+    parts = list(words) or ["defaults"]
+    tags = git_tags()
+    if tags:
+        parts.insert(0, tags[COMMIT_TAG][:7] + ("-dirty" if tags[DIRTY_TAG] == "True" else ""))
+    name = " ".join(parts)
+    if len(name) <= MAX_RUN_NAME:
+        return name
+    head = (MAX_RUN_NAME - 1) // 2
+    return f"{name[:head]}…{name[head + 1 - MAX_RUN_NAME :]}"
+
+
+class CommandFailed(Exception):
+    """A command run under a pipeline run exited with a non-zero status `code`."""
+
+    def __init__(self, command: str, code: int) -> None:
+        super().__init__(f"{command} exited with {code}")
+        self.code = code
+
+    @property
+    def signalled(self) -> bool:
+        """Whether a signal ended it: killed by it (negative code), 128 + n as a shell or a
+        trimflow stage reports signal n, or dvc's status after Ctrl-C."""
+        return self.code < 0 or 128 < self.code < 128 + signal.NSIG or self.code == DVC_INTERRUPTED
+
+    @property
+    def exit_code(self) -> int:
+        """The status to exit with: the command's, 128 + n when signal n killed it."""
+        return 128 - self.code if self.code < 0 else self.code
+
+
+def end_status(error: BaseException | None) -> str:
+    """The status a run ends with when its block exits with `error` (None: no error)."""
+    if error is None:
+        return FINISHED
+    if isinstance(error, INTERRUPTS) or (isinstance(error, CommandFailed) and error.signalled):
+        return KILLED
+    return FAILED
+
+
+def _is_running(client: Any, run_id: str) -> bool:
+    """Whether run `run_id` exists and is RUNNING."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.status == RUNNING
+    except MlflowException:
+        return False
 
 
 class Tracker:
@@ -76,19 +187,36 @@ class Tracker:
     def __init__(self, cfg: TrimflowConfig) -> None:
         self.cfg = cfg
         self.enabled = cfg.tracking.enabled
+        self.experiment_id: str | None = None
         if self.enabled:
             import mlflow
 
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             uri = tracking_uri(cfg.tracking)
             mlflow.set_tracking_uri(uri)
-            if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
-                mlflow.create_experiment(cfg.tracking.experiment, artifact_root(uri))
-            mlflow.set_experiment(cfg.tracking.experiment)
+            name = cfg.tracking.experiment
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                self.experiment_id = mlflow.create_experiment(
+                    name, artifact_root(uri), {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+                )
+            else:
+                self.experiment_id = experiment.experiment_id
+                if EXPERIMENT_KIND_TAG not in experiment.tags:  # created before the tag
+                    self.client().set_experiment_tag(
+                        self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+                    )
+            mlflow.set_experiment(experiment_id=self.experiment_id)
 
     @property
     def uri(self) -> str:
         return tracking_uri(self.cfg.tracking)
+
+    def client(self) -> Any:
+        """An MlflowClient of this tracker's store."""
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri)
 
     @contextlib.contextmanager
     def run(
@@ -98,7 +226,8 @@ class Tracker:
         params: dict[str, Any] | None = None,
         parent_run_id: str | None = None,
     ) -> Iterator[Any]:
-        """A run named `name` under the pipeline's parent run (env), with tags and params."""
+        """A run named `name` under the pipeline's parent run (env), with tags and params; it
+        ends with the `end_status` of the block."""
         if not self.enabled:
             yield None
             return
@@ -107,25 +236,36 @@ class Tracker:
         parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
         all_tags = {**git_tags(), **tags}
         if os.environ.get("DVC_STAGE"):
-            all_tags["dvc.stage"] = os.environ["DVC_STAGE"]
-        with mlflow.start_run(
+            all_tags[DVC_STAGE_TAG] = os.environ["DVC_STAGE"]
+        active = mlflow.start_run(
             run_name=name, parent_run_id=parent, nested=parent is not None, tags=all_tags
-        ) as active:
+        )
+        status = FINISHED
+        try:
             if params:
                 mlflow.log_params(flatten(params))
             yield active
+        except BaseException as error:
+            status = end_status(error)
+            raise
+        finally:
+            mlflow.end_run(status)
 
     @contextlib.contextmanager
     def stage_run(
         self, stage: str, dataset_digest: str | None = None, builds: str | None = None
     ) -> Iterator[Any]:
-        """A child run for one stage (building variant `builds`), with the flattened config."""
-        tags = {"trimflow.stage": stage}
+        """A child run for one stage (building variant `builds`), with the flattened config;
+        earlier runs of the same stage and variant that a killed process left RUNNING are
+        closed first."""
+        tags = {STAGE_TAG: stage}
         if dataset_digest:
-            tags["dataset.digest"] = dataset_digest
+            tags[DATASET_DIGEST_TAG] = dataset_digest
         if builds:
             tags[BUILDS_TAG] = builds
         config = self.cfg.model_dump(mode="json")
+        if self.enabled:
+            self._close_stale_runs(stage, builds)
         with self.run(unit_name(stage, builds), tags, config) as active:
             if active is not None:
                 import mlflow
@@ -133,11 +273,35 @@ class Tracker:
                 mlflow.log_dict(config, "config.yaml")
             yield active
 
+    def _close_stale_runs(self, stage: str, builds: str | None) -> None:
+        """Close as KILLED the RUNNING runs of `stage` (building `builds`) that are dead.
+
+        Such a run is dead when its pipeline run has ended (the pipeline is over) or is the
+        pipeline this run belongs to (a pipeline runs each stage once). A run under another
+        RUNNING pipeline may be alive: parallel sweep points and other terminals share the
+        store, so it is left alone, as is a run without a parent (no pipeline tells whether its
+        process lives; a plain `dvc repro` opens none).
+        """
+        client = self.client()
+        parent = os.environ.get(PARENT_RUN_ENV)
+        builds_filter = f"= '{builds}'" if builds else "IS NULL"
+        candidates = client.search_runs(
+            [self.experiment_id],
+            f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{BUILDS_TAG}` {builds_filter} "
+            f"and attributes.status = '{RUNNING}'",
+        )
+        for run in candidates:
+            run_parent = run.data.tags.get(PARENT_TAG)
+            if run_parent and (run_parent == parent or not _is_running(client, run_parent)):
+                log.info("closing run %s (%s) left RUNNING", run.info.run_id, run.info.run_name)
+                client.set_terminated(run.info.run_id, KILLED)
+
     @contextlib.contextmanager
     def pipeline_run(self, name: str, parent_run_id: str | None = None) -> Iterator[Any]:
-        """The run of one pipeline execution; its id is exported so stages nest under it."""
+        """The run of one pipeline execution; its id is exported so stages nest under it. On
+        its way out it closes as KILLED the child runs still RUNNING (their process died)."""
         with self.run(
-            name, {"trimflow.stage": "pipeline"}, self.cfg.model_dump(mode="json"), parent_run_id
+            name, {STAGE_TAG: PIPELINE}, self.cfg.model_dump(mode="json"), parent_run_id
         ) as active:
             previous = os.environ.get(PARENT_RUN_ENV)
             if active is not None:
@@ -149,6 +313,43 @@ class Tracker:
                     os.environ.pop(PARENT_RUN_ENV, None)
                 else:
                     os.environ[PARENT_RUN_ENV] = previous
+                if active is not None:
+                    self._close_running_children(active.info.run_id)
+
+    def _close_running_children(self, run_id: str) -> None:
+        """Close as KILLED the children of run `run_id` still RUNNING."""
+        client = self.client()
+        for child in client.search_runs(
+            [self.experiment_id],
+            f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = '{RUNNING}'",
+        ):
+            log.info("closing run %s (%s) left RUNNING", child.info.run_id, child.info.run_name)
+            client.set_terminated(child.info.run_id, KILLED)
+
+    def log_headline(self, run_id: str, metrics_file: Path) -> None:
+        """Log a pipeline's recommendation (evaluate's `metrics_file`) on its run `run_id`: the
+        variant as a tag; its speedup, size ratio and guarded quality as `headline/` metrics,
+        so the runs table compares pipelines without expanding them."""
+        from mlflow.entities import Metric, RunTag
+
+        summary = read_json(metrics_file)
+        recommendation = summary["recommendation"]
+        variant = recommendation["variant"]
+        quality = summary["variants"][variant]
+        values = {
+            "speedup": recommendation["speedup"],
+            "size_ratio": recommendation["size_ratio"],
+            **{metric: quality[metric] for metric in recommendation["guards"]},
+        }
+        now = int(time.time() * 1000)
+        self.client().log_batch(
+            run_id,
+            metrics=[
+                Metric(f"{HEADLINE_PREFIX}{key}", float(value), now, 0)
+                for key, value in values.items()
+            ],
+            tags=[RunTag(RECOMMENDED_TAG, variant)],
+        )
 
 
 def log_variant_run(
@@ -157,31 +358,34 @@ def log_variant_run(
     """A run per evaluated variant, sibling of the stage runs, with shared metric names."""
     if stage_run is None:
         return
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    client = MlflowClient(tracker.uri)
+    client = tracker.client()
     parent = os.environ.get(PARENT_RUN_ENV) or stage_run.info.run_id
     run = client.create_run(
         stage_run.info.experiment_id,
         run_name=f"variant:{variant}",
         tags={
             **stage_run.data.tags,
-            "mlflow.parentRunId": parent,
-            "trimflow.stage": "evaluate",
-            "trimflow.variant": variant,
+            PARENT_TAG: parent,
+            STAGE_TAG: "evaluate",
+            VARIANT_TAG: variant,
             "mlflow.runName": f"variant:{variant}",
         },
     )
     now = int(time.time() * 1000)
-    client.log_batch(
-        run.info.run_id,
-        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-        params=[
-            Param(key, str(value))
-            for key, value in flatten(tracker.cfg.model_dump(mode="json")).items()
-        ],
-    )
-    for path in artifacts:
-        client.log_artifact(run.info.run_id, path)
+    try:
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+            params=[
+                Param(key, str(value))
+                for key, value in flatten(tracker.cfg.model_dump(mode="json")).items()
+            ],
+        )
+        for path in artifacts:
+            client.log_artifact(run.info.run_id, path)
+    except BaseException as error:
+        client.set_terminated(run.info.run_id, end_status(error))
+        raise
     client.set_terminated(run.info.run_id)
