@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run test lint format params bench bench-serving ui ui-test clean
+.PHONY: install run test test-all chromium lint format params bench bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,9 +25,14 @@ install: $(VENV)/.installed
 run: install  ## the pipeline on the embedded default (R8 + MiniLM), under one MLflow parent run
 	trimflow repro
 
-test: install  ## lint, then the whole test suite (unit + end-to-end DVC smoke pipeline)
+lint: install
 	ruff format --check src tests bench
 	ruff check src tests bench
+
+test: lint  ## before each commit: unit tests + one real `dvc repro` smoke pipeline and its no-op rerun
+	$(PY) -m pytest -m "not slow"
+
+test-all: lint chromium  ## everything (CI): + DVC experiments, sweeps, serving, signals to real processes, browser
 	$(PY) -m pytest
 
 format: install
@@ -46,11 +51,13 @@ bench-serving: install  ## served (mlflow models serve) vs in-process throughput
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-ui-test: install  ## Debian's Chromium + chromedriver (apt, as root), then the MLflow UI browser test
+chromium:  ## Debian's Chromium + chromedriver for the browser test (apt, as root)
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	fi
+
+ui-test: install chromium  ## the MLflow UI browser test
 	$(PY) -m pytest tests/test_mlflow_ui.py
 
 clean:

@@ -142,6 +142,7 @@ def test_every_mlflow_run_of_the_repro_is_nested_and_tagged(project):
         assert run.data.tags["dvc.lock_hash"] if run in stage_runs else run.data.metrics
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_with_one_variant_override_reruns_only_that_variant_onwards(project):
     copy, sh, _ = project
     override = "prune.variants.pruned.ffn_fraction=0.25"
@@ -156,6 +157,7 @@ def test_dvc_exp_run_with_one_variant_override_reruns_only_that_variant_onwards(
     assert "ffn_fraction: 0.25" in (copy / "params.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_ner_experiment_runs_every_stage_and_reports_seqeval_of_its_saved_predictions(project):
     copy, sh, _ = project
     output = sh("dvc", "exp", "run", *(arg for o in NER_SMOKE for arg in ("-S", o)))
@@ -195,6 +197,7 @@ def experiment_points(shown) -> dict[float, dict]:
     return found
 
 
+@pytest.mark.slow
 def test_queued_dvc_experiments_run_and_dvc_exp_show_lists_them(project):
     _, sh, _ = project
     sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "finetune.lr=2e-5,5e-5")

@@ -190,6 +190,7 @@ def signal_once_training(command, cwd, work, signum, env=None) -> tuple[int, str
     return code, log.read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_to_trimflow_finetune_exits_143_naming_the_stage_and_how_to_resume(
     tiny_cfg, finetuned_root, tmp_path
 ):
@@ -212,6 +213,7 @@ def test_sigterm_to_trimflow_finetune_exits_143_naming_the_stage_and_how_to_resu
     assert summary["global_step"] == 6 * 14
 
 
+@pytest.mark.slow
 def test_sigint_to_a_sweep_point_exits_130_and_keeps_no_model(tmp_path, tiny_encoder_dir):
     command = [
         sys.executable,

@@ -177,6 +177,7 @@ def test_report_registers_the_recommended_variant_unless_turned_off(finished):
     assert registered_versions(cfg.tracking.uri, report_run_ids(cfg)) == [version]
 
 
+@pytest.mark.slow
 def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_dir):
     db = tmp_path / "mlflow.db"
     command = [
@@ -217,6 +218,7 @@ def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_di
         assert f"{HEADLINE_PREFIX}speedup" in point.data.metrics
 
 
+@pytest.mark.slow
 def test_optuna_search_maximises_the_validation_score_and_resumes_by_config_hash(
     tmp_path, tiny_encoder_dir
 ):

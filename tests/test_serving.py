@@ -294,6 +294,7 @@ def test_report_hook_logs_and_registers_the_recommended_variant(
 # --- the scoring server ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_scoring_server_serves_the_champion(tmp_path, variant_dirs, packaged_tokenizer):
     fresh_store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking_to(fresh_store, tmp_path / "artifacts") as experiment:
@@ -327,6 +328,7 @@ def test_scoring_server_serves_the_champion(tmp_path, variant_dirs, packaged_tok
     assert server.process.poll() is not None
 
 
+@pytest.mark.slow
 def test_a_server_that_cannot_load_its_model_fails_with_its_stderr(tmp_path):
     fresh_store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     server = ScoringServer("models:/no-such-model@champion", fresh_store, tmp_path)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -56,6 +57,7 @@ def test_same_seed_gives_identical_weights_and_scores(tiny_config, tmp_path):
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
+@pytest.mark.slow
 def test_interrupted_finetune_resumes_from_last_checkpoint(tiny_config, tmp_path):
     cfg = tiny_config(
         "finetune.max_epochs=12",
