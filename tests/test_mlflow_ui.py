@@ -1,8 +1,9 @@
 """The MLflow UI in a real headless Chromium: the smoke run's child runs and their metrics.
 
 Runs the smoke pipeline on the tiny BERT under one parent run into a fresh sqlite store, serves
-it with `mlflow ui` on 127.0.0.1 and reads the experiment's runs table (the "Training runs"
-tab). Skipped where Chromium, chromedriver or selenium is missing: `make ui-test` installs them.
+it with `mlflow ui` on 127.0.0.1, opens the experiment, which must land on its runs table (the
+"Training runs" tab), and reads that table. Skipped where Chromium, chromedriver or selenium is
+missing: `make ui-test` installs them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from trimflow.serving.server import LocalMlflowServer
+from trimflow.tracking.runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 
 def _executable(name: str) -> str | None:
@@ -38,6 +40,8 @@ pytest.importorskip(
 )
 
 TIMEOUT_S = 60
+# The MLflow UI's GenAI / Model training switch, set to Model training by the URL.
+MODEL_TRAINING_UI = "workflowType=machine_learning"
 # Compared per variant row: the accuracy, and a metric whose value differs between variants.
 METRICS = ("test/accuracy", "model/size_mb")
 
@@ -160,7 +164,9 @@ def _show_metric_column(driver, wait, metric: str) -> None:
     )
 
 
-def test_experiment_page_lists_the_child_runs_with_their_metrics(smoke_store, mlflow_ui, browser):
+def test_experiment_opens_on_its_runs_table_listing_the_child_runs_and_metrics(
+    smoke_store, mlflow_ui, browser
+):
     from mlflow import MlflowClient
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -180,9 +186,14 @@ def test_experiment_page_lists_the_child_runs_with_their_metrics(smoke_store, ml
 
     wait = WebDriverWait(browser, TIMEOUT_S)
     try:
-        # `#/experiments/<id>` opens the GenAI overview in MLflow 3; runs are on the runs tab.
-        browser.get(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs")
+        # The experiment link of the README opens on the runs table, not on the (empty) GenAI
+        # overview where a fresh browser lands: MLflow 3.17 routes on its GenAI / Model
+        # training switch, not on the experiment kind tag trimflow sets.
+        assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+        browser.get(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}?{MODEL_TRAINING_UI}")
         wait.until(lambda d: _run_name_text(d, parent.info.run_id) == "smoke")
+        route = browser.current_url.split("#", 1)[1].split("?")[0]
+        assert route == f"/experiments/{experiment.experiment_id}/runs"
         assert _run_name_text(browser, variants["finetuned"].info.run_id) == ""  # collapsed
         # The parent row's +/- button (in its Run Name cell) unfolds its child runs.
         expand = (
