@@ -24,6 +24,7 @@ def _executable(name: str) -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
+pytestmark = pytest.mark.slow
 CHROMIUM = _executable("chromium")
 CHROMEDRIVER = _executable("chromedriver")
 MISSING = [
