@@ -49,6 +49,7 @@ bench-serving: install  ## served (mlflow models serve) vs in-process throughput
 	$(PY) bench/serving_bench.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
+	@echo "trimflow runs: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (1: the trimflow experiment of a fresh mlflow.db; the parameter picks the runs table over the GenAI overview)"
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 chromium:  ## Debian's Chromium + chromedriver for the browser test (apt, as root)
