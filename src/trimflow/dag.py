@@ -40,6 +40,9 @@ ALLOWLIST = frozenset(
         # Atomic writes; also write_json's JSON layout: after changing that, `dvc repro -f`.
         "trimflow.utils.atomic",
         "trimflow.utils.interrupt",  # signal handling: a stage stops, keeping nothing half-written
+        # Progress lines of training and evaluate's loops: they read the state, change nothing.
+        "trimflow.models.progress",
+        "trimflow.utils.progress",
     }
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import time
@@ -13,7 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from trimflow.evaluation.inference import model_inputs
+from trimflow.utils.progress import progress
 
+log = logging.getLogger(__name__)
 Timing = tuple[float, int]  # (seconds, batch size)
 
 
@@ -102,14 +105,16 @@ def interleaved_timings(
     repeats: int,
     rounds: int,
     num_threads: int,
+    desc: str = "timing",
 ) -> dict[str, list[Timing]]:
     """Time every model in round-robin rounds (warm-up each round), so that drift in the
-    machine's speed during the measurement affects every model alike."""
+    machine's speed during the measurement affects every model alike; `desc` names the
+    progress."""
     per_round = -(-repeats // rounds)
     timings: dict[str, list[Timing]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            timings[name] += timed_forwards(model, batches, warmup, per_round, num_threads)
+    runs = [(name, model) for _ in range(rounds) for name, model in models.items()]
+    for name, model in progress(runs, desc, log, unit="run"):
+        timings[name] += timed_forwards(model, batches, warmup, per_round, num_threads)
     return timings
 
 

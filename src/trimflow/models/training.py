@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trimflow.config.schema import TrainerConfig
+from trimflow.models.progress import PlainProgress
 from trimflow.utils.interrupt import (
     HANDLED_SIGNALS,
     StageInterrupted,
@@ -26,6 +27,7 @@ from trimflow.utils.interrupt import (
     handle_signal,
     received_signal,
 )
+from trimflow.utils.progress import on_terminal
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
@@ -217,6 +219,9 @@ def fit_resumable(
             every_n_train_steps=checkpoint_every_n_steps,
         ),
     ]
+    show_bar = trainer_cfg.enable_progress_bar and on_terminal()
+    if not show_bar:  # a log file, CI or a job's output gets plain lines
+        all_callbacks.append(PlainProgress(log, monitor))
     best = None
     if monitor:
         best = ModelCheckpoint(
@@ -241,7 +246,7 @@ def fit_resumable(
         precision=resolve_precision(trainer_cfg),
         deterministic=trainer_cfg.deterministic,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
-        enable_progress_bar=trainer_cfg.enable_progress_bar,
+        enable_progress_bar=show_bar,
         enable_model_summary=False,
         max_epochs=max_epochs,
         max_steps=max_steps,

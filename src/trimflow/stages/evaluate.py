@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from trimflow.compress.onnx import OnnxClassifier
 from trimflow.compress.variants import load_variant
@@ -31,6 +30,7 @@ from trimflow.layout import Layout
 from trimflow.models.loading import WEIGHT_SUFFIXES, read_label_map
 from trimflow.tracking.runs import Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
+from trimflow.utils.progress import progress
 
 log = logging.getLogger(__name__)
 # reports/metrics.json field -> MLflow metric name (the same for every variant run); quality
@@ -115,6 +115,7 @@ def time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict
         ev.latency.repeats,
         ev.rounds,
         ev.num_threads,
+        desc="latency",
     )
     throughput = interleaved_timings(
         models,
@@ -123,6 +124,7 @@ def time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict
         ev.throughput.repeats,
         ev.rounds,
         ev.num_threads,
+        desc="throughput",
     )
     return {
         name: {**latency_summary(latency[name]), **throughput_summary(throughput[name])}
@@ -164,7 +166,7 @@ def measure_variants(
     """Score every variant (each loaded from disk), then time them all together."""
     models, details = {}, {}
     sources = variant_sources(cfg)
-    for variant, source in tqdm(sources.items(), desc="score", unit="variant"):
+    for variant, source in progress(sources.items(), "score", log, unit="variant"):
         directory = layout.model_dir(variant)
         models[variant] = load_variant(directory, num_threads=cfg.evaluate.num_threads)
         details[variant] = score_variant(models[variant], directory, inputs, scorer)
