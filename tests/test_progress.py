@@ -1,19 +1,42 @@
-"""Plain progress lines where no bar can draw."""
+"""Quiet output: plain progress lines where no bar can draw, and no third-party noise."""
 
 from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 
 import torch
+import yaml
 from conftest import build_tiny_bert, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from trimflow.layout import dvc_layout
 from trimflow.models.module import ClassifierModule
 from trimflow.models.progress import PlainProgress
+from trimflow.stages import prepare, tokenize
 from trimflow.utils import progress as progress_module
 from trimflow.utils.progress import duration, progress
+
+# What stages printed before trimflow.utils.quiet, verbatim.
+NOISE = (
+    "Failed to load",  # torchao's CUDA kernels
+    "Detected no triton",  # torchao
+    "is an Enum subclass",  # torch pytree, on torchao's import
+    "`isinstance(treespec, LeafSpec)` is deprecated",  # Lightning's pytree helper
+    "💡 Tip",  # Lightning's litlogger advert
+    "litlogger",
+    "GPU available",  # Lightning's rank-zero info lines
+    "Seed set to",
+    "`weights_only` was not set",
+    "INFO: ",  # Lightning's own console handler: each of its lines came twice
+    "Loading weights",  # transformers' bars
+    "Writing model shards",
+    "Saving the dataset",  # datasets' bar
+    "it/s]",  # any tqdm bar
+)
 
 
 class Tick(Callback):
@@ -72,3 +95,31 @@ def test_progress_off_a_terminal_logs_plain_lines_and_yields_every_item(monkeypa
         assert list(progress(["a", "b", "c"], "score", log, unit="variant")) == ["a", "b", "c"]
     assert caplog.messages == ["score: 3 variants in 0s"]
     assert [duration(s) for s in (42, 130, 3900)] == ["42s", "2m10s", "1h05m"]
+
+
+def test_finetune_into_a_file_shows_progress_lines_and_no_third_party_noise(tiny_config, tmp_path):
+    # The bar is on in the config: plain lines come because the output is no terminal.
+    cfg = tiny_config("trainer.enable_progress_bar=true")
+    layout = dvc_layout(tmp_path)
+    prepare.run(cfg, layout)
+    tokenize.run(cfg, layout)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    log = tmp_path / "finetune.log"
+    with open(log, "w") as output:
+        subprocess.run(
+            [sys.executable, "-m", "trimflow.cli", "finetune"],
+            cwd=tmp_path,
+            stdout=output,
+            stderr=output,
+            check=True,
+        )
+    text = log.read_text()
+    assert [noise for noise in NOISE if noise in text] == [], text
+    lines = [line.split(" ", 1)[1] for line in text.splitlines()]  # without the time
+    assert lines[0].startswith("trimflow.models.training: training 7 steps, max_epochs 1, on cpu")
+    for expected in (
+        "trimflow.models.training: epoch 1/1 step 7/7 val/accuracy ",
+        "trimflow.models.training: trained to step 7/7 in ",
+        "trimflow.stages.finetune: finetuned 7 steps",
+    ):
+        assert sum(line.startswith(expected) for line in lines) == 1, text

@@ -10,6 +10,7 @@ import sys
 
 from trimflow.layout import STAGES, VARIANT_STAGES, unit_name
 from trimflow.utils.interrupt import StageInterrupted, naming_stage, signals_raise
+from trimflow.utils.quiet import quiet_third_party
 
 log = logging.getLogger("trimflow")
 
@@ -25,6 +26,7 @@ def _setup_environment() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    quiet_third_party()
 
 
 def run_dvc_stage(name: str, params: str, variant: str | None) -> None:
