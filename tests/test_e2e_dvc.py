@@ -82,6 +82,9 @@ def test_first_repro_runs_every_stage_and_writes_outputs(project):
     assert list(metrics["variants"]) == list(SMOKE.variant_kinds())
     assert metrics["recommended"] in metrics["variants"]
     assert (copy / "reports/report.html").stat().st_size > 10_000
+    # `trimflow repro` closes with the recommendation and where the report is.
+    assert f"recommended {metrics['recommended']}: " in output
+    assert f"report: {copy.resolve() / 'reports/report.html'}" in output
     lock = (copy / "dvc.lock").read_text()
     assert all(f"  {unit}:" in lock for unit in UNITS)
     assert not list(copy.glob("**/.*.tmp-*")), "temporary stage outputs were left behind"

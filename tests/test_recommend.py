@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trimflow.evaluation.recommend import guard_failures, recommend
+from trimflow.evaluation.recommend import guard_failures, headline, recommend
 
 ACCURACY = ["accuracy"]
 CLASSIFICATION_GUARDS = ["accuracy", "macro_f1"]
@@ -78,3 +78,15 @@ def test_every_guard_is_checked_and_the_budget_is_inclusive():
         "macro_f1": pytest.approx(1.01)
     }
     assert guard_failures(over_on_f1, base, ACCURACY, 1.0) == {}
+
+
+def test_headline_states_the_ratios_and_the_quality_each_guard_costs():
+    variants = {
+        "finetuned": _variant(0.970, 30.0, 80.0, macro_f1=0.925),
+        "small": _variant(0.968, 7.5, 16.0, macro_f1=0.930),
+    }
+    line = headline(recommend(variants, "finetuned", 1.0, CLASSIFICATION_GUARDS))
+    assert line == (
+        "recommended small: 4.00x faster at batch 1 and 5.00x smaller than finetuned"
+        " (accuracy -0.20 pts, macro_f1 +0.50 pts)"
+    )

@@ -102,6 +102,10 @@ class Layout:
         return self.reports / "variants"
 
     @property
+    def report_file(self) -> Path:
+        return self.reports / "report.html"
+
+    @property
     def plots(self) -> Path:
         return self.reports / "plots"
 
@@ -199,5 +203,5 @@ def unit_output(layout: Layout, stage: str, variant: str | None) -> Path:
         "tokenize": layout.tokenized,
         "finetune": layout.finetuned,
         "evaluate": layout.variant_details,
-        "report": layout.reports / "report.html",
+        "report": layout.report_file,
     }[stage]

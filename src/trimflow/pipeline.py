@@ -23,6 +23,7 @@ from trimflow.config.loading import (
     validate,
 )
 from trimflow.config.schema import TrimflowConfig
+from trimflow.evaluation.recommend import headline
 from trimflow.layout import (
     HISTORY_FILE,
     Layout,
@@ -131,6 +132,8 @@ def hydra_entry(raw: DictConfig) -> float:
             tracker.client().log_metric(active.info.run_id, f"search/{cfg.search.objective}", value)
             if layout.metrics_file.exists():  # keyed by config: this pipeline's
                 tracker.log_headline(active.info.run_id, layout.metrics_file)
+    if layout.report_file.exists():
+        log_summary(layout, tracker)
     log.info("objective %s = %.4f", cfg.search.objective, value)
     return value
 
@@ -152,13 +155,24 @@ def dvc_repro(dvc_args: list[str]) -> int:
             code = _call_forwarding_signals([sys.executable, "-m", "dvc", "repro", *dvc_args])
             if code != 0:
                 raise CommandFailed("dvc repro", code)
+            current = _evaluate_is_current()
             if active is not None:
                 _tag_lock_hashes(tracker, active.info.run_id)
-                if _evaluate_is_current():
+                if current:
                     tracker.log_headline(active.info.run_id, dvc_layout().metrics_file)
     except CommandFailed as failed:
         return failed.exit_code
+    if current:
+        log_summary(dvc_layout(), tracker)
     return 0
+
+
+def log_summary(layout: Layout, tracker: Tracker) -> None:
+    """The closing lines of a pipeline run: what to use, where the report is, how to look."""
+    log.info(headline(read_json(layout.metrics_file)["recommendation"]))
+    log.info("report: %s", layout.report_file.resolve())
+    if tracker.enabled:
+        log.info("runs: `make ui` (or mlflow ui --backend-store-uri %s)", tracker.uri)
 
 
 def _call_forwarding_signals(command: list[str]) -> int:

@@ -65,3 +65,15 @@ def recommend(
         "size_ratio": base["size_mb"] / chosen["size_mb"],
         "excluded": excluded,
     }
+
+
+def headline(recommendation: Mapping[str, Any]) -> str:
+    """One line for people: the recommended variant, its ratios and what its quality costs."""
+    costs = ", ".join(
+        f"{metric} {-points:+.2f} pts" for metric, points in recommendation["drop_pts"].items()
+    )
+    return (
+        f"recommended {recommendation['variant']}: {recommendation['speedup']:.2f}x faster at"
+        f" batch 1 and {recommendation['size_ratio']:.2f}x smaller than"
+        f" {recommendation['baseline']} ({costs})"
+    )

@@ -151,16 +151,16 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         page = render_html(cfg.report.title, summary, tables, images, notes, excluded)
         with atomic_file(layout.reports / "report.md") as handle:
             handle.write(markdown)
-        with atomic_file(layout.reports / "report.html") as handle:
+        with atomic_file(layout.report_file) as handle:
             handle.write(page)
         if active is not None:
             import mlflow
 
             from trimflow.serving.registry import publish_recommended
 
-            mlflow.log_artifact(str(layout.reports / "report.html"))
+            mlflow.log_artifact(str(layout.report_file))
             mlflow.log_artifact(str(layout.reports / "report.md"))
             mlflow.log_artifacts(str(layout.plots), "plots")
             if cfg.tracking.register_model:
                 publish_recommended(cfg, layout, metrics, active.info.run_id)
-    log.info("wrote %s", layout.reports / "report.html")
+    log.info("wrote %s", layout.report_file)
