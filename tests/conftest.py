@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -113,6 +114,22 @@ def tiny_config(tmp_path, tiny_encoder_dir, tracking_db):
         )
 
     return make
+
+
+def smoke_pipeline_command(encoder_dir, *overrides: str) -> list[str]:
+    """`trimflow pipeline` (in a subprocess) on the smoke preset, the tiny encoder and a few
+    dozen rows, plus `overrides` (`-m` for a sweep)."""
+    return [
+        sys.executable,
+        "-m",
+        "trimflow.cli",
+        "pipeline",
+        "experiment=smoke",
+        f"model.name={encoder_dir}",
+        "dataset.max_train_samples=80",
+        "dataset.max_test_samples=24",
+        *overrides,
+    ]
 
 
 def mlflow_runs(uri: str, experiment: str) -> list:

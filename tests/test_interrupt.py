@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import smoke_pipeline_command
 from safetensors.torch import load_file
 
 from trimflow.config.loading import compose_config
@@ -119,37 +120,32 @@ def test_signalled_finetune_resumes_at_its_step_to_the_same_training(
     assert same_training(layout.finetuned, dvc_layout(finetuned_root).finetuned)
 
 
-def test_signalled_prune_recovery_resumes_to_the_same_pruned_model(
-    tiny_cfg, finetuned_root, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("stage", "variant", "module_class", "signum"),
+    [
+        (prune, "pruned", ClassifierModule, signal.SIGINT),
+        (distill, "distilled", DistillationClassifier, signal.SIGTERM),
+    ],
+    ids=["prune-recovery", "distill"],
+)
+def test_signalled_variant_training_resumes_to_the_same_model(
+    stage, variant, module_class, signum, tiny_cfg, finetuned_root, tmp_path, monkeypatch
 ):
     results = {}
     for name in ("uninterrupted", "interrupted"):
         root = tmp_path / name
         layout = copy_project(finetuned_root, root, "data", "models")
-        run = lambda layout=layout: prune.run(tiny_cfg, layout, "pruned")  # noqa: E731
+
+        def run(layout=layout):
+            stage.run(tiny_cfg, layout, variant)
+
         if name == "interrupted":
-            interrupt_and_resume(monkeypatch, run, root, ClassifierModule, 1, signal.SIGINT)
+            interrupt_and_resume(monkeypatch, run, root, module_class, 1, signum)
         else:
             run()
-        results[name] = layout.model_dir("pruned")
+        results[name] = layout.model_dir(variant)
     summary = json.loads((results["interrupted"] / "training.json").read_text())
     assert summary["resumed_from_step"] == 2
-    assert same_training(results["interrupted"], results["uninterrupted"])
-
-
-def test_signalled_distillation_resumes_to_the_same_student(
-    tiny_cfg, finetuned_root, tmp_path, monkeypatch
-):
-    results = {}
-    for name in ("uninterrupted", "interrupted"):
-        root = tmp_path / name
-        layout = copy_project(finetuned_root, root, "data", "models")
-        run = lambda layout=layout: distill.run(tiny_cfg, layout, "distilled")  # noqa: E731
-        if name == "interrupted":
-            interrupt_and_resume(monkeypatch, run, root, DistillationClassifier, 1, signal.SIGTERM)
-        else:
-            run()
-        results[name] = layout.model_dir("distilled")
     assert same_training(results["interrupted"], results["uninterrupted"])
 
 
@@ -215,25 +211,18 @@ def test_sigterm_to_trimflow_finetune_exits_143_naming_the_stage_and_how_to_resu
 
 @pytest.mark.slow
 def test_sigint_to_a_sweep_point_exits_130_and_keeps_no_model(tmp_path, tiny_encoder_dir):
-    command = [
-        sys.executable,
+    command = smoke_pipeline_command(
+        tiny_encoder_dir,
         "-m",
-        "trimflow.cli",
-        "pipeline",
-        "-m",
-        "experiment=smoke",
-        f"model.name={tiny_encoder_dir}",
-        "dataset.max_train_samples=80",
-        "dataset.max_test_samples=24",
         "finetune.max_epochs=50",
         "finetune.lr=1e-4,5e-4",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
-    ]
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     store = tmp_path / "outputs" / "store"
     code, output = signal_once_training(command, tmp_path, store / "work", signal.SIGINT, env)
     assert code == 130, output[-3000:]
     assert "finetune interrupted by SIGINT at step" in output
-    assert "Rerun `trimflow pipeline -m experiment=smoke" in output
+    assert "Rerun `trimflow pipeline experiment=smoke" in output and "-m finetune" in output
     assert not list((store / "models").glob("finetuned-*"))
     assert list((store / "work").glob(f"*/{LAST_CHECKPOINT}"))

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
-from conftest import mlflow_runs
+from conftest import mlflow_runs, smoke_pipeline_command
 
 from trimflow.compress.variants import load_variant
 from trimflow.evaluation.scoring import LabelScorer
@@ -180,21 +179,14 @@ def test_report_registers_the_recommended_variant_unless_turned_off(finished):
 @pytest.mark.slow
 def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_dir):
     db = tmp_path / "mlflow.db"
-    command = [
-        sys.executable,
+    command = smoke_pipeline_command(
+        tiny_encoder_dir,
         "-m",
-        "trimflow.cli",
-        "pipeline",
-        "-m",
-        "experiment=smoke",
-        f"model.name={tiny_encoder_dir}",
-        "dataset.max_train_samples=80",
-        "dataset.max_test_samples=24",
         *LEAN,
         "finetune.lr=1e-4,5e-4",
         "prune.variants.pruned.ffn_fraction=0.25,0.5",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
-    ]
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
     store = tmp_path / "outputs" / "store"
@@ -224,19 +216,12 @@ def test_optuna_search_maximises_the_validation_score_and_resumes_by_config_hash
 ):
     db = tmp_path / "mlflow.db"
     sweep_dir = tmp_path / "optuna"
-    command = [
-        sys.executable,
-        "-m",
-        "trimflow.cli",
-        "pipeline",
+    command = smoke_pipeline_command(
+        tiny_encoder_dir,
         "hparams_search=finetune",
-        "experiment=smoke",
-        f"model.name={tiny_encoder_dir}",
-        "dataset.max_train_samples=80",
-        "dataset.max_test_samples=24",
         "hydra.sweeper.n_trials=3",
         f"hydra.sweep.dir={sweep_dir}",
-    ]
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
 
     def search() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -57,6 +58,20 @@ def clean_env(monkeypatch):
 @pytest.fixture
 def tracker(tiny_config, clean_env):
     return Tracker(tiny_config())
+
+
+# evaluate's metrics.json, reduced to what a pipeline's headline reads.
+EVALUATED = {
+    "recommendation": {
+        "variant": "q",
+        "baseline": "finetuned",
+        "speedup": 3.0,
+        "size_ratio": 4.0,
+        "guards": ["accuracy"],
+        "drop_pts": {"accuracy": 0.5},
+    },
+    "variants": {"q": {"accuracy": 0.9}},
+}
 
 
 def status(tracker: Tracker, run_id: str) -> str:
@@ -188,10 +203,7 @@ def test_run_names_start_with_the_commit(tmp_path, clean_env):
 
 def test_the_headline_of_a_pipeline_is_logged_on_its_run(tracker, tmp_path):
     metrics_file = tmp_path / "metrics.json"
-    recommendation = {"variant": "q", "speedup": 3.0, "size_ratio": 4.0, "guards": ["accuracy"]}
-    metrics_file.write_text(
-        json.dumps({"recommendation": recommendation, "variants": {"q": {"accuracy": 0.9}}})
-    )
+    metrics_file.write_text(json.dumps(EVALUATED))
     with tracker.pipeline_run("pipeline") as parent:
         tracker.log_headline(parent.info.run_id, metrics_file)
     run = tracker.client().get_run(parent.info.run_id)
@@ -237,14 +249,14 @@ def test_a_failing_dvc_repro_ends_its_run_failed(tiny_config, clean_env, tmp_pat
     assert " dataset.max_test_samples=40 " in run.info.run_name  # differs from conf/
 
 
-def test_a_finished_dvc_repro_carries_its_name_and_headline(tiny_config, clean_env, tmp_path):
+def test_a_finished_dvc_repro_carries_its_name_and_headline(
+    tiny_config, clean_env, tmp_path, caplog
+):
     from trimflow.pipeline import dvc_repro
 
+    caplog.set_level(logging.INFO)
     cfg = tiny_config()
-    recommendation = {"variant": "q", "speedup": 3.0, "size_ratio": 4.0, "guards": ["accuracy"]}
-    (tmp_path / "headline.json").write_text(
-        json.dumps({"recommendation": recommendation, "variants": {"q": {"accuracy": 0.9}}})
-    )
+    (tmp_path / "headline.json").write_text(json.dumps(EVALUATED))
     evaluate = {
         "cmd": "mkdir -p reports && cp headline.json reports/metrics.json",
         "deps": ["headline.json"],
@@ -258,6 +270,10 @@ def test_a_finished_dvc_repro_carries_its_name_and_headline(tiny_config, clean_e
     assert run.info.run_name.startswith(f"{commit} dvc repro evaluate dataset.")
     assert run.data.tags[RECOMMENDED_TAG] == "q"
     assert run.data.metrics[f"{HEADLINE_PREFIX}speedup"] == 3.0
+    assert (
+        "recommended q: 3.00x faster at batch 1 and 4.00x smaller than finetuned"
+        " (accuracy -0.50 pts)" in caplog.text
+    )
     (tmp_path / "headline.json").write_text("{}")  # evaluate is stale, `--dry` runs nothing
     assert dvc_repro(["--dry"]) == 0
     (dry,) = [r for r in pipeline_runs(Tracker(cfg)) if r.info.run_id != run.info.run_id]
