@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,9 +58,16 @@ def project(tmp_path_factory):
     }
 
     def sh(*command: str) -> str:
-        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
+        """Run `command` in the copy; its output goes through a file, not a pipe: the worker
+        that `dvc queue start` leaves behind would hold a pipe open and block the read."""
+        with tempfile.TemporaryFile("w+") as output:
+            code = subprocess.run(
+                command, cwd=copy, env=env, stdout=output, stderr=subprocess.STDOUT
+            ).returncode
+            output.seek(0)
+            text = output.read()
+        assert code == 0, f"{command} failed:\n{text}"
+        return text
 
     sh("git", "init", "-q")
     sh("trimflow", "params", "experiment=smoke")
@@ -205,10 +213,15 @@ def test_queued_dvc_experiments_run_and_dvc_exp_show_lists_them(project):
     _, sh, _ = project
     sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "finetune.lr=2e-5,5e-5")
     sh("dvc", "queue", "start", "--jobs", "1")
-    deadline = time.monotonic() + 1800
-    while re.search(r"\b(Queued|Running)\b", sh("dvc", "queue", "status")):
-        assert time.monotonic() < deadline, "queued experiments did not finish in 30 min"
-        time.sleep(10)
+    try:
+        deadline = time.monotonic() + 1800
+        while re.search(r"\b(Queued|Running)\b", sh("dvc", "queue", "status")):
+            assert time.monotonic() < deadline, "queued experiments did not finish in 30 min"
+            time.sleep(10)
+    finally:
+        # The worker stops by itself once idle, unless its idle monitor died (dvc-task's
+        # filesystem broker can hand it a half-written message): stop it in any case.
+        sh("dvc", "queue", "stop")
     assert "Failed" not in sh("dvc", "queue", "status")
     points = experiment_points(json.loads(sh("dvc", "exp", "show", "--json")))
     assert {2e-5, 5e-5} <= set(points)
