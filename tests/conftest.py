@@ -116,14 +116,15 @@ def tiny_config(tmp_path, tiny_encoder_dir, tracking_db):
     return make
 
 
-def smoke_pipeline_command(encoder_dir, *overrides: str) -> list[str]:
-    """`trimflow pipeline` (in a subprocess) on the smoke preset, the tiny encoder and a few
-    dozen rows, plus `overrides` (`-m` for a sweep)."""
+def smoke_pipeline_command(encoder_dir, *overrides: str, multirun: bool = False) -> list[str]:
+    """`trimflow pipeline [-m]` (in a subprocess) on the smoke preset, the tiny encoder and a
+    few dozen rows, plus `overrides`. (Hydra's parser wants `-m` before the overrides.)"""
     return [
         sys.executable,
         "-m",
         "trimflow.cli",
         "pipeline",
+        *(["-m"] if multirun else []),
         "experiment=smoke",
         f"model.name={encoder_dir}",
         "dataset.max_train_samples=80",

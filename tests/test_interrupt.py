@@ -213,16 +213,16 @@ def test_sigterm_to_trimflow_finetune_exits_143_naming_the_stage_and_how_to_resu
 def test_sigint_to_a_sweep_point_exits_130_and_keeps_no_model(tmp_path, tiny_encoder_dir):
     command = smoke_pipeline_command(
         tiny_encoder_dir,
-        "-m",
         "finetune.max_epochs=50",
         "finetune.lr=1e-4,5e-4",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        multirun=True,
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     store = tmp_path / "outputs" / "store"
     code, output = signal_once_training(command, tmp_path, store / "work", signal.SIGINT, env)
     assert code == 130, output[-3000:]
     assert "finetune interrupted by SIGINT at step" in output
-    assert "Rerun `trimflow pipeline experiment=smoke" in output and "-m finetune" in output
+    assert "Rerun `trimflow pipeline -m experiment=smoke" in output
     assert not list((store / "models").glob("finetuned-*"))
     assert list((store / "work").glob(f"*/{LAST_CHECKPOINT}"))

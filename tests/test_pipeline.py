@@ -181,11 +181,11 @@ def test_multirun_sweep_shares_upstream_and_nests_runs(tmp_path, tiny_encoder_di
     db = tmp_path / "mlflow.db"
     command = smoke_pipeline_command(
         tiny_encoder_dir,
-        "-m",
         *LEAN,
         "finetune.lr=1e-4,5e-4",
         "prune.variants.pruned.ffn_fraction=0.25,0.5",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        multirun=True,
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
