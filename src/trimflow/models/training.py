@@ -6,7 +6,6 @@ import csv
 import logging
 import random
 import signal
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from trimflow.config.schema import TrainerConfig
 from trimflow.models.progress import PlainProgress
 from trimflow.utils.interrupt import (
-    HANDLED_SIGNALS,
     StageInterrupted,
     deferred_signals,
-    handle_signal,
+    install_signal_handlers,
     received_signal,
 )
 from trimflow.utils.progress import on_terminal
@@ -152,9 +150,7 @@ class StopOnSignal(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning put its handlers in place just before; it restores the previous ones
         # at teardown.
-        if threading.current_thread() is threading.main_thread():
-            for signum in HANDLED_SIGNALS:
-                signal.signal(signum, handle_signal)
+        install_signal_handlers()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if received_signal() is None or (batch_idx + 1) % trainer.accumulate_grad_batches:

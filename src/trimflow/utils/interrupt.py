@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from types import FrameType
 
@@ -23,7 +24,6 @@ class StageInterrupted(BaseException):
 
     def __init__(self, signum: int, detail: str = "") -> None:
         self.signum = signum
-        self.detail = detail
         self.stage: str | None = None  # the stage unit it stopped, set by whoever knows it
         super().__init__(f"interrupted by {signal.Signals(signum).name}{detail}")
 
@@ -48,7 +48,14 @@ class _SignalState:
 
 
 _state = _SignalState()
-handle_signal = _state.handle
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGINT go to this module's handler (main thread only, as Python requires;
+    elsewhere nothing changes)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, _state.handle)
 
 
 def received_signal() -> int | None:
@@ -70,8 +77,7 @@ def naming_stage(name: str) -> Iterator[None]:
 def signals_raise() -> Iterator[None]:
     """Within the block SIGTERM and SIGINT raise `StageInterrupted` (main thread only)."""
     previous = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
-    for signum in HANDLED_SIGNALS:
-        signal.signal(signum, _state.handle)
+    install_signal_handlers()
     try:
         yield
     finally:
