@@ -181,6 +181,12 @@ def _is_running(client: Any, run_id: str) -> bool:
         return False
 
 
+def _close_as_killed(client: Any, run: Any) -> None:
+    """End `run`, left RUNNING by a process that died, as KILLED."""
+    log.info("closing run %s (%s) left RUNNING", run.info.run_id, run.info.run_name)
+    client.set_terminated(run.info.run_id, KILLED)
+
+
 class Tracker:
     """Opens MLflow runs for a config; does nothing when `tracking.enabled` is false."""
 
@@ -293,8 +299,7 @@ class Tracker:
         for run in candidates:
             run_parent = run.data.tags.get(PARENT_TAG)
             if run_parent and (run_parent == parent or not _is_running(client, run_parent)):
-                log.info("closing run %s (%s) left RUNNING", run.info.run_id, run.info.run_name)
-                client.set_terminated(run.info.run_id, KILLED)
+                _close_as_killed(client, run)
 
     @contextlib.contextmanager
     def pipeline_run(self, name: str, parent_run_id: str | None = None) -> Iterator[Any]:
@@ -323,8 +328,7 @@ class Tracker:
             [self.experiment_id],
             f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = '{RUNNING}'",
         ):
-            log.info("closing run %s (%s) left RUNNING", child.info.run_id, child.info.run_name)
-            client.set_terminated(child.info.run_id, KILLED)
+            _close_as_killed(client, child)
 
     def log_headline(self, run_id: str, metrics_file: Path) -> None:
         """Log a pipeline's recommendation (evaluate's `metrics_file`) on its run `run_id`: the
