@@ -38,7 +38,22 @@ def test_variant_stages_iterate_over_the_declared_variants():
     assert stages["quantize"]["do"]["deps"][-1] == "models/${item.source}"
 
 
-def test_default_declares_every_variant_kind_and_names_are_unique():
+def test_default_is_lean_and_zoo_adds_every_other_scheme():
+    default, zoo = compose_config([]), compose_config(["experiment=zoo"])
+    assert list(default.prune.variants) == ["pruned"]
+    assert list(default.distill.students) == ["distilled"]
+    # One int8 form of each trained variant: what the recommendation weighs.
+    assert {v.source for v in default.quantize.variants.values()} == {
+        "finetuned",
+        "pruned",
+        "distilled",
+    }
+    assert set(zoo.prune.variants) == {"pruned", "sparse80"}
+    assert set(zoo.quantize.variants) > set(default.quantize.variants)
+    assert {v.scheme for v in zoo.quantize.variants.values()} == set(QUANTIZE_SCHEMES) - {"fp16"}
+
+
+def test_smoke_declares_every_variant_kind_and_names_are_unique():
     cfg = compose_config(["experiment=smoke"])
     kinds = cfg.variant_kinds()
     assert set(kinds.values()) == {"finetune", "prune", "distill", "quantize"}
@@ -68,10 +83,13 @@ def test_bad_variant_declarations_are_named(overrides, message):
     ("override", "key"),
     [
         ("+finetune.lrr=1", "finetune.lrr"),
-        ("prune.variants.sparse80.sparsity=1.5", "prune.variants.sparse80.magnitude.sparsity"),
+        (
+            "prune.variants.pruned.heads_fraction=1.5",
+            "prune.variants.pruned.structured.heads_fraction",
+        ),
         ("finetune.batch_size=zero", "finetune.batch_size"),
         ("finetune.lrr=1", "finetune.lrr"),
-        ("quantize.variants.onnx.scheme=onnx_int4", "quantize.variants.onnx.scheme"),
+        ("quantize.variants.onnx_int8.scheme=onnx_int4", "quantize.variants.onnx_int8.scheme"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -92,13 +110,13 @@ def test_load_params_names_the_file(tmp_path):
 
 
 def test_changing_one_prune_variant_changes_only_it_and_its_downstream_keys():
-    before = stage_keys(compose_config())
-    after = stage_keys(compose_config(["prune.variants.pruned.ffn_fraction=0.3"]))
+    before = stage_keys(compose_config(["experiment=zoo"]))
+    after = stage_keys(compose_config(["experiment=zoo", "prune.variants.pruned.ffn_fraction=0.3"]))
     changed = [unit for unit in before if before[unit] != after[unit]]
     assert changed == [
         "prune@pruned",
-        "quantize@pruned_quantized",
         "quantize@pruned_onnx_int8",
+        "quantize@pruned_quantized",
         "evaluate",
         "report",
     ]

@@ -23,6 +23,8 @@ from trimflow.config.schema import TrainerConfig
 from trimflow.models.distillation import (
     DistillationClassifier,
     distillation_loss,
+    hidden_layer_map,
+    hidden_state_loss,
     student_from_pretrained,
     student_from_teacher,
 )
@@ -79,8 +81,26 @@ def kl_to_teacher(student, teacher, batches: list[dict]) -> float:
     return total / len(batches)
 
 
-def module_for(student, teacher, alpha: float = 0.5, lr: float = 1e-3) -> DistillationClassifier:
-    return DistillationClassifier(student, lr=lr, teacher=teacher, temperature=2.0, alpha=alpha)
+def module_for(
+    student, teacher, alpha: float = 0.5, lr: float = 1e-3, hidden_weight: float = 0.0
+) -> DistillationClassifier:
+    return DistillationClassifier(
+        student, lr=lr, teacher=teacher, temperature=2.0, alpha=alpha, hidden_weight=hidden_weight
+    )
+
+
+def hidden_distance(student, teacher, batches: list[dict]) -> float:
+    """Mean hidden-state term between student and teacher, in eval mode."""
+    student.eval()
+    with torch.no_grad():
+        return sum(
+            hidden_state_loss(
+                student(**inputs, output_hidden_states=True).hidden_states[1:],
+                teacher(**inputs, output_hidden_states=True).hidden_states[1:],
+                inputs["attention_mask"],
+            ).item()
+            for inputs in ({k: v for k, v in b.items() if k != "labels"} for b in batches)
+        ) / len(batches)
 
 
 # --- students copied from the teacher ---------------------------------------------------------
@@ -295,3 +315,51 @@ def test_checkpoints_hold_the_student_and_resume(tiny_bert, tmp_path):
         checkpoint_every_n_steps=2,
     )
     assert resumed.resumed_from_step == 4 and resumed.global_step == 8
+
+
+# --- hidden-state distillation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("student_layers", "teacher_layers", "expected"),
+    [(3, 6, [1, 3, 5]), (2, 6, [2, 5]), (1, 4, [3]), (4, 4, [0, 1, 2, 3]), (2, 3, [1, 2])],
+)
+def test_each_student_layer_matches_the_end_of_its_span(student_layers, teacher_layers, expected):
+    assert hidden_layer_map(student_layers, teacher_layers) == expected
+
+
+def test_hidden_term_is_zero_on_equal_states_and_ignores_padding():
+    generator = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 5, 8, generator=generator) for _ in range(4)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    mapped = [states[1], states[3]]
+    assert hidden_state_loss(mapped, states, mask).item() == pytest.approx(0.0, abs=1e-6)
+    # Scaling a state does not matter (normalised); changing a padded position does not either.
+    changed = [mapped[0] * 3.0, mapped[1].clone()]
+    changed[1][0, 4] = 100.0
+    assert hidden_state_loss(changed, states, mask).item() == pytest.approx(0.0, abs=1e-6)
+    changed[1][0, 2] = -changed[1][0, 2]  # a real token pointing the opposite way: distance 4
+    expected = 4.0 / 8 / 2  # one of 8 kept tokens in one of the 2 layer pairs
+    assert hidden_state_loss(changed, states, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hidden_term_pulls_the_student_states_towards_the_teacher():
+    teacher = deep_teacher(4)
+    batches = random_batches(count=2, seed=2)
+    distances = {}
+    for weight in (0.0, 10.0):
+        student = build_tiny_bert(seed=1)  # 2 layers, unrelated weights
+        module = module_for(student, teacher, alpha=1.0, lr=2e-3, hidden_weight=weight)
+        fit(module, batches, steps=30)
+        distances[weight] = hidden_distance(student, teacher, batches)
+    assert distances[10.0] < 0.5 * distances[0.0]
+    assert "train/hidden_loss" in module.trainer.logged_metrics
+
+
+def test_hidden_term_needs_equal_hidden_sizes(tiny_bert):
+    config = build_tiny_bert().config.to_dict() | {"hidden_size": 64, "intermediate_size": 64}
+    narrow = BertForSequenceClassification(BertConfig.from_dict(config))
+    with pytest.raises(ValueError, match="hidden size"):
+        module_for(narrow, tiny_bert, hidden_weight=1.0)
+    with pytest.raises(ValueError, match="hidden_weight"):
+        module_for(student_from_teacher(deep_teacher(4), [0]), deep_teacher(4), hidden_weight=-1)

@@ -36,6 +36,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "trainer",
         "distill.temperature",
         "distill.alpha",
+        "distill.hidden_weight",
         "distill.lr",
         "distill.max_epochs",
         "distill.limit_train_batches",

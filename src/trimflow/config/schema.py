@@ -157,6 +157,8 @@ class StudentConfig(Section):
 class DistillConfig(Section):
     temperature: float = Field(gt=0.0)
     alpha: float = Field(ge=0.0, le=1.0)
+    # Weight of the layer-wise hidden-state term (0: logits only).
+    hidden_weight: float = Field(ge=0.0)
     lr: float = Field(gt=0.0, lt=1.0)
     max_epochs: int = Field(ge=1)
     limit_train_batches: int | float = Field(gt=0)

@@ -3,8 +3,10 @@
 A student is either a shallower copy of the teacher (`student_from_teacher`, layers picked from
 the teacher's encoder) or a smaller pretrained encoder sharing the teacher's vocabulary
 (`student_from_pretrained`). `DistillationClassifier` trains it on a mix of the teacher's
-softened predictions and the labels; the teacher is frozen and kept out of the module tree, so
-optimizer, checkpoints and `state_dict` hold the student only.
+softened predictions and the labels, optionally also matching the teacher's hidden states
+layer by layer (Sun et al., 2019, "Patient KD"; here every token's state, not only [CLS]); the
+teacher is frozen and kept out of the module tree, so optimizer, checkpoints and `state_dict`
+hold the student only.
 """
 
 from __future__ import annotations
@@ -154,6 +156,38 @@ def distillation_loss(
     return alpha * kd + (1 - alpha) * ce
 
 
+def hidden_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """The teacher layer whose output each student layer learns to reproduce.
+
+    Student layer j ends the j-th of `student_layers` equal spans of the teacher's depth
+    (3 of 6: teacher layers 1, 3, 5), so the last layers always correspond.
+    """
+    return [round((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]
+
+
+def hidden_state_loss(
+    student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], attention_mask: Tensor
+) -> Tensor:
+    """Mean squared distance of L2-normalised token states over the mapped layer pairs.
+
+    `*_states` are the encoder layer outputs (embeddings excluded); padding tokens are left out.
+    Each pair contributes at most 4 per token, so the term stays on the scale of the KD loss.
+    """
+    layers = hidden_layer_map(len(student_states), len(teacher_states))
+    keep = attention_mask.bool()
+    distances = [
+        (
+            F.normalize(student.float()[keep], dim=-1)
+            - F.normalize(teacher_states[layer].detach().float()[keep], dim=-1)
+        )
+        .pow(2)
+        .sum(-1)
+        .mean()
+        for student, layer in zip(student_states, layers, strict=True)
+    ]
+    return torch.stack(distances).mean()
+
+
 class DistillationClassifier(ClassifierModule):
     """ClassifierModule training its model (the student) against a frozen teacher.
 
@@ -171,9 +205,18 @@ class DistillationClassifier(ClassifierModule):
         teacher: PreTrainedModel,
         temperature: float,
         alpha: float,
+        hidden_weight: float = 0.0,
     ) -> None:
         super().__init__(model, lr, weight_decay, warmup_ratio)
         _check_weights(temperature, alpha)
+        if hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}")
+        if hidden_weight and teacher.config.hidden_size != model.config.hidden_size:
+            raise ValueError(
+                f"hidden-state distillation needs the student's hidden size"
+                f" ({model.config.hidden_size}) to equal the teacher's"
+                f" ({teacher.config.hidden_size})"
+            )
         if teacher is model:
             raise ValueError("the teacher and the student must be different models")
         if teacher.config.id2label != model.config.id2label:
@@ -184,6 +227,7 @@ class DistillationClassifier(ClassifierModule):
         self._teacher = (teacher.requires_grad_(False).eval(),)
         self.temperature = temperature
         self.alpha = alpha
+        self.hidden_weight = hidden_weight
 
     @property
     def teacher(self) -> PreTrainedModel:
@@ -195,14 +239,21 @@ class DistillationClassifier(ClassifierModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items() if key != "labels"}
-        student_logits = self.model(**inputs).logits
+        states = {"output_hidden_states": True} if self.hidden_weight else {}
+        student = self.model(**inputs, **states)
         with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
+            teacher = self.teacher(**inputs, **states)
         kd, ce = distillation_terms(
-            student_logits, teacher_logits, batch["labels"], self.temperature
+            student.logits, teacher.logits, batch["labels"], self.temperature
         )
         loss = self.alpha * kd + (1 - self.alpha) * ce
         size = batch["labels"].shape[0]
+        if self.hidden_weight:
+            hidden = hidden_state_loss(
+                student.hidden_states[1:], teacher.hidden_states[1:], inputs["attention_mask"]
+            )
+            loss = loss + self.hidden_weight * hidden
+            self.log("train/hidden_loss", hidden, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/kd_loss", kd, batch_size=size)
         self.log("train/ce_loss", ce, batch_size=size)

@@ -58,6 +58,7 @@ def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
         teacher=teacher,
         temperature=settings.temperature,
         alpha=settings.alpha,
+        hidden_weight=settings.hidden_weight,
     )
     tracker = Tracker(cfg)
     work_dir = layout.work / f"distill-{stage_keys(cfg)[unit_name('distill', name)]}"
