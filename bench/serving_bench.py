@@ -51,8 +51,7 @@ from trimflow.evaluation.benchmark import (
 from trimflow.evaluation.inference import predict
 from trimflow.evaluation.inputs import TestInputs, build_test_inputs, chunks, inference_data
 from trimflow.evaluation.scoring import make_scorer
-from trimflow.layout import Layout, dvc_layout
-from trimflow.models.loading import read_label_map
+from trimflow.layout import Layout, dvc_layout, read_label_map
 from trimflow.serving.pyfunc import log_variant_model
 from trimflow.serving.registry import register_recommended
 from trimflow.serving.server import ScoringServer

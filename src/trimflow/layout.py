@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from trimflow.config.schema import FINETUNED, TrimflowConfig
+from trimflow.utils.atomic import read_json
 from trimflow.utils.hashing import digest_json
 
+# The label map that travels with data and every model directory.
+LABEL_MAP_FILE = "label_map.json"
 VARIANT = "{variant}"
 # The params each stage reads; `{variant}` stands for the variant a foreach stage builds.
 # dvc.yaml's `params:` lists the same, with ${key} for {variant} (a test holds them equal).
@@ -206,3 +209,8 @@ def unit_output(layout: Layout, stage: str, variant: str | None) -> Path:
         "evaluate": layout.variant_details,
         "report": layout.report_file,
     }[stage]
+
+
+def read_label_map(directory: str | Path) -> dict:
+    """The label map that travels with data and models: labels, dataset name and digest."""
+    return read_json(Path(directory) / LABEL_MAP_FILE)

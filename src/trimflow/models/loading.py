@@ -18,9 +18,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from trimflow.assets import resolve
-from trimflow.utils.atomic import read_json, write_json
+from trimflow.layout import LABEL_MAP_FILE
+from trimflow.utils.atomic import write_json
 
-LABEL_MAP_FILE = "label_map.json"
 # Files holding a variant's weights; everything else in its directory is shared metadata.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx")
 log = logging.getLogger(__name__)
@@ -84,11 +84,6 @@ def save_model_dir(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     write_json(out_dir / LABEL_MAP_FILE, label_map)
-
-
-def read_label_map(directory: str | Path) -> dict:
-    """The label map that travels with data and models: labels, dataset name and digest."""
-    return read_json(Path(directory) / LABEL_MAP_FILE)
 
 
 def copy_metadata(source_dir: Path, out_dir: Path) -> None:

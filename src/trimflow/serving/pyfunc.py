@@ -28,7 +28,8 @@ from transformers import AutoConfig, BatchEncoding, PreTrainedTokenizerBase
 
 from trimflow.compress.variants import load_variant
 from trimflow.data.token_labels import word_predictions
-from trimflow.models.loading import TASK_MODELS, auto_model_class, load_tokenizer, read_label_map
+from trimflow.layout import read_label_map
+from trimflow.models.loading import TASK_MODELS, auto_model_class, load_tokenizer
 
 VARIANT_ARTIFACT = "variant"
 MODEL_CODE = Path(__file__).with_name("model_code.py")

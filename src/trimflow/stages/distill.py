@@ -9,18 +9,13 @@ import lightning as L
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
-from trimflow.layout import Layout, stage_keys, unit_name
+from trimflow.layout import Layout, read_label_map, stage_keys, unit_name
 from trimflow.models.distillation import (
     DistillationClassifier,
     student_from_pretrained,
     student_from_teacher,
 )
-from trimflow.models.loading import (
-    load_classifier,
-    load_tokenizer,
-    read_label_map,
-    save_model_dir,
-)
+from trimflow.models.loading import load_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
     build_datamodule,
     mlflow_logger,

@@ -26,8 +26,8 @@ from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inputs import TestInputs, build_test_inputs, inference_data
 from trimflow.evaluation.recommend import recommend
 from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement, make_scorer
-from trimflow.layout import Layout
-from trimflow.models.loading import WEIGHT_SUFFIXES, read_label_map
+from trimflow.layout import Layout, read_label_map
+from trimflow.models.loading import WEIGHT_SUFFIXES
 from trimflow.tracking.runs import Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
 from trimflow.utils.progress import progress

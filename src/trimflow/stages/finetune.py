@@ -8,13 +8,8 @@ import shutil
 import lightning as L
 
 from trimflow.config.schema import TrimflowConfig
-from trimflow.layout import Layout, stage_keys
-from trimflow.models.loading import (
-    load_base_classifier,
-    load_tokenizer,
-    read_label_map,
-    save_model_dir,
-)
+from trimflow.layout import Layout, read_label_map, stage_keys
+from trimflow.models.loading import load_base_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
     build_datamodule,
     classifier_module,

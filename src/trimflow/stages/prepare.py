@@ -12,8 +12,7 @@ from trimflow.data.ner import prepare_tagged
 from trimflow.data.sources import load_raw_splits
 from trimflow.data.splits import split_validation, subsample
 from trimflow.data.validation import check_labels_known, check_rows, shared_texts
-from trimflow.layout import Layout
-from trimflow.models.loading import LABEL_MAP_FILE
+from trimflow.layout import LABEL_MAP_FILE, Layout
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 from trimflow.utils.hashing import digest_json

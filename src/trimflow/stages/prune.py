@@ -13,13 +13,8 @@ from trimflow.compress.structured import StructuredPruner, unit_importance
 from trimflow.compress.variants import save_sparse_variant
 from trimflow.config.schema import MagnitudePruning, TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
-from trimflow.layout import Layout, stage_keys, unit_name
-from trimflow.models.loading import (
-    load_classifier,
-    load_tokenizer,
-    read_label_map,
-    save_model_dir,
-)
+from trimflow.layout import Layout, read_label_map, stage_keys, unit_name
+from trimflow.models.loading import load_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
     build_datamodule,
     classifier_module,

@@ -10,8 +10,7 @@ from trimflow.compress.variants import load_variant, save_onnx_variant
 from trimflow.config.schema import TrimflowConfig
 from trimflow.evaluation.inference import model_inputs
 from trimflow.evaluation.inputs import inference_data
-from trimflow.layout import Layout
-from trimflow.models.loading import read_label_map
+from trimflow.layout import Layout, read_label_map
 from trimflow.stages import selected_variants
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir

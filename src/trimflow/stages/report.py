@@ -9,8 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
-from trimflow.layout import HISTORY_FILE, Layout
-from trimflow.models.loading import read_label_map
+from trimflow.layout import HISTORY_FILE, Layout, read_label_map
 from trimflow.report.pareto import quality_metric
 from trimflow.report.plots import (
     confusion_figure,

@@ -10,8 +10,15 @@ import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.tokenization import tokenize_split, tokenize_tagged_split
-from trimflow.layout import SPLITS, TOKENIZED_SPLITS, TOKENIZER, Layout
-from trimflow.models.loading import LABEL_MAP_FILE, load_tokenizer, read_label_map
+from trimflow.layout import (
+    LABEL_MAP_FILE,
+    SPLITS,
+    TOKENIZED_SPLITS,
+    TOKENIZER,
+    Layout,
+    read_label_map,
+)
+from trimflow.models.loading import load_tokenizer
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 
