@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from trimflow.compress.quantize import quantize_dynamic_int8
-from trimflow.evaluation.benchmark import measure_latency, measure_throughput, torch_threads
+from trimflow.evaluation.benchmark import (
+    cpu_description,
+    interleaved_timings,
+    measure_latency,
+    measure_throughput,
+    torch_threads,
+)
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import predict
@@ -149,3 +155,40 @@ def test_quantized_bert_reports_the_same_total_as_fp32(tiny_bert):
     fp32_total, _ = count_parameters(tiny_bert)
     quantized_total, _ = count_parameters(quantize_dynamic_int8(tiny_bert))
     assert quantized_total == fp32_total
+
+
+class CallLog(nn.Module):
+    """Records which model ran each forward, in order."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        super().__init__()
+        self.name, self.calls = name, calls
+
+    def forward(self, input_ids, **_):
+        self.calls.append(self.name)
+        return input_ids
+
+
+def test_interleaved_timings_warm_up_once_then_alternate_models():
+    calls: list[str] = []
+    models = {name: CallLog(name, calls) for name in ("a", "b")}
+    batches = [{"input_ids": torch.zeros(3, 4, dtype=torch.long)}]
+    timings = interleaved_timings(models, batches, warmup=4, repeats=6, rounds=3, num_threads=1)
+    # 2 timed forwards per round; 4 warm-up forwards in round 1, then 1 per round.
+    assert {name: len(t) for name, t in timings.items()} == {"a": 6, "b": 6}
+    assert all(size == 3 and seconds >= 0 for t in timings.values() for seconds, size in t)
+    rounds = ["a"] * 6 + ["b"] * 6 + (["a"] * 3 + ["b"] * 3) * 2
+    assert calls == rounds
+
+
+def test_cpu_description_names_model_and_speed_flags():
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+        "flags\t\t: fpu sse avx2 avx512f avx512_vnni\n\nprocessor\t: 1\n"
+        "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
+    )
+    assert cpu_description(cpuinfo) == {
+        "cpu_model": "Intel(R) Xeon(R) Processor",
+        "cpu_flags": ["avx2", "avx512f", "avx512_vnni"],
+    }
+    assert cpu_description("flags : sse avx2\n")["cpu_flags"] == ["avx2"]

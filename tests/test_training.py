@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from trimflow.layout import dvc_layout
+from trimflow.models.module import class_weights, cross_entropy
+from trimflow.models.recipe import build_datamodule
 from trimflow.stages import finetune, prepare, tokenize
 
 TINY_TRAINING = ["finetune.max_epochs=2", "finetune.lr=5e-4", "finetune.batch_size=8"]
@@ -55,6 +58,54 @@ def test_same_seed_gives_identical_weights_and_scores(tiny_config, tmp_path):
     (summary_a, weights_a), (summary_b, weights_b) = results
     assert summary_a["best_score"] == summary_b["best_score"]
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_class_weights_follow_the_balance_exponent():
+    counts = torch.tensor([90, 9, 1, 0])
+    assert class_weights(counts, 0.0) is None
+    full = class_weights(counts, 1.0)
+    assert torch.allclose(full[:3] * counts[:3], (full[0] * counts[0]).expand(3))  # equal totals
+    half = class_weights(counts, 0.5)
+    assert half[1] / half[0] == pytest.approx(10**0.5) and half[2] / half[1] == pytest.approx(3)
+    for weights in (full, half):
+        assert (weights * counts).sum() / counts.sum() == pytest.approx(1.0)  # mean 1 per label
+        assert weights[3] == 1.0  # absent from training
+
+
+def test_weighted_cross_entropy_is_the_weighted_mean_and_plain_matches_the_model(tiny_bert):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=generator)
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (weights[labels] * losses).sum() / weights[labels].sum()
+    assert cross_entropy(logits, labels, weights).item() == pytest.approx(expected.item())
+    inputs = {"input_ids": torch.randint(1000, 2000, (4, 9), generator=generator)}
+    target = torch.tensor([0, 1, 2, 1])
+    output = tiny_bert(**inputs, labels=target)
+    assert cross_entropy(output.logits, target).item() == pytest.approx(output.loss.item())
+
+
+def test_train_label_counts_come_from_the_training_split(tiny_config, tmp_path):
+    cfg = tiny_config()
+    layout = prepared_layout(cfg, tmp_path)
+    counts = build_datamodule(cfg, layout).train_label_counts(8)
+    train = pd.read_parquet(layout.prepared / "train.parquet")
+    expected = train["label_id"].value_counts()
+    assert counts.tolist() == [int(expected.get(i, 0)) for i in range(8)]
+
+
+def test_class_balance_changes_the_training_loss(tiny_config, tmp_path):
+    steps = []
+    for balance in (0.0, 1.0):
+        cfg = tiny_config(
+            *TINY_TRAINING, "finetune.max_epochs=1", f"finetune.class_balance={balance}"
+        )
+        layout = prepared_layout(cfg, tmp_path / str(balance))
+        finetune.run(cfg, layout)
+        history = pd.read_csv(layout.finetuned / "history.csv")
+        steps.append(history.loc[history["metric"] == "train/loss", "value"].tolist())
+    assert steps[0] != steps[1]
 
 
 @pytest.mark.slow

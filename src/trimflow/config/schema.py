@@ -92,6 +92,8 @@ class FinetuneConfig(Section):
     lr: float = Field(gt=0.0, lt=1.0)
     weight_decay: float = Field(ge=0.0)
     warmup_ratio: float = Fraction
+    # Loss weight per class = (its share of training labels) ** -class_balance (0: plain CE).
+    class_balance: float = Field(ge=0.0, le=1.0)
     batch_size: int = Field(gt=0)
     eval_batch_size: int = Field(gt=0)
     accumulate_grad_batches: int = Field(ge=1)

@@ -115,6 +115,13 @@ class TokenizedDataModule(L.LightningDataModule):
                 self.tokenizer, self.splits["train"], self.pad_to_multiple_of
             )
 
+    def train_label_counts(self, num_labels: int) -> torch.Tensor:
+        """How often each label occurs in the training split (labelled tokens for NER)."""
+        self.setup()
+        rows = self.splits["train"].with_format(None)["labels"]
+        flat = torch.tensor([x for row in rows for x in (row if isinstance(row, list) else [row])])
+        return torch.bincount(flat[flat >= 0], minlength=num_labels)
+
     def train_dataloader(self) -> DataLoader:
         sampler = SeededBatchSampler(
             self.train_lengths, self.batch_size, self.seed, self.group_by_length

@@ -8,6 +8,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,22 +108,49 @@ def interleaved_timings(
     num_threads: int,
     desc: str = "timing",
 ) -> dict[str, list[Timing]]:
-    """Time every model in round-robin rounds (warm-up each round), so that drift in the
-    machine's speed during the measurement affects every model alike; `desc` names the
-    progress."""
+    """Time every model in round-robin rounds, so that drift in the machine's speed during the
+    measurement affects every model alike; `desc` names the progress.
+
+    A model gets its `warmup` forwards in the first round only; later rounds start with one
+    untimed forward, which refills the caches the other models used meanwhile.
+    """
     per_round = -(-repeats // rounds)
     timings: dict[str, list[Timing]] = {name: [] for name in models}
-    runs = [(name, model) for _ in range(rounds) for name, model in models.items()]
-    for name, model in progress(runs, desc, log, unit="run"):
-        timings[name] += timed_forwards(model, batches, warmup, per_round, num_threads)
+    runs = [
+        (name, model, warmup if round_ == 0 else min(warmup, 1))
+        for round_ in range(rounds)
+        for name, model in models.items()
+    ]
+    for name, model, warm in progress(runs, desc, log, unit="run"):
+        timings[name] += timed_forwards(model, batches, warm, per_round, num_threads)
     return timings
+
+
+# CPU features that change training and int8 inference speed several-fold.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict:
+    """The CPU model and its speed-relevant flags, from /proc/cpuinfo (Linux; else unknown)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name", platform.processor() or "unknown"),
+        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
+    }
 
 
 def environment() -> dict:
     """The machine and settings the numbers were measured on."""
     return {
         "machine": platform.machine(),
-        "processor": platform.processor() or "unknown",
+        **cpu_description(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

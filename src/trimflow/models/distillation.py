@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trimflow.compress.heads import is_structurally_pruned
 from trimflow.models.loading import load_base_classifier, load_tokenizer
-from trimflow.models.module import ClassifierModule, labelled_positions
+from trimflow.models.module import ClassifierModule, cross_entropy, labelled_positions
 
 
 def _layer_list(model: PreTrainedModel) -> str:
@@ -124,15 +124,19 @@ def _check_weights(temperature: float, alpha: float) -> None:
 
 
 def distillation_terms(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    class_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(T^2 * KL(teacher_T || student_T) per scored position, cross-entropy with the labels).
 
     A position is an example, or a labelled token of a token classifier ([batch, seq, labels]
     logits; IGNORE_INDEX labels are left out of both terms). Logits are compared in float32; no
-    gradient reaches the teacher's logits.
+    gradient reaches the teacher's logits. `class_weights` weigh the cross-entropy only.
     """
-    student, labels_kept = labelled_positions(student_logits.float(), labels)
+    student, _ = labelled_positions(student_logits.float(), labels)
     teacher, _ = labelled_positions(teacher_logits.detach().float(), labels)
     kd = F.kl_div(
         F.log_softmax(student / temperature, dim=-1),
@@ -140,7 +144,7 @@ def distillation_terms(
         reduction="batchmean",
         log_target=True,
     )
-    return temperature**2 * kd, F.cross_entropy(student, labels_kept)
+    return temperature**2 * kd, cross_entropy(student_logits, labels, class_weights)
 
 
 def distillation_loss(
@@ -206,8 +210,9 @@ class DistillationClassifier(ClassifierModule):
         temperature: float,
         alpha: float,
         hidden_weight: float = 0.0,
+        class_weights: Tensor | None = None,
     ) -> None:
-        super().__init__(model, lr, weight_decay, warmup_ratio)
+        super().__init__(model, lr, weight_decay, warmup_ratio, class_weights)
         _check_weights(temperature, alpha)
         if hidden_weight < 0:
             raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}")
@@ -244,7 +249,7 @@ class DistillationClassifier(ClassifierModule):
         with torch.no_grad():
             teacher = self.teacher(**inputs, **states)
         kd, ce = distillation_terms(
-            student.logits, teacher.logits, batch["labels"], self.temperature
+            student.logits, teacher.logits, batch["labels"], self.temperature, self.class_weights
         )
         loss = self.alpha * kd + (1 - self.alpha) * ce
         size = batch["labels"].shape[0]

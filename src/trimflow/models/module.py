@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -51,8 +52,34 @@ def labelled_positions(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logits[keep], labels[keep]
 
 
+def class_weights(counts: Tensor, balance: float) -> Tensor | None:
+    """Loss weight of each class: its share of the training labels to the power -`balance`.
+
+    0 weighs every label alike (None: plain cross-entropy), 0.5 is square-root balancing, 1
+    makes every class weigh the same in total. Weights are scaled to average 1 over the training
+    labels, so the loss keeps its scale; a class absent from training gets weight 1.
+    """
+    if balance == 0:
+        return None
+    counts = counts.double()
+    present = counts > 0
+    weights = torch.where(present, counts / counts.sum(), 1.0).pow(-balance)
+    weights = weights * counts.sum() / (weights * counts).sum()
+    return torch.where(present, weights, 1.0).float()
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Cross-entropy over the scored positions, each label weighted by `weights` if given."""
+    scored, kept = labelled_positions(logits.float(), labels)
+    return F.cross_entropy(scored, kept, weight=weights)
+
+
 class ClassifierModule(L.LightningModule):
-    """Wraps an AutoModelFor{Sequence,Token}Classification: AdamW, linear warm-up and decay."""
+    """Wraps an AutoModelFor{Sequence,Token}Classification: AdamW, linear warm-up and decay.
+
+    `class_weights` (see `class_weights`) weigh the training loss per label; validation loss
+    stays unweighted.
+    """
 
     def __init__(
         self,
@@ -60,12 +87,14 @@ class ClassifierModule(L.LightningModule):
         lr: float,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
+        class_weights: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode: enable dropout
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self.val_metrics = nn.ModuleDict(validation_metrics(model))
         self.main_metric = MAIN_METRIC[is_token_classifier(model)]
 
@@ -73,7 +102,8 @@ class ClassifierModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        loss = cross_entropy(self.model(**inputs).logits, batch["labels"], self.class_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 

@@ -13,7 +13,7 @@ import lightning as L
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.layout import HISTORY_FILE, Layout
-from trimflow.models.module import ClassifierModule
+from trimflow.models.module import ClassifierModule, class_weights
 from trimflow.models.training import FitResult, fit_resumable, resolve_precision
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import write_json
@@ -64,11 +64,22 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
     )
 
 
-def classifier_module(cfg: TrimflowConfig, model, lr: float) -> ClassifierModule:
-    """The LightningModule around `model` with the shared optimizer settings."""
-    return ClassifierModule(
-        model, lr=lr, weight_decay=cfg.finetune.weight_decay, warmup_ratio=cfg.finetune.warmup_ratio
-    )
+def classifier_module(
+    cfg: TrimflowConfig, model, lr: float, datamodule: TokenizedDataModule
+) -> ClassifierModule:
+    """The LightningModule around `model` with the shared optimizer and loss settings."""
+    return ClassifierModule(model, lr=lr, **shared_module_settings(cfg, model, datamodule))
+
+
+def shared_module_settings(cfg: TrimflowConfig, model, datamodule: TokenizedDataModule) -> dict:
+    """The module settings every training stage takes from `finetune`: weight decay, warm-up
+    and the class weights of the loss (`finetune.class_balance`)."""
+    counts = datamodule.train_label_counts(model.config.num_labels)
+    return {
+        "weight_decay": cfg.finetune.weight_decay,
+        "warmup_ratio": cfg.finetune.warmup_ratio,
+        "class_weights": class_weights(counts, cfg.finetune.class_balance),
+    }
 
 
 def train_module(

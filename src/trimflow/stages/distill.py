@@ -19,6 +19,7 @@ from trimflow.models.loading import load_classifier, load_tokenizer, save_model_
 from trimflow.models.recipe import (
     build_datamodule,
     mlflow_logger,
+    shared_module_settings,
     train_module,
     write_training_outputs,
 )
@@ -45,11 +46,11 @@ def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
         student = student_from_teacher(teacher, spec.layers)
     else:
         student = student_from_pretrained(spec.model, label_map["labels"], tokenizer, cfg.task.type)
+    datamodule = build_datamodule(cfg, layout)
     module = DistillationClassifier(
         student,
         lr=settings.lr,
-        weight_decay=cfg.finetune.weight_decay,
-        warmup_ratio=cfg.finetune.warmup_ratio,
+        **shared_module_settings(cfg, student, datamodule),
         teacher=teacher,
         temperature=settings.temperature,
         alpha=settings.alpha,
@@ -61,7 +62,7 @@ def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
         result = train_module(
             cfg,
             module,
-            build_datamodule(cfg, layout),
+            datamodule,
             work_dir,
             mlflow_logger(tracker, active),
             monitor=cfg.finetune.monitor,

@@ -30,11 +30,12 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     tokenizer = load_tokenizer(str(layout.tokenizer_dir))
     work_dir = layout.work / f"finetune-{stage_keys(cfg)['finetune']}"
     tracker = Tracker(cfg)
+    datamodule = build_datamodule(cfg, layout)
     with tracker.stage_run("finetune", label_map["dataset_digest"]) as active:
         result = train_module(
             cfg,
-            classifier_module(cfg, model, cfg.finetune.lr),
-            build_datamodule(cfg, layout),
+            classifier_module(cfg, model, cfg.finetune.lr, datamodule),
+            datamodule,
             work_dir,
             mlflow_logger(tracker, active),
             monitor=cfg.finetune.monitor,

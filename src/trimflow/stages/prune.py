@@ -64,7 +64,7 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
         if recovery.enabled:
             result = train_module(
                 cfg,
-                classifier_module(cfg, model, recovery.lr),
+                classifier_module(cfg, model, recovery.lr, datamodule),
                 datamodule,
                 work_dir,
                 mlflow_logger(tracker, active),
