@@ -129,7 +129,8 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     excluded = exclusion_lines(metrics["recommendation"])
     notes = [
         f"Measured on {environment['cpu_model']} ({environment['machine']}; "
-        f"{', '.join(environment['cpu_flags']) or 'no AVX2'}), {environment['cpu_count']} CPUs, {environment['num_threads']} torch threads, "
+        f"{', '.join(environment['cpu_flags']) or 'no AVX2'}), {environment['cpu_count']} CPUs, "
+        f"{environment['num_threads']} torch threads, "
         f"device {environment['device']}, torch {environment['torch']}.",
         "Size counts the weight files only; the tokenizer is the same for every variant.",
         "Unstructured magnitude sparsity does not speed up dense kernels; its gain is size: "
