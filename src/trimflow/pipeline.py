@@ -141,6 +141,8 @@ def hydra_entry(raw: DictConfig) -> float:
 def dvc_repro(dvc_args: list[str]) -> int:
     """Run `dvc repro` under one MLflow parent run; returns dvc's exit status.
 
+    With a default DVC remote configured, `--pull` is added: DVC first fetches what the remote
+    has (outputs of unchanged stages, run-cache entries) and computes only the rest.
     The run is named by the commit, the dvc arguments and the params that differ from conf/.
     It ends FAILED when dvc fails, KILLED when a signal stopped dvc or this process. On success
     each stage run is tagged with its lock hash and, when evaluate is up to date, the run gets
@@ -148,6 +150,14 @@ def dvc_repro(dvc_args: list[str]) -> int:
     """
     cfg = load_params()
     tracker = Tracker(cfg)
+    remote = default_remote()
+    if remote is not None and "--pull" not in dvc_args:
+        log.info(
+            "DVC remote '%s' (%s) is configured: pulling what it has before computing"
+            " (dvc repro --pull)",
+            *remote,
+        )
+        dvc_args = ["--pull", *dvc_args]
     words = [shlex.join(["dvc", "repro", *dvc_args])] if dvc_args else []
     words += changed_params(cfg.model_dump(mode="json"), compose_config().model_dump(mode="json"))
     try:
@@ -164,7 +174,18 @@ def dvc_repro(dvc_args: list[str]) -> int:
         return failed.exit_code
     if current:
         log_summary(dvc_layout(), tracker)
+    if remote is not None:
+        log.info("share what was computed: dvc push --run-cache (to '%s')", remote[0])
     return 0
+
+
+def default_remote() -> tuple[str, str] | None:
+    """(name, url) of the DVC project's default remote, or None without one."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        name = repo.config["core"].get("remote")
+        return (name, repo.config["remote"][name]["url"]) if name else None
 
 
 def log_summary(layout: Layout, tracker: Tracker) -> None:
