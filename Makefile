@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run test test-all chromium lint format params bench bench-serving ui ui-test clean
+.PHONY: install run push test test-all chromium lint format params bench bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ install: $(VENV)/.installed
 
 run: install  ## the pipeline on the embedded default (R8 + MiniLM), under one MLflow parent run
 	trimflow repro
+
+push: install  ## share outputs and run-cache with the team: dvc push --run-cache (default remote)
+	dvc push --run-cache
 
 lint: install
 	ruff format --check src tests bench
