@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push test test-all chromium lint format params bench bench-serving ui ui-test clean
+.PHONY: install run push test test-all chromium postgres lint format params bench bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,7 +35,7 @@ lint: install
 test: lint  ## before each commit: unit tests + one real `dvc repro` smoke pipeline and its no-op rerun
 	$(PY) -m pytest -m "not slow"
 
-test-all: lint chromium  ## everything (CI): + DVC experiments, sweeps, serving, signals to real processes, browser
+test-all: lint chromium postgres  ## everything (CI): + DVC experiments, sweeps, serving, signals to real processes, browser
 	$(PY) -m pytest
 
 format: install
@@ -54,6 +54,12 @@ bench-serving: install  ## served (mlflow models serve) vs in-process throughput
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	@echo "trimflow runs: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (1: the trimflow experiment of a fresh mlflow.db; the parameter picks the runs table over the GenAI overview)"
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+postgres:  ## Debian's PostgreSQL server programs for the team-server tests (apt, as root)
+	@if [ -z "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] && ! command -v initdb >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	fi
 
 chromium:  ## Debian's Chromium + chromedriver for the browser test (apt, as root)
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \

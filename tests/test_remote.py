@@ -8,69 +8,23 @@ from __future__ import annotations
 
 import filecmp
 import re
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, project_env, shell
+from conftest import AWS, copy_project, project_env, shell
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BUCKET = "trimflow-cache"
-# Fake credentials: moto accepts any; botocore must find some, and no instance metadata.
-AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 # DVC outputs compared byte for byte between the computing clone and the pulling ones.
 OUTPUTS = ("data/prepared", "data/tokenized", "models", "reports/metrics.json", "reports/variants")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on a free loopback port, with the bucket created; stopped by PID."""
-    import boto3
-
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"moto server on {endpoint} did not start") from None
-                time.sleep(0.3)
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
-            region_name=AWS["AWS_DEFAULT_REGION"],
-        )
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint, client
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def s3_endpoint(s3_server):
+    endpoint, client = s3_server
+    client.create_bucket(Bucket=BUCKET)
+    return endpoint, client
 
 
 def ran_stages(output: str) -> list[str]:

@@ -137,6 +137,7 @@ def run_command(argv: list[str]) -> int:
 
     from trimflow.config.loading import ConfigError
     from trimflow.data.sources import DataError
+    from trimflow.tracking.runs import TrackingError
 
     try:
         if args.command in STAGES:
@@ -158,7 +159,7 @@ def run_command(argv: list[str]) -> int:
             from trimflow.pipeline import dvc_repro
 
             return dvc_repro(args.dvc_args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, TrackingError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
     return 0

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -187,6 +188,26 @@ def _close_as_killed(client: Any, run: Any) -> None:
     client.set_terminated(run.info.run_id, KILLED)
 
 
+class TrackingError(Exception):
+    """The tracking server refused or could not be reached; the message says what to do."""
+
+
+def explain_refusal(uri: str, error: Exception) -> TrackingError | None:
+    """A TrackingError naming the server and its answer, for a refused or failed request."""
+    code = re.search(r"error code (\d{3})", str(error))
+    if code and code.group(1) == "401":
+        return TrackingError(
+            f"MLflow server {uri} answered 401 Unauthorized: set MLFLOW_TRACKING_USERNAME and"
+            " MLFLOW_TRACKING_PASSWORD to an account of its basic-auth app"
+        )
+    if code and code.group(1) == "403":
+        return TrackingError(
+            f"MLflow server {uri} answered 403 Forbidden: the account in"
+            " MLFLOW_TRACKING_USERNAME lacks permission on this experiment (ask its admin)"
+        )
+    return None
+
+
 class Tracker:
     """Opens MLflow runs for a config; does nothing when `tracking.enabled` is false."""
 
@@ -201,12 +222,23 @@ class Tracker:
             uri = tracking_uri(cfg.tracking)
             mlflow.set_tracking_uri(uri)
             name = cfg.tracking.experiment
-            experiment = mlflow.get_experiment_by_name(name)
+            try:
+                experiment = mlflow.get_experiment_by_name(name)
+            except mlflow.exceptions.MlflowException as err:
+                refusal = explain_refusal(uri, err)
+                if refusal is None:
+                    raise
+                raise refusal from err
             if experiment is None:
-                self.experiment_id = mlflow.create_experiment(
-                    name, artifact_root(uri), {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
-                )
-            else:
+                try:
+                    self.experiment_id = mlflow.create_experiment(
+                        name, artifact_root(uri), {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+                    )
+                except mlflow.exceptions.MlflowException as err:
+                    if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    experiment = mlflow.get_experiment_by_name(name)  # a concurrent client's
+            if experiment is not None:
                 self.experiment_id = experiment.experiment_id
                 if EXPERIMENT_KIND_TAG not in experiment.tags:  # created before the tag
                     self.client().set_experiment_tag(

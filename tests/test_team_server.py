@@ -1,0 +1,205 @@
+"""A team MLflow server: PostgreSQL backend store, S3 artifacts proxied by the server, basic auth.
+
+Every component is real and listens on 127.0.0.1: PostgreSQL (Debian's), moto's S3 server and
+`mlflow server --app-name basic-auth`. Clients hold only MLflow credentials, no S3 ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import AWS, create_database, free_port, smoke_pipeline_command, stop, wait_for_http
+
+pytestmark = pytest.mark.slow
+BUCKET = "team-mlflow"
+ADMIN = ("admin", "team-server-admin-pw")
+
+
+@pytest.fixture(scope="module")
+def team_server(tmp_path_factory, postgres_server, s3_server):
+    """The URI of `mlflow server` on PostgreSQL + S3 behind MLflow's basic-auth app."""
+    s3_endpoint, s3 = s3_server
+    s3.create_bucket(Bucket=BUCKET)
+    store = create_database(postgres_server, "mlflow_team")
+    root = tmp_path_factory.mktemp("team-server")
+    (root / "auth.ini").write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\n"
+        f"admin_username = {ADMIN[0]}\n"
+        f"admin_password = {ADMIN[1]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        **AWS,
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
+    }
+    server = subprocess.Popen(
+        [
+            Path(sys.executable).parent / "mlflow",
+            "server",
+            "--backend-store-uri",
+            store,
+            "--artifacts-destination",
+            f"s3://{BUCKET}/artifacts",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", server, "mlflow server", seconds=180)
+        yield uri
+    finally:
+        stop(server)
+
+
+def client_env(with_credentials: bool = True) -> dict[str, str]:
+    """A client's environment: MLflow credentials (or none), and no S3 credentials at all."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if with_credentials:
+        env |= {"MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
+    return env
+
+
+def run_pipeline(encoder_dir, uri: str, experiment: str, cwd: Path, *overrides: str, **popen):
+    """A smoke `trimflow pipeline` logging to the team server (a started process)."""
+    command = smoke_pipeline_command(
+        encoder_dir,
+        "distill.students.distilled.layers=[1]",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={experiment}",
+        *overrides,
+    )
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def finished(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output
+    return output
+
+
+@pytest.fixture
+def admin_client(team_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+    return MlflowClient(team_server)
+
+
+@pytest.fixture(scope="module")
+def logged(team_server, tiny_encoder_dir, tmp_path_factory):
+    """One smoke pipeline logged through the server with credentials."""
+    cwd = tmp_path_factory.mktemp("client")
+    output = finished(run_pipeline(tiny_encoder_dir, team_server, "team", cwd, env=client_env()))
+    return output, cwd
+
+
+def test_pipeline_logs_runs_artifacts_and_registry_through_the_server(
+    logged, admin_client, s3_server
+):
+    experiment = admin_client.get_experiment_by_name("team")
+    runs = admin_client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId")]
+    assert children and all(run.info.status == "FINISHED" for run in children)
+    # Artifacts went through the server's proxy into the bucket.
+    _, s3 = s3_server
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert any(key.endswith("metrics.json") for key in keys)
+    assert all(run.info.artifact_uri.startswith("mlflow-artifacts:") for run in runs)
+    model = admin_client.get_registered_model("trimflow-classification")
+    assert "champion" in model.aliases
+
+
+def test_without_credentials_the_error_names_the_server_and_401(
+    team_server, tiny_encoder_dir, tmp_path
+):
+    process = run_pipeline(
+        tiny_encoder_dir, team_server, "team", tmp_path, env=client_env(with_credentials=False)
+    )
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert f"MLflow server {team_server} answered 401 Unauthorized" in output
+    assert "MLFLOW_TRACKING_USERNAME" in output
+
+
+def test_compare_reads_from_the_server(logged, team_server, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trimflow.cli",
+            "compare",
+            "--latest-pipeline",
+            "--experiment",
+            "team",
+            "--uri",
+            team_server,
+            "--out",
+            str(tmp_path / "compare"),
+        ],
+        env=client_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = next((tmp_path / "compare").glob("*.md")).read_text()
+    assert "finetuned" in table and "distilled_onnx_int8" in table
+
+
+def test_two_concurrent_pipelines_lose_no_run_or_metric(
+    team_server, tiny_encoder_dir, tmp_path, admin_client
+):
+    processes = [
+        run_pipeline(
+            tiny_encoder_dir,
+            team_server,
+            "team-concurrent",
+            tmp_path,
+            f"finetune.lr={lr}",
+            env=client_env(),
+        )
+        for lr in ("1e-4", "3e-4")
+    ]
+    for process in processes:
+        finished(process)
+    experiment = admin_client.get_experiment_by_name("team-concurrent")
+    runs = admin_client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 2
+    for parent in parents:
+        children = [
+            run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        ]
+        variants = [run for run in children if "test/accuracy" in run.data.metrics]
+        assert len(variants) == 15, [run.info.run_name for run in children]  # the smoke set
+        assert all(run.info.status == "FINISHED" for run in children)
