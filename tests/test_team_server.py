@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import AWS, create_database, free_port, smoke_pipeline_command, stop, wait_for_http
 
+from trimflow.tracking.runs import SWEEP_TAG
+
 pytestmark = pytest.mark.slow
 BUCKET = "team-mlflow"
 ADMIN = ("admin", "team-server-admin-pw")
@@ -203,3 +205,40 @@ def test_two_concurrent_pipelines_lose_no_run_or_metric(
         variants = [run for run in children if "test/accuracy" in run.data.metrics]
         assert len(variants) == 15, [run.info.run_name for run in children]  # the smoke set
         assert all(run.info.status == "FINISHED" for run in children)
+
+
+SWEEP_POINT = """
+import sys
+from trimflow.config.loading import compose_config
+from trimflow.pipeline import sweep_parent_run
+from trimflow.tracking.runs import Tracker
+
+uri, experiment, sweep_dir = sys.argv[1:]
+cfg = compose_config([f"tracking.uri={uri}", f"tracking.experiment={experiment}"])
+print(sweep_parent_run(Tracker(cfg), sweep_dir))
+"""
+
+
+def test_sweep_points_starting_at_once_share_one_parent_run(team_server, tmp_path, admin_client):
+    sweep_dir = str(tmp_path / "multirun" / "sweep")
+    points = [
+        subprocess.Popen(
+            [sys.executable, "-c", SWEEP_POINT, team_server, "team-sweep", sweep_dir],
+            env=client_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    ids = []
+    for point in points:
+        output, errors = point.communicate(timeout=300)
+        assert point.returncode == 0, errors
+        ids.append(output.strip().splitlines()[-1])
+    assert len(set(ids)) == 1
+    experiment = admin_client.get_experiment_by_name("team-sweep")
+    runs = admin_client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}'"
+    )
+    assert [run.info.run_id for run in runs] == ids[:1]

@@ -52,6 +52,8 @@ from trimflow.utils.interrupt import naming_stage
 
 log = logging.getLogger(__name__)
 SWEEP_STORE = Path("outputs/store")
+# In a sweep folder: the MLflow run id of the sweep's parent run.
+SWEEP_PARENT_FILE = "mlflow_parent_run_id"
 
 
 def run_pipeline(cfg: TrimflowConfig, layout: Layout, last_stage: str = "report") -> None:
@@ -90,21 +92,38 @@ def search_objective(cfg: TrimflowConfig, layout: Layout) -> float:
     return float(max(fast_enough, default=0.0))
 
 
-def _sweep_parent(tracker: Tracker, sweep_dir: str) -> str | None:
-    """The id of the sweep's parent run, created by the first point of the sweep."""
+def sweep_parent_run(tracker: Tracker, sweep_dir: str) -> str | None:
+    """The id of the sweep's parent run, created by whichever point of the sweep comes first.
+
+    Points start concurrently (joblib, submitit, several nodes sharing the sweep folder): a file
+    lock in the sweep folder makes find-or-create atomic, and the id is kept beside it. A
+    sweep folder logged before the file existed is found by its tag.
+    """
     if not tracker.enabled:
         return None
     import mlflow
+    from filelock import FileLock
 
-    found = mlflow.search_runs(
-        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}'", output_format="list", max_results=1
-    )
-    if found:
-        return found[0].info.run_id
-    with tracker.run(
-        run_name([SWEEP, Path(sweep_dir).name]), {SWEEP_TAG: sweep_dir, STAGE_TAG: SWEEP}
-    ) as parent:
-        return parent.info.run_id
+    folder = Path(sweep_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / SWEEP_PARENT_FILE
+    with FileLock(folder / f"{SWEEP_PARENT_FILE}.lock"):
+        if record.exists():
+            return record.read_text().strip()
+        found = mlflow.search_runs(
+            filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}'",
+            output_format="list",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            with tracker.run(
+                run_name([SWEEP, folder.name]), {SWEEP_TAG: sweep_dir, STAGE_TAG: SWEEP}
+            ) as parent:
+                run_id = parent.info.run_id
+        record.write_text(run_id)
+        return run_id
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=HYDRA_VERSION_BASE)
@@ -122,7 +141,7 @@ def hydra_entry(raw: DictConfig) -> float:
     tracker = Tracker(cfg)
     sweep_parent = None
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep_parent = _sweep_parent(tracker, str(Path(hydra_cfg.sweep.dir).resolve()))
+        sweep_parent = sweep_parent_run(tracker, str(Path(hydra_cfg.sweep.dir).resolve()))
     layout = keyed_layout(cfg, SWEEP_STORE.resolve())
     name = run_name(hydra_cfg.overrides.task)
     with tracker.pipeline_run(name, parent_run_id=sweep_parent) as active:
