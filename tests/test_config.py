@@ -202,3 +202,8 @@ def test_latency_budget_search_needs_a_budget_and_every_stage():
                 "search.last_stage=finetune",
             ]
         )
+
+
+def test_server_tracking_preset_points_at_a_server():
+    tracking = compose_config(["tracking=server"]).tracking
+    assert tracking.enabled and tracking.uri == "http://127.0.0.1:5000"
