@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push test test-all chromium postgres lint format params bench bench-serving ui ui-test clean
+.PHONY: install run push team-up team-down test test-all chromium postgres lint format params bench bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ run: install  ## the pipeline on the embedded default (R8 + MiniLM), under one M
 
 push: install  ## share outputs and run-cache with the team: dvc push --run-cache (default remote)
 	dvc push --run-cache
+
+team-up: install  ## PostgreSQL + S3 (moto) + mlflow server with basic auth on 127.0.0.1:5000
+	trimflow team up
+
+team-down:  ## stop what team-up started (by PID)
+	trimflow team down
 
 lint: install
 	ruff format --check src tests bench

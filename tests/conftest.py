@@ -5,12 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +16,14 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from trimflow.assets import resolve
+from trimflow.tracking.team import (
+    free_port,
+    postgres_bin,
+    s3_client,
+    start_postgres,
+    start_s3,
+    stop,
+)
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -143,143 +148,37 @@ def smoke_pipeline_command(encoder_dir, *overrides: str, multirun: bool = False)
     ]
 
 
-# Fake credentials for the S3 test server: moto accepts any; botocore must find some, and no
-# instance metadata.
-AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 at the time of asking."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, what: str, seconds: float = 90) -> None:
-    """Poll `url` until it answers (any HTTP status), failing if `process` exits first."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"{what} exited with {process.returncode}") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not answer on {url}") from None
-            time.sleep(0.3)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a server started by a fixture, by its PID."""
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """(endpoint, boto3 client) of a moto S3 server on a free loopback port."""
-    import boto3
-
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    server = start_s3(port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_http(f"{endpoint}/moto-api/", server, "moto server")
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
-            region_name=AWS["AWS_DEFAULT_REGION"],
-        )
-        yield endpoint, client
+        endpoint = f"http://127.0.0.1:{port}"
+        yield endpoint, s3_client(endpoint)
     finally:
-        stop(server)
-
-
-def postgres_bin() -> Path | None:
-    """The directory of PostgreSQL's server programs (initdb, postgres), if installed."""
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return candidates[-1].parent if candidates else None
+        stop(server.pid)
+        server.wait()
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """`postgresql+psycopg2://` URI prefix of a throwaway PostgreSQL on a free loopback port.
+    """The port of a throwaway PostgreSQL cluster on 127.0.0.1.
 
-    As root, the cluster runs as the `postgres` user (PostgreSQL refuses root); its directory
-    lives outside pytest's root-only temp folder so that user can enter it.
+    Its folder lives outside pytest's root-only temp folder: as root, the cluster runs as the
+    `postgres` user, who must be able to enter it.
     """
-    import psycopg2
-
-    bindir = postgres_bin()
-    if bindir is None:
+    if postgres_bin() is None:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
-    as_user = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
     root = Path(tempfile.mkdtemp(prefix="trimflow-pg-"))
-    if as_user:
-        shutil.chown(root, "postgres", "postgres")
-    data, port = root / "data", free_port()
-    subprocess.run(
-        [bindir / "initdb", "-D", data, "--auth=trust", "-U", "postgres", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-        **as_user,
-    )
-    server = subprocess.Popen(
-        [bindir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", root],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        **as_user,
-    )
+    port = free_port()
+    server = start_postgres(root, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg2.connect(host="127.0.0.1", port=port, user="postgres").close()
-                break
-            except psycopg2.OperationalError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("PostgreSQL did not start") from None
-                time.sleep(0.3)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+        yield port
     finally:
-        server.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
-        server.wait(timeout=60)
+        stop(server.pid, signal.SIGINT, seconds=60)  # PostgreSQL's fast shutdown
+        server.wait()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def create_database(server_uri: str, name: str) -> str:
-    """Create database `name` on the server of `server_uri`; returns its URI."""
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    url = make_url(server_uri)
-    connection = psycopg2.connect(host=url.host, port=url.port, user=url.username)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    connection.close()
-    return f"{server_uri}/{name}"
 
 
 def copy_project(dest: Path) -> None:

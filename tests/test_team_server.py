@@ -6,15 +6,20 @@ Every component is real and listens on 127.0.0.1: PostgreSQL (Debian's), moto's 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import AWS, create_database, free_port, smoke_pipeline_command, stop, wait_for_http
+from conftest import smoke_pipeline_command
 
 from trimflow.tracking.runs import SWEEP_TAG
+from trimflow.tracking.team import create_database, free_port, start_mlflow, stop
 
 pytestmark = pytest.mark.slow
 BUCKET = "team-mlflow"
@@ -26,50 +31,22 @@ def team_server(tmp_path_factory, postgres_server, s3_server):
     """The URI of `mlflow server` on PostgreSQL + S3 behind MLflow's basic-auth app."""
     s3_endpoint, s3 = s3_server
     s3.create_bucket(Bucket=BUCKET)
-    store = create_database(postgres_server, "mlflow_team")
-    root = tmp_path_factory.mktemp("team-server")
-    (root / "auth.ini").write_text(
-        "[mlflow]\n"
-        "default_permission = READ\n"
-        f"database_uri = sqlite:///{root / 'auth.db'}\n"
-        f"admin_username = {ADMIN[0]}\n"
-        f"admin_password = {ADMIN[1]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
     port = free_port()
-    env = {
-        **os.environ,
-        **AWS,
-        "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
-        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
-    }
-    server = subprocess.Popen(
-        [
-            Path(sys.executable).parent / "mlflow",
-            "server",
-            "--backend-store-uri",
-            store,
-            "--artifacts-destination",
-            f"s3://{BUCKET}/artifacts",
-            "--app-name",
-            "basic-auth",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=root,
-        env=env,
+    server = start_mlflow(
+        tmp_path_factory.mktemp("team-server"),
+        create_database(postgres_server, "mlflow_team"),
+        f"s3://{BUCKET}/artifacts",
+        s3_endpoint,
+        port,
+        ADMIN,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{uri}/health", server, "mlflow server", seconds=180)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        stop(server)
+        stop(server.pid)
+        server.wait()
 
 
 def client_env(with_credentials: bool = True) -> dict[str, str]:
@@ -242,3 +219,44 @@ def test_sweep_points_starting_at_once_share_one_parent_run(team_server, tmp_pat
         [experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}'"
     )
     assert [run.info.run_id for run in runs] == ids[:1]
+
+
+def test_team_up_starts_the_stack_and_down_stops_it(tmp_path):
+    """`trimflow team up` / `down` as a user runs them: real processes, stopped by PID."""
+    folder, port = tmp_path / "team", free_port()
+    cli = [sys.executable, "-m", "trimflow.cli", "team"]
+    started = subprocess.run(
+        [*cli, "up", "--dir", str(folder), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert started.returncode == 0, started.stderr
+    state = json.loads((folder / "team.json").read_text())
+    try:
+        settings = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in (folder / "client.env").read_text().splitlines()
+        )
+        assert settings["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{port}"
+        assert (folder / "client.env").stat().st_mode & 0o077 == 0  # credentials: owner only
+        search = (
+            f"{settings['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+        )
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(search, timeout=10)
+        request = urllib.request.Request(search)
+        token = base64.b64encode(
+            f"{settings['MLFLOW_TRACKING_USERNAME']}:{settings['MLFLOW_TRACKING_PASSWORD']}".encode()
+        ).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        assert urllib.request.urlopen(request, timeout=10).status == 200
+    finally:
+        stopped = subprocess.run(
+            [*cli, "down", "--dir", str(folder)], capture_output=True, text=True, timeout=300
+        )
+    assert stopped.returncode == 0, stopped.stderr
+    for part in ("postgres", "s3", "mlflow"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(state[part]["pid"], 0)
+    assert not (folder / "team.json").exists() and not (folder / "client.env").exists()

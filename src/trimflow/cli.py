@@ -38,6 +38,32 @@ def run_dvc_stage(name: str, params: str, variant: str | None) -> None:
     run_stage(name, load_params(params), dvc_layout(), variant)
 
 
+def team_command(args: argparse.Namespace) -> int:
+    """`trimflow team up|down`: start or stop PostgreSQL, S3 and mlflow server locally."""
+    from pathlib import Path
+
+    from trimflow.tracking.team import CLIENT_FILE, down, up
+
+    folder = Path(args.dir)
+    if args.action == "down":
+        down(folder)
+        log.info("team stack stopped")
+        return 0
+    state = up(folder, args.port)
+    log.info(
+        "team stack up: mlflow server %s on PostgreSQL (port %d) and S3 (%s); logs in %s",
+        state["uri"],
+        state["postgres"]["port"],
+        state["s3"]["endpoint"],
+        folder,
+    )
+    log.info(
+        "client settings: source %s  (then make run, or trimflow pipeline tracking=server)",
+        folder / CLIENT_FILE,
+    )
+    return 0
+
+
 def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     """`trimflow compare [RUN ...] [--latest-pipeline | --sweep] [options]`."""
     from trimflow.tracking.compare import DEFAULT_EXPERIMENT, metric_list
@@ -129,6 +155,10 @@ def run_command(argv: list[str]) -> int:
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER)
     commands.add_parser("pipeline", help="all stages in-process via Hydra (supports -m sweeps)")
     _add_compare_parser(commands)
+    team = commands.add_parser("team", help="a local team tracking stack: up | down")
+    team.add_argument("action", choices=["up", "down"])
+    team.add_argument("--dir", default=".team", help="state, logs and client settings")
+    team.add_argument("--port", type=int, default=5000, help="mlflow server port")
     dag = commands.add_parser("dag", help="dvc.yaml's code deps from the imports of each stage")
     mode = dag.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="list wrong code deps; exit 1 if any")
@@ -138,6 +168,7 @@ def run_command(argv: list[str]) -> int:
     from trimflow.config.loading import ConfigError
     from trimflow.data.sources import DataError
     from trimflow.tracking.runs import TrackingError
+    from trimflow.tracking.team import StackError
 
     try:
         if args.command in STAGES:
@@ -155,11 +186,13 @@ def run_command(argv: list[str]) -> int:
             from trimflow.dag import run_dag
 
             return run_dag(write=args.write)
+        elif args.command == "team":
+            return team_command(args)
         elif args.command == "repro":
             from trimflow.pipeline import dvc_repro
 
             return dvc_repro(args.dvc_args)
-    except (ConfigError, DataError, TrackingError, FileNotFoundError) as err:
+    except (ConfigError, DataError, TrackingError, StackError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
     return 0
