@@ -12,7 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import AWS, copy_project, project_env, shell
+from conftest import copy_project, project_env, shell
+
+from trimflow.tracking.team import S3_CREDENTIALS as AWS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BUCKET = "trimflow-cache"
