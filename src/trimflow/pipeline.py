@@ -199,10 +199,16 @@ def dvc_repro(dvc_args: list[str]) -> int:
 
 
 def default_remote() -> tuple[str, str] | None:
-    """(name, url) of the DVC project's default remote, or None without one."""
+    """(name, url) of the DVC project's default remote; None without one (or outside a DVC
+    project, where `dvc repro` itself reports the error)."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo() as repo:
+    try:
+        repo = Repo()
+    except NotDvcRepoError:
+        return None
+    with repo:
         name = repo.config["core"].get("remote")
         return (name, repo.config["remote"][name]["url"]) if name else None
 
