@@ -74,11 +74,16 @@ def classifier_module(
 def shared_module_settings(cfg: TrimflowConfig, model, datamodule: TokenizedDataModule) -> dict:
     """The module settings every training stage takes from `finetune`: weight decay, warm-up
     and the class weights of the loss (`finetune.class_balance`)."""
-    counts = datamodule.train_label_counts(model.config.num_labels)
+    balance = cfg.finetune.class_balance
     return {
         "weight_decay": cfg.finetune.weight_decay,
         "warmup_ratio": cfg.finetune.warmup_ratio,
-        "class_weights": class_weights(counts, cfg.finetune.class_balance),
+        # Labels are counted only when they are used (NER counts every token).
+        "class_weights": (
+            class_weights(datamodule.train_label_counts(model.config.num_labels), balance)
+            if balance
+            else None
+        ),
     }
 
 
