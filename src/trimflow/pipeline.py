@@ -29,6 +29,7 @@ from trimflow.layout import (
     Layout,
     dvc_layout,
     keyed_layout,
+    stage_keys,
     stage_units,
     unit_name,
     unit_output,
@@ -58,17 +59,32 @@ SWEEP_PARENT_FILE = "mlflow_parent_run_id"
 
 def run_pipeline(cfg: TrimflowConfig, layout: Layout, last_stage: str = "report") -> None:
     """Run the stage units in order up to `last_stage`, skipping those whose (config-keyed)
-    output exists."""
+    output exists.
+
+    Sweep points running at once (joblib, submitit, nodes sharing the store) may reach the same
+    unit together: a file lock per unit and config digest in `layout.work` lets one of them run
+    it while the others wait, then find its output.
+    """
+    from filelock import FileLock
+
     units = stage_units(cfg)
+    keys = stage_keys(cfg)
     last = max(i for i, (stage, _) in enumerate(units) if stage == last_stage)
+    locks = layout.work / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
     for stage, variant in units[: last + 1]:
         name = unit_name(stage, variant)
-        if unit_output(layout, stage, variant).exists():
-            log.info("%s: up to date (%s)", name, unit_output(layout, stage, variant))
+        output = unit_output(layout, stage, variant)
+        if output.exists():
+            log.info("%s: up to date (%s)", name, output)
             continue
-        log.info("%s: running", name)
-        with naming_stage(name):
-            run_stage(stage, cfg, layout, variant)
+        with FileLock(locks / f"{name}-{keys[name]}.lock"):
+            if output.exists():
+                log.info("%s: up to date, built by another worker (%s)", name, output)
+                continue
+            log.info("%s: running", name)
+            with naming_stage(name):
+                run_stage(stage, cfg, layout, variant)
 
 
 def best_validation_score(model_dir: Path, metric: str) -> float:
@@ -90,6 +106,17 @@ def search_objective(cfg: TrimflowConfig, layout: Layout) -> float:
         v[metric] for v in variants if v["latency_ms_p50"] <= cfg.search.latency_budget_ms
     ]
     return float(max(fast_enough, default=0.0))
+
+
+def sweep_tracker(cfg: TrimflowConfig, sweep_dir: Path) -> Tracker:
+    """A sweep point's Tracker, opened under a file lock in the sweep folder: the first client
+    of a fresh database store (sqlite) creates and migrates its tables, which points starting
+    at once would race on."""
+    from filelock import FileLock
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(sweep_dir / "tracking.lock"):
+        return Tracker(cfg)
 
 
 def sweep_parent_run(tracker: Tracker, sweep_dir: str) -> str | None:
@@ -138,10 +165,12 @@ def hydra_entry(raw: DictConfig) -> float:
 
     cfg = validate(raw, source="composed config")
     hydra_cfg = HydraConfig.get()
-    tracker = Tracker(cfg)
-    sweep_parent = None
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep_parent = sweep_parent_run(tracker, str(Path(hydra_cfg.sweep.dir).resolve()))
+        sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
+        tracker = sweep_tracker(cfg, sweep_dir)
+        sweep_parent = sweep_parent_run(tracker, str(sweep_dir))
+    else:
+        tracker, sweep_parent = Tracker(cfg), None
     layout = keyed_layout(cfg, SWEEP_STORE.resolve())
     name = run_name(hydra_cfg.overrides.task)
     with tracker.pipeline_run(name, parent_run_id=sweep_parent) as active:
