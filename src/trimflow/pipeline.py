@@ -9,7 +9,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pandas as pd
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 SWEEP_STORE = Path("outputs/store")
 # In a sweep folder: the MLflow run id of the sweep's parent run.
 SWEEP_PARENT_FILE = "mlflow_parent_run_id"
+# Tries at making a new Optuna database schema that other workers are making at the same time.
+SCHEMA_ATTEMPTS = 5
 
 
 def run_pipeline(cfg: TrimflowConfig, layout: Layout, last_stage: str = "report") -> None:
@@ -151,6 +155,33 @@ def sweep_parent_run(tracker: Tracker, sweep_dir: str) -> str | None:
                 run_id = parent.info.run_id
         record.write_text(run_id)
         return run_id
+
+
+def optuna_storage(url: str | None) -> Any:
+    """The Optuna storage of a search (`hydra.sweeper.storage.url`): in memory for None, else a
+    database (PostgreSQL, sqlite) whose study several sweep workers share.
+
+    optuna 2.10.1 (the newest hydra-optuna-sweeper accepts) stamps the schema version of a new
+    database on a connection it never commits, which SQLAlchemy 2 rolls back: a plain URL fails
+    in create_study (AssertionError). So the schema is made on an autocommit engine first; the
+    trials then go through Optuna's usual transactional storage, which locks the study row to
+    number them. Workers starting at once on an empty database collide while making the schema:
+    whoever loses retries and finds it made.
+    """
+    if url is None:
+        return None
+    import sqlalchemy.exc
+    from optuna.storages import RDBStorage, get_storage
+
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            RDBStorage(url, engine_kwargs={"isolation_level": "AUTOCOMMIT"}).engine.dispose()
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(1)
+    return get_storage(url)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=HYDRA_VERSION_BASE)
