@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push team-up team-down test test-all chromium postgres lint format params bench bench-serving ui ui-test clean
+.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,7 +41,7 @@ lint: install
 test: lint  ## before each commit: unit tests + one real `dvc repro` smoke pipeline and its no-op rerun
 	$(PY) -m pytest -m "not slow"
 
-test-all: lint chromium postgres  ## everything (CI): + DVC experiments, sweeps, serving, signals to real processes, browser
+test-all: lint chromium postgres slurm  ## everything (CI): + DVC experiments, sweeps, serving, signals to real processes, browser
 	$(PY) -m pytest
 
 format: install
@@ -65,6 +65,12 @@ postgres:  ## Debian's PostgreSQL server programs for the team-server tests (apt
 	@if [ -z "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] && ! command -v initdb >/dev/null; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	fi
+
+slurm:  ## Debian's Slurm and MUNGE for the one-node cluster of the sweep test (apt, as root)
+	@if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge; \
 	fi
 
 chromium:  ## Debian's Chromium + chromedriver for the browser test (apt, as root)
