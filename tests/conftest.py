@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from trimflow.assets import resolve
+from trimflow.models.training import LAST_CHECKPOINT
 from trimflow.tracking.team import (
     free_port,
     postgres_bin,
@@ -254,3 +256,19 @@ def quiet_trainer(**settings):
         enable_model_summary=False,
     )
     return L.Trainer(**{**quiet, **settings})
+
+
+def signal_once_training(command, cwd, work, signum, env=None) -> tuple[int, str]:
+    """Start `command`, send `signum` once it has written its first periodic checkpoint
+    under `work`; its exit status and output (kept in a file: a pipe could fill and block)."""
+    log = cwd / "command.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=output)
+        deadline = time.monotonic() + 240
+        while not list(work.glob(f"*/{LAST_CHECKPOINT}")):
+            assert process.poll() is None, f"ended before its first checkpoint:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        code = process.wait(timeout=120)
+    return code, log.read_text()

@@ -137,6 +137,29 @@ def test_cli_rejects_bad_override_without_writing(tmp_path, caplog):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "spans"),
+    [
+        ([], False),
+        (["trainer.devices=1"], False),
+        (["trainer.devices=2", "trainer.strategy=ddp"], True),
+        (["trainer.num_nodes=2"], True),
+    ],
+)
+def test_trainer_config_knows_when_training_spans_processes(overrides, spans):
+    assert compose_config(overrides).trainer.data_parallel() is spans
+
+
+def test_in_process_pipeline_refuses_data_parallel_training(capsys):
+    from trimflow.cli import main
+
+    with pytest.raises(SystemExit) as refused:  # Hydra reports the error and exits
+        main(["pipeline", "trainer.devices=2", "trainer.strategy=ddp"])
+    assert refused.value.code != 0
+    message = capsys.readouterr().err
+    assert "trainer.devices/trainer.num_nodes" in message and "dvc repro" in message
+
+
 def test_gpu_evaluation_is_refused_until_it_exists():
     with pytest.raises(ConfigError, match=r"evaluate\.device"):
         compose_config(["evaluate.device=cuda"])

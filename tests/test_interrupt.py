@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
-from conftest import smoke_pipeline_command
+from conftest import signal_once_training, smoke_pipeline_command
 from safetensors.torch import load_file
 
 from trimflow.config.loading import compose_config
@@ -168,22 +167,6 @@ def test_signal_outside_training_stops_the_stage_with_nothing_written(
     assert written and stopped.value.exit_code == 143
     assert not layout.model_dir("onnx_static_int8").exists()
     assert not list(tmp_path.glob("**/.*.tmp-*")), "a temporary output was left behind"
-
-
-def signal_once_training(command, cwd, work, signum, env=None) -> tuple[int, str]:
-    """Start `command`, send `signum` once it has written its first periodic checkpoint
-    under `work`; its exit status and output (kept in a file: a pipe could fill and block)."""
-    log = cwd / "command.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=output)
-        deadline = time.monotonic() + 240
-        while not list(work.glob(f"*/{LAST_CHECKPOINT}")):
-            assert process.poll() is None, f"ended before its first checkpoint:\n{log.read_text()}"
-            assert time.monotonic() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.05)
-        process.send_signal(signum)
-        code = process.wait(timeout=120)
-    return code, log.read_text()
 
 
 @pytest.mark.slow

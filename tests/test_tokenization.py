@@ -62,6 +62,29 @@ def test_seeded_sampler_resumes_at_the_batch_after_the_last_one_done():
     assert len(list(resumed)) == 32  # a new epoch starts from its first batch
 
 
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_ranks_split_the_global_batches_of_one_process(group_by_length):
+    lengths = [(i * 37) % 101 for i in range(250)]  # 250 = 15 global batches of 16 + 10
+    one = SeededBatchSampler(lengths, 16, seed=5, group_by_length=group_by_length)
+    ranks = [
+        SeededBatchSampler(lengths, 8, 5, group_by_length, rank=rank, world_size=2)
+        for rank in (0, 1)
+    ]
+    shares = [list(rank) for rank in ranks]
+    assert len(shares[0]) == len(shares[1]) == len(ranks[0]) == len(one) == 16
+    for whole, first, second in zip(one, *shares, strict=True):
+        assert sorted(first + second) == sorted(whole)
+        assert first == whole[0::2] and second == whole[1::2]
+
+
+def test_a_last_global_batch_smaller_than_the_ranks_is_dropped():
+    lengths = list(range(17))  # one global batch of 8 x 2 and one example left over
+    ranks = [SeededBatchSampler(lengths, 8, 0, rank=rank, world_size=2) for rank in (0, 1)]
+    assert [len(list(rank)) for rank in ranks] == [1, 1]
+    with pytest.raises(ValueError, match="rank 2 is not one of 2"):
+        SeededBatchSampler(lengths, 8, 0, rank=2, world_size=2)
+
+
 def test_length_grouping_reduces_padding():
     lengths = [
         int(x) for x in torch.randint(5, 200, (800,), generator=torch.Generator().manual_seed(0))

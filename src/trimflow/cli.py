@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from trimflow.layout import STAGES, VARIANT_STAGES, unit_name
+from trimflow.utils.distributed import is_main_process
 from trimflow.utils.interrupt import StageInterrupted, naming_stage, signals_raise
 from trimflow.utils.quiet import quiet_third_party
 
@@ -110,7 +111,11 @@ def compare_runs(args: argparse.Namespace) -> int:
 
 
 def report_interruption(err: StageInterrupted, argv: list[str]) -> int:
-    """Say which stage a signal stopped and how to continue; the exit status for it."""
+    """Say which stage a signal stopped and how to continue; the exit status for it.
+
+    Of the processes of data-parallel training only rank 0 says it."""
+    if not is_main_process():
+        return err.exit_code
     rerun = "dvc repro" if os.environ.get("DVC_STAGE") else shlex.join(["trimflow", *argv])
     log.error(
         "%s %s; nothing half-written was kept. Rerun `%s` to continue where it stopped.",

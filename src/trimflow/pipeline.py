@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from trimflow.config.loading import (
     HYDRA_VERSION_BASE,
+    ConfigError,
     compose_config,
     conf_dir,
     load_params,
@@ -195,6 +196,12 @@ def hydra_entry(raw: DictConfig) -> float:
     from hydra.types import RunMode
 
     cfg = validate(raw, source="composed config")
+    if cfg.trainer.data_parallel():
+        raise ConfigError(
+            "trainer.devices/trainer.num_nodes: `trimflow pipeline` trains in its own process;"
+            " data-parallel training runs as DVC stages (dvc repro, trimflow <stage>) or"
+            " under torchrun/srun (see the README's 'Training on several processes')"
+        )
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve()

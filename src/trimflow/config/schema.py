@@ -221,6 +221,10 @@ class TrainerConfig(Section):
     log_every_n_steps: int = Field(gt=0)
     enable_progress_bar: bool
 
+    def data_parallel(self) -> bool:
+        """Whether training asks for several processes (devices > 1 or several nodes)."""
+        return self.num_nodes > 1 or self.devices not in (1, "1", "auto")
+
 
 class TrackingConfig(Section):
     enabled: bool

@@ -24,6 +24,11 @@ GROUP_CHUNK_BATCHES = 50
 class SeededBatchSampler(Sampler[list[int]]):
     """Batches in a random order fixed by (seed, epoch), optionally of similar length.
 
+    In data-parallel training each of `world_size` processes takes every `world_size`-th
+    example of the same global batches of `batch_size * world_size` (interleaved, so similar
+    lengths stay together): the processes see together what one process with the global batch
+    size sees. A last global batch too small to give every process an example is dropped.
+
     Its position is part of the training state: `set_epoch` picks the epoch's order,
     `batch_done` counts the batches trained on, and `state_dict`/`load_state_dict` carry both
     through a checkpoint (`models.training.ExactResume`), so a run resumed mid-epoch continues
@@ -31,12 +36,22 @@ class SeededBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} processes")
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.completed = 0
 
@@ -55,20 +70,26 @@ class SeededBatchSampler(Sampler[list[int]]):
         self.epoch, self.completed = state["epoch"], state["completed"]
 
     def epoch_batches(self) -> list[list[int]]:
-        """Every batch of the current epoch, in order."""
+        """This process's share of every batch of the current epoch, in order."""
+        return [
+            batch[self.rank :: self.world_size]
+            for batch in self.global_batches()
+            if len(batch) >= self.world_size
+        ]
+
+    def global_batches(self) -> list[list[int]]:
+        """Every batch of the current epoch across all processes, in order."""
+        size = self.batch_size * self.world_size
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         if not self.group_by_length:
-            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        chunk = self.batch_size * GROUP_CHUNK_BATCHES
+            return [order[i : i + size] for i in range(0, len(order), size)]
+        chunk = size * GROUP_CHUNK_BATCHES
         batches = []
         for start in range(0, len(order), chunk):
             sorted_chunk = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
-            batches += [
-                sorted_chunk[i : i + self.batch_size]
-                for i in range(0, len(sorted_chunk), self.batch_size)
-            ]
+            batches += [sorted_chunk[i : i + size] for i in range(0, len(sorted_chunk), size)]
         rng.shuffle(batches)
         return batches
 
@@ -78,7 +99,7 @@ class SeededBatchSampler(Sampler[list[int]]):
         yield from self.epoch_batches()[self.completed :]
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        return len(self.epoch_batches())
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -123,8 +144,14 @@ class TokenizedDataModule(L.LightningDataModule):
         return torch.bincount(flat[flat >= 0], minlength=num_labels)
 
     def train_dataloader(self) -> DataLoader:
+        rank, world_size = self.process()
         sampler = SeededBatchSampler(
-            self.train_lengths, self.batch_size, self.seed, self.group_by_length
+            self.train_lengths,
+            self.batch_size,
+            self.seed,
+            self.group_by_length,
+            rank=rank,
+            world_size=world_size,
         )
         # Its own generator: the loader then draws no worker seed from the global RNG, which
         # a resumed run restores at its first batch (dropout must see the same stream).
@@ -137,7 +164,22 @@ class TokenizedDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self.eval_loader("validation")
+        """The validation split; in data-parallel training every process scores its own
+        `rank::world_size` share once (no padding: the metrics sum their counts across
+        processes, so they equal one process's)."""
+        rank, world_size = self.process()
+        if world_size == 1:
+            return self.eval_loader("validation")
+        split = self.splits["validation"]
+        return self._loader(
+            split, batch_size=self.eval_batch_size, sampler=range(rank, len(split), world_size)
+        )
+
+    def process(self) -> tuple[int, int]:
+        """(rank, world size) of the trainer this module serves; (0, 1) outside training."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_loader("test")

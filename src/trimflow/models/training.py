@@ -18,7 +18,9 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trimflow.config.schema import TrainerConfig
+from trimflow.models.parallel import end_other_processes, gathered, world
 from trimflow.models.progress import PlainProgress
+from trimflow.utils.distributed import is_main_process
 from trimflow.utils.interrupt import (
     StageInterrupted,
     deferred_signals,
@@ -86,8 +88,9 @@ class ExactResume(Callback):
     """Makes a resumed run train on what an uninterrupted one would have.
 
     Drives the position of the train loader's `SeededBatchSampler` (epoch, batches done) and
-    keeps it in checkpoints, and saves the RNG states in every checkpoint, restoring them at
-    the first batch after a resume so that dropout draws the same masks. (The position is
+    keeps it in checkpoints, and saves the RNG states of every process in every checkpoint,
+    restoring each process's at the first batch after a resume so that dropout draws the same
+    masks. (The position is
     this callback's state, not the loader's: Lightning restores a stateful loader only if the
     loader was not set up before the checkpoint was read, and `estimated_stepping_batches`
     in `configure_optimizers` sets it up earlier.)
@@ -128,20 +131,33 @@ class ExactResume(Callback):
         self.pending_position = state_dict.get("sampler")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # Every process builds the checkpoint (rank 0 writes it): gather their states.
         states = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             states["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["rng_states"] = states
+        checkpoint["rng_states"] = gathered(states)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        self.pending_rng = checkpoint.get("rng_states")
+        states = checkpoint.get("rng_states", [])
+        rank, size = world()
+        if len(states) != size:
+            log.warning(
+                "the checkpoint was saved by %d processes, this run has %d: the resumed"
+                " run draws other dropout masks than an uninterrupted one",
+                len(states),
+                size,
+            )
+            return
+        self.pending_rng = states[rank]
 
 
 class StopOnSignal(Callback):
     """On SIGTERM/SIGINT, checkpoint at the next optimizer step and raise `StageInterrupted`.
 
     Takes the signals over from Lightning, whose own SIGTERM handling ends `fit` as if it
-    had finished (a SystemExit with status 0) without a checkpoint.
+    had finished (a SystemExit with status 0) without a checkpoint. In data-parallel training
+    the processes decide together at each optimizer step (a signal to any one stops them all
+    at the same step), so that they all take part in saving the checkpoint.
     """
 
     def __init__(self, last_checkpoint: Path) -> None:
@@ -153,15 +169,19 @@ class StopOnSignal(Callback):
         install_signal_handlers()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if received_signal() is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return
-        self.stop(trainer)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.stop_if_signalled(trainer)
 
-    def stop(self, trainer: L.Trainer) -> None:
-        """Save the training state as the last checkpoint and raise."""
-        signum = received_signal()
-        assert signum is not None
+    def stop_if_signalled(self, trainer: L.Trainer) -> None:
+        """If any process received a signal, save the training state as the last checkpoint
+        and raise (collective in data-parallel training: every process must call it)."""
+        signalled = received_signal() is not None
+        if trainer.world_size > 1:
+            signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        if not signalled:
+            return
         trainer.save_checkpoint(self.last_checkpoint)
+        signum = received_signal() or signal.SIGTERM  # a process another one's signal stopped
         raise StageInterrupted(signum, f" at step {trainer.global_step} (checkpoint saved)")
 
 
@@ -197,6 +217,7 @@ def fit_resumable(
 
     With `monitor`, early stopping watches it and the best checkpoint's weights are loaded
     back into the module at the end. The caller removes `work_dir` once the result is saved.
+    In data-parallel training only rank 0 returns (see `end_other_processes`).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     last = work_dir / LAST_CHECKPOINT
@@ -216,7 +237,7 @@ def fit_resumable(
         ),
     ]
     show_bar = trainer_cfg.enable_progress_bar and on_terminal()
-    if not show_bar:  # a log file, CI or a job's output gets plain lines
+    if not show_bar and is_main_process():  # a log file, CI or a job's output: plain lines
         all_callbacks.append(PlainProgress(log, monitor))
     best = None
     if monitor:
@@ -247,6 +268,7 @@ def fit_resumable(
         max_epochs=max_epochs,
         max_steps=max_steps,
         limit_train_batches=limit_train_batches,
+        use_distributed_sampler=False,  # the data module shards batches itself
         callbacks=all_callbacks,
         logger=logger,
         accumulate_grad_batches=accumulate_grad_batches,
@@ -257,7 +279,8 @@ def fit_resumable(
     resumed_from = None
     if last.exists():
         resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
-        log.warning("Resuming from %s (step %d)", last, resumed_from)
+        if is_main_process():
+            log.warning("Resuming from %s (step %d)", last, resumed_from)
     with deferred_signals():
         try:
             trainer.fit(
@@ -265,8 +288,9 @@ def fit_resumable(
             )
         except SIGTERMException as stopped:  # Lightning's handler, before ours took over
             raise StageInterrupted(signal.SIGTERM, " before training started") from stopped
-        if received_signal() is not None:  # after the last training batch
-            stop_on_signal.stop(trainer)
+        stop_on_signal.stop_if_signalled(trainer)  # a signal after the last training batch
+    if trainer.world_size > 1:
+        end_other_processes(trainer, module)
     best_score = None
     if best is not None and best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)

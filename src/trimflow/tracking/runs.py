@@ -22,6 +22,7 @@ from typing import Any
 from trimflow.config.schema import TrackingConfig, TrimflowConfig
 from trimflow.layout import unit_name
 from trimflow.utils.atomic import read_json
+from trimflow.utils.distributed import is_main_process
 from trimflow.utils.interrupt import StageInterrupted
 
 PARENT_RUN_ENV = "TRIMFLOW_PARENT_RUN_ID"
@@ -209,11 +210,12 @@ def explain_refusal(uri: str, error: Exception) -> TrackingError | None:
 
 
 class Tracker:
-    """Opens MLflow runs for a config; does nothing when `tracking.enabled` is false."""
+    """Opens MLflow runs for a config; does nothing when `tracking.enabled` is false, or in
+    the processes of rank > 0 of data-parallel training (rank 0 logs for all)."""
 
     def __init__(self, cfg: TrimflowConfig) -> None:
         self.cfg = cfg
-        self.enabled = cfg.tracking.enabled
+        self.enabled = cfg.tracking.enabled and is_main_process()
         self.experiment_id: str | None = None
         if self.enabled:
             import mlflow
