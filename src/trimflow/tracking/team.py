@@ -191,12 +191,25 @@ def stop(pid: int, sig: int = signal.SIGTERM, seconds: float = 30, group: bool =
         return
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _ended(pid):
             return
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
+
+
+def _ended(pid: int) -> bool:
+    """Whether `pid` has exited. A child of this process is reaped here: until then it is a
+    zombie, which still takes signals."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:  # not a child of this process
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def up(folder: Path, mlflow_port: int = 5000) -> dict:

@@ -44,6 +44,8 @@ WARNING_MESSAGES = (
     (UserWarning, "Checkpoint directory .* exists and is not empty"),
     # On resuming mid-epoch: models.training.ExactResume restores the loader's position.
     (UserWarning, "You're resuming from a checkpoint that ended before the epoch ended"),
+    # On a machine with Slurm's client programs: a job that is not a Slurm step is not one.
+    (UserWarning, re.escape("The `srun` command is available on your system but is not used")),
 )
 # onnxruntime's quantization logs through the root logger: "Please consider to run
 # pre-processing before quantization", "Quantization parameters for tensor ... not specified",
