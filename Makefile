@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-serving ui ui-test clean
+.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -53,6 +53,9 @@ params: install  ## recompose params.yaml from conf/ (pass OVERRIDES="key=value 
 
 bench: install  ## fine-tune / tokenize / int8 ratios against peers, into reports/bench.json
 	$(PY) bench/run_bench.py
+
+bench-ddp: install  ## data-parallel (2 processes, gloo) vs one process fine-tuning samples/s, into reports/bench_ddp.json
+	$(PY) bench/ddp_bench.py
 
 bench-serving: install  ## served (mlflow models serve) vs in-process throughput at batch 32, after the pipeline
 	$(PY) bench/serving_bench.py

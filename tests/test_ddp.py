@@ -143,6 +143,8 @@ def test_two_processes_train_what_one_process_trains_with_the_global_batch(
     one, two = dvc_layout(one_process).finetuned, dvc_layout(root).finetuned
     # The learning-rate schedule counts global steps: 14 per epoch in both runs.
     assert training_summary(two)["global_step"] == training_summary(one)["global_step"] == 28
+    for summary in map(training_summary, (one, two)):  # every process's samples are counted
+        assert summary["train_s"] * summary["train_samples_per_s"] == pytest.approx(2 * 216, 0.01)
     assert max_weight_difference(one, two) < WEIGHT_TOLERANCE
     # Validation metrics are reduced over both halves of the split, not one rank's half.
     history = [pd.read_csv(model / HISTORY_FILE) for model in (one, two)]

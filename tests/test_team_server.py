@@ -101,7 +101,7 @@ def logged(team_server, tiny_encoder_dir, tmp_path_factory):
 
 
 def test_pipeline_logs_runs_artifacts_and_registry_through_the_server(
-    logged, admin_client, s3_server
+    logged, admin_client, s3_server, team_server
 ):
     experiment = admin_client.get_experiment_by_name("team")
     runs = admin_client.search_runs([experiment.experiment_id], max_results=500)
@@ -116,6 +116,9 @@ def test_pipeline_logs_runs_artifacts_and_registry_through_the_server(
     assert all(run.info.artifact_uri.startswith("mlflow-artifacts:") for run in runs)
     model = admin_client.get_registered_model("trimflow-classification")
     assert "champion" in model.aliases
+    # The run's closing lines point at the experiment's page on the server.
+    page = f"{team_server}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert f"runs: {page}" in logged[0]
 
 
 def test_without_credentials_the_error_names_the_server_and_401(

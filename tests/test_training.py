@@ -37,6 +37,8 @@ def test_finetune_writes_a_loadable_model_and_history(tiny_config, tmp_path):
     summary = json.loads((layout.finetuned / "training.json").read_text())
     assert summary["global_step"] == 2 * 14  # 108 train rows / batch 8, two epochs
     assert summary["resumed_from_step"] is None
+    assert summary["train_s"] > 0
+    assert summary["train_s"] * summary["train_samples_per_s"] == pytest.approx(2 * 108, rel=0.01)
     history = (layout.finetuned / "history.csv").read_text()
     assert "train/loss" in history and "val/accuracy" in history
 

@@ -285,7 +285,7 @@ def log_summary(layout: Layout, tracker: Tracker) -> None:
     log.info(headline(read_json(layout.metrics_file)["recommendation"]))
     log.info("report: %s", layout.report_file.resolve())
     if tracker.enabled:
-        log.info("runs: `make ui` (or mlflow ui --backend-store-uri %s)", tracker.uri)
+        log.info("runs: %s", tracker.where_to_look())
 
 
 def _call_forwarding_signals(command: list[str]) -> int:

@@ -59,6 +59,9 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
             "epochs": result.epochs,
             "resumed_from_step": result.resumed_from_step,
             "best_score": result.best_score,
+            # This run's training loop (a resumed run's only), samples of every process.
+            "train_s": round(result.pace.seconds, 3),
+            "train_samples_per_s": round(result.pace.samples_per_s, 2),
             **extra,
         },
     )

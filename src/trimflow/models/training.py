@@ -6,6 +6,7 @@ import csv
 import logging
 import random
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,31 @@ class StopOnSignal(Callback):
         raise StageInterrupted(signum, f" at step {trainer.global_step} (checkpoint saved)")
 
 
+class TrainingPace(Callback):
+    """Wall time of the training loop (set-up excluded: model, data and, in data-parallel
+    training, process start) and the samples every process trained on in it."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.samples = 0
+        self.seconds = 0.0
+        self.total_samples = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.samples += len(batch["labels"])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self.started
+        self.total_samples = sum(gathered(self.samples))
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.total_samples / self.seconds if self.seconds else 0.0
+
+
 @dataclass
 class FitResult:
     """What a training run did, for the stage's summary file."""
@@ -194,6 +220,7 @@ class FitResult:
     resumed_from_step: int | None
     best_score: float | None
     history: HistoryRecorder
+    pace: TrainingPace
 
 
 def fit_resumable(
@@ -223,11 +250,13 @@ def fit_resumable(
     last = work_dir / LAST_CHECKPOINT
     mode = "min" if monitor and monitor.endswith("loss") else "max"
     history = HistoryRecorder()
+    pace = TrainingPace()
     stop_on_signal = StopOnSignal(last)
     all_callbacks: list[Callback] = [
         ExactResume(),
         *callbacks,
         history,
+        pace,
         stop_on_signal,
         ModelCheckpoint(
             dirpath=work_dir,
@@ -296,4 +325,6 @@ def fit_resumable(
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
         best_score = float(best.best_model_score)
-    return FitResult(trainer.global_step, trainer.current_epoch, resumed_from, best_score, history)
+    return FitResult(
+        trainer.global_step, trainer.current_epoch, resumed_from, best_score, history, pace
+    )

@@ -252,6 +252,14 @@ class Tracker:
     def uri(self) -> str:
         return tracking_uri(self.cfg.tracking)
 
+    def where_to_look(self) -> str:
+        """How to see the runs: a tracking server's page of the experiment, or how to start a UI
+        on a local store (`?workflowType=` picks the runs table, see EXPERIMENT_KIND_TAG)."""
+        if self.uri.startswith(("http://", "https://")):
+            page = f"#/experiments/{self.experiment_id}?workflowType=machine_learning"
+            return f"{self.uri.rstrip('/')}/{page}"
+        return f"`make ui` (or mlflow ui --backend-store-uri {self.uri})"
+
     def client(self) -> Any:
         """An MlflowClient of this tracker's store."""
         from mlflow import MlflowClient
