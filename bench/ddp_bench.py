@@ -29,24 +29,27 @@ from rich.table import Table
 from trimflow.config.loading import compose_config
 from trimflow.evaluation.benchmark import environment
 from trimflow.layout import dvc_layout
-from trimflow.stages import prepare, tokenize
 from trimflow.utils.atomic import write_json
-from trimflow.utils.quiet import quiet_third_party
+
+
+def run_stage(root: Path, stage: str, overrides: list[str]) -> float:
+    """`trimflow <stage>` in `root` with params.yaml composed from `overrides`; its wall time."""
+    params = compose_config(overrides).model_dump(mode="json")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "trimflow.cli", stage], cwd=root, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"trimflow {stage} {' '.join(overrides)} failed:\n{done.stderr[-4000:]}")
+    return time.perf_counter() - started
 
 
 def finetune_once(root: Path, overrides: list[str]) -> dict:
-    """Run `trimflow finetune` in `root` with `overrides`; its pace and wall time."""
-    params = compose_config(overrides).model_dump(mode="json")
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    """Fine-tune afresh in `root` with `overrides`; the training loop's pace and wall time."""
     layout = dvc_layout(root)
     shutil.rmtree(layout.finetuned, ignore_errors=True)
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "trimflow.cli", "finetune"], cwd=root, capture_output=True, text=True
-    )
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"trimflow finetune {' '.join(overrides)} failed:\n{done.stderr[-4000:]}")
+    wall = run_stage(root, "finetune", overrides)
     summary = json.loads((layout.finetuned / "training.json").read_text())
     return {"samples_per_s": summary["train_samples_per_s"], "wall_s": wall}
 
@@ -58,7 +61,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each, alternated")
     parser.add_argument("--out", default="reports/bench_ddp.json")
     args = parser.parse_args()
-    quiet_third_party()
     common = [f"finetune.max_steps={args.steps}", "tracking.enabled=false"]
     batch = compose_config().finetune.batch_size
     if batch % args.processes:
@@ -76,8 +78,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in setups}
     with tempfile.TemporaryDirectory(prefix="trimflow-ddp-bench-") as folder:
         root = Path(folder)
-        for stage in (prepare, tokenize):
-            stage.run(compose_config(common), dvc_layout(root))
+        for stage in ("prepare", "tokenize"):
+            run_stage(root, stage, common)
         for _ in range(args.rounds):
             for name, overrides in setups.items():
                 runs[name].append(finetune_once(root, overrides))
