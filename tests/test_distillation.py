@@ -18,7 +18,7 @@ from transformers import (
     BertTokenizerFast,
 )
 
-from trimflow.compress.heads import prune_heads
+from trimflow.compress.structured import prune_heads
 from trimflow.config.schema import TrainerConfig
 from trimflow.models.distillation import (
     DistillationClassifier,

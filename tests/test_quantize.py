@@ -10,7 +10,6 @@ from conftest import build_tiny_bert
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from trimflow.compress.heads import prune_heads
 from trimflow.compress.quantize import (
     SCHEMES,
     STATE_DICT_FILE,
@@ -19,6 +18,7 @@ from trimflow.compress.quantize import (
     save_quantized,
     scheme_of,
 )
+from trimflow.compress.structured import prune_heads
 from trimflow.compress.variants import load_variant
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import model_inputs

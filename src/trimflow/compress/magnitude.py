@@ -94,17 +94,6 @@ class MagnitudePruner:
         self.set_progress(state["progress"])
 
 
-def apply_global_magnitude(
-    model: PreTrainedModel, sparsity: float, include_embeddings: bool = False
-) -> None:
-    """Zero the `sparsity` fraction of smallest-magnitude weights at once, ranked globally.
-
-    The pruning masks stay attached so that a recovery fine-tune keeps pruned weights at zero;
-    call `make_permanent` before saving.
-    """
-    MagnitudePruner(model, sparsity, include_embeddings).set_progress(1.0)
-
-
 def make_permanent(model: PreTrainedModel) -> None:
     """Fold every pruning mask (encoder linears and word embeddings) into its weight."""
     for module, name in prunable_weights(model, include_embeddings=True):

@@ -30,7 +30,7 @@ from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
 
-from trimflow.compress.heads import model_skeleton
+from trimflow.compress.pruned import model_skeleton
 from trimflow.models.loading import copy_metadata
 from trimflow.utils.atomic import atomic_dir, read_json, write_json
 

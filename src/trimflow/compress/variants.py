@@ -12,13 +12,13 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trimflow.compress.heads import load_pruned, model_skeleton
 from trimflow.compress.onnx import (
     OnnxClassifier,
     export_onnx,
     quantize_onnx_dynamic,
     quantize_onnx_static,
 )
+from trimflow.compress.pruned import load_pruned, model_skeleton
 from trimflow.compress.quantize import SCHEME_FILE, load_quantized
 from trimflow.compress.sparse import SPARSE_FILE, load_sparse, save_sparse
 from trimflow.models.loading import copy_metadata, save_model_dir

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trimflow.compress.heads import is_structurally_pruned
+from trimflow.compress.pruned import is_structurally_pruned
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule, cross_entropy, labelled_positions
 
