@@ -88,9 +88,11 @@ class MagnitudePruner:
         make_permanent(model)
 
     def state_dict(self) -> dict[str, Any]:
+        """The progress (the masks are buffers, saved with the model)."""
         return {"progress": self.progress}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from the saved progress."""
         self.set_progress(state["progress"])
 
 

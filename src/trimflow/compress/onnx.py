@@ -193,6 +193,7 @@ class OnnxClassifier:
         return SequenceClassifierOutput(logits=torch.from_numpy(logits))
 
     def eval(self) -> OnnxClassifier:
+        """Itself, as `nn.Module.eval` returns the module: a session only runs inference."""
         return self
 
     def parameter_counts(self) -> tuple[int, int]:

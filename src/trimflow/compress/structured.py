@@ -344,9 +344,11 @@ class GradualUnitMask:
         self._handles = []
 
     def state_dict(self) -> dict[str, Any]:
+        """The pruning order and final count, so a resumed run masks the same units."""
         return {"order": self.order, "final": self.final}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the order and final count; the next `set_progress` masks by them."""
         self.order, self.final = state["order"], state["final"]
 
 
@@ -406,6 +408,7 @@ class StructuredPruner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the rankings and mask at the saved progress."""
         for kind, mask in self.masks.items():
             mask.load_state_dict(state["masks"][kind])
         self.set_progress(state["progress"])
