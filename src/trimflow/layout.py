@@ -7,7 +7,9 @@ stages `<stage>@<variant>`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,17 @@ def stage_keys(cfg: TrimflowConfig) -> dict[str, str]:
         if not variant:
             upstream = key
     return keys
+
+
+@contextlib.contextmanager
+def keyed_work_dir(
+    cfg: TrimflowConfig, layout: Layout, stage: str, variant: str | None = None
+) -> Iterator[Path]:
+    """The scratch folder of a training unit, keyed by its config digest: a rerun after an
+    interruption resumes from the checkpoints left there. Removed once the block succeeds."""
+    work_dir = layout.work / f"{stage}-{stage_keys(cfg)[unit_name(stage, variant)]}"
+    yield work_dir
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def keyed_layout(cfg: TrimflowConfig, store: Path) -> Layout:

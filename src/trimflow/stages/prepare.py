@@ -13,7 +13,7 @@ from trimflow.data.sources import load_raw_splits
 from trimflow.data.splits import split_validation, subsample
 from trimflow.data.validation import check_labels_known, check_rows, shared_texts
 from trimflow.layout import LABEL_MAP_FILE, Layout
-from trimflow.tracking.runs import Tracker
+from trimflow.tracking.runs import DATA_PREFIX, Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 from trimflow.utils.hashing import digest_json
 
@@ -74,10 +74,8 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     digest = digest_json({split: table[content].to_dict("list") for split, table in tables.items()})
     card = build_card(data_cfg.name, summary, labels, shared, digest)
 
-    with (
-        Tracker(cfg).stage_run("prepare", dataset_digest=digest) as active,
-        atomic_dir(layout.prepared) as out,
-    ):
+    tracker = Tracker(cfg)
+    with tracker.stage_run("prepare", dataset_digest=digest), atomic_dir(layout.prepared) as out:
         for split, table in tables.items():
             table.to_parquet(out / f"{split}.parquet", index=False)
         write_json(
@@ -85,14 +83,12 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             {"labels": labels, "dataset": data_cfg.name, "dataset_digest": digest},
         )
         write_json(out / CARD_FILE, card)
-        if active is not None:
-            import mlflow
-
-            mlflow.log_metrics(
-                {f"data/{split}_rows": len(table) for split, table in tables.items()}
-                | {"data/train_test_shared_texts": len(shared)}
-            )
-            mlflow.log_dict(card, CARD_FILE)
+        tracker.log_metrics(
+            {f"{split}_rows": len(table) for split, table in tables.items()}
+            | {"train_test_shared_texts": len(shared)},
+            DATA_PREFIX,
+        )
+        tracker.log_dict(card, CARD_FILE)
     log.info(
         "prepared %s: %s", data_cfg.name, ", ".join(f"{s}={len(t)}" for s, t in tables.items())
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import lightning as L
 
@@ -13,7 +12,7 @@ from trimflow.compress.structured import StructuredPruner, unit_importance
 from trimflow.compress.variants import save_sparse_variant
 from trimflow.config.schema import MagnitudePruning, TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
-from trimflow.layout import Layout, read_label_map, stage_keys, unit_name
+from trimflow.layout import Layout, keyed_work_dir, read_label_map
 from trimflow.models.loading import load_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
     build_datamodule,
@@ -23,7 +22,7 @@ from trimflow.models.recipe import (
     write_training_outputs,
 )
 from trimflow.stages import selected_variants
-from trimflow.tracking.runs import Tracker
+from trimflow.tracking.runs import PRUNE_PREFIX, Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -58,8 +57,10 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     pruner = make_pruner(cfg, model, spec, datamodule)
 
     tracker = Tracker(cfg)
-    work_dir = layout.work / f"prune-{stage_keys(cfg)[unit_name('prune', name)]}"
-    with tracker.stage_run("prune", label_map["dataset_digest"], builds=name) as active:
+    with (
+        keyed_work_dir(cfg, layout, "prune", name) as work_dir,
+        tracker.stage_run("prune", label_map["dataset_digest"], builds=name) as active,
+    ):
         result = None
         if recovery.enabled:
             result = train_module(
@@ -90,11 +91,7 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
             write_json(out / PRUNING_FILE, summary)
             if result is not None:
                 write_training_outputs(out, result, {"pruning_end": recovery.pruning_end})
-        if active is not None:
-            import mlflow
-
-            mlflow.log_metrics({f"prune/{key}": value for key, value in summary.items()})
-    shutil.rmtree(work_dir, ignore_errors=True)
+        tracker.log_metrics(summary, PRUNE_PREFIX)
     log.info("pruned %s: %s", name, summary)
 
 

@@ -141,7 +141,8 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         "bf16/fp16 variants target GPU inference; here they were timed on the CPU.",
     ]
     label_map = read_label_map(layout.finetuned)
-    with Tracker(cfg).stage_run("report", label_map["dataset_digest"]) as active:
+    tracker = Tracker(cfg)
+    with tracker.stage_run("report", label_map["dataset_digest"]) as active:
         images = draw_plots(cfg, layout, metrics, details)
         _write_tradeoff_csv(tables[0].rows, quality_metric(metrics), layout.plots / TRADEOFF_CSV)
         relative = {
@@ -153,14 +154,9 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             handle.write(markdown)
         with atomic_file(layout.report_file) as handle:
             handle.write(page)
-        if active is not None:
-            import mlflow
-
+        tracker.log_artifacts(layout.report_file, layout.reports / "report.md", layout.plots)
+        if active is not None and cfg.tracking.register_model:
             from trimflow.serving.registry import publish_recommended
 
-            mlflow.log_artifact(str(layout.report_file))
-            mlflow.log_artifact(str(layout.reports / "report.md"))
-            mlflow.log_artifacts(str(layout.plots), "plots")
-            if cfg.tracking.register_model:
-                publish_recommended(cfg, layout, metrics, active.info.run_id)
+            publish_recommended(cfg, layout, metrics, active.info.run_id)
     log.info("wrote %s", layout.report_file)

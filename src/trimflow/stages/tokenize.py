@@ -19,7 +19,7 @@ from trimflow.layout import (
     read_label_map,
 )
 from trimflow.models.loading import load_tokenizer
-from trimflow.tracking.runs import Tracker
+from trimflow.tracking.runs import DATA_PREFIX, Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -77,24 +77,21 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
                 stats[split]["entities_cut"],
             )
 
+    tracker = Tracker(cfg)
     with (
-        Tracker(cfg).stage_run(
-            "tokenize", read_label_map(layout.prepared)["dataset_digest"]
-        ) as active,
+        tracker.stage_run("tokenize", read_label_map(layout.prepared)["dataset_digest"]),
         atomic_dir(layout.tokenized) as out,
     ):
         datasets.DatasetDict(tokenized).save_to_disk(str(out / TOKENIZED_SPLITS))
         tokenizer.save_pretrained(out / TOKENIZER)
         shutil.copy(layout.prepared / LABEL_MAP_FILE, out / LABEL_MAP_FILE)
         write_json(out / STATS_FILE, {"max_length": cfg.model.max_length, "splits": stats})
-        if active is not None:
-            import mlflow
-
-            mlflow.log_metrics(
-                {
-                    f"data/{split}_{key}": value
-                    for split, counts in stats.items()
-                    for key, value in counts.items()
-                    if key in ("truncated", "entities_cut")
-                }
-            )
+        tracker.log_metrics(
+            {
+                f"{split}_{key}": value
+                for split, counts in stats.items()
+                for key, value in counts.items()
+                if key in ("truncated", "entities_cut")
+            },
+            DATA_PREFIX,
+        )
