@@ -84,35 +84,43 @@ class Layout:
     model_keys: Mapping[str, str] = field(default_factory=dict)
 
     def model_dir(self, variant: str) -> Path:
+        """The directory of `variant`, its name suffixed by its config digest in sweeps."""
         key = self.model_keys.get(variant)
         return self.models / (f"{variant}-{key}" if key else variant)
 
     @property
     def finetuned(self) -> Path:
+        """The fine-tuned model's directory."""
         return self.model_dir(FINETUNED)
 
     @property
     def tokenized_splits(self) -> Path:
+        """tokenize's Arrow splits."""
         return self.tokenized / TOKENIZED_SPLITS
 
     @property
     def tokenizer_dir(self) -> Path:
+        """The tokenizer the splits were made with."""
         return self.tokenized / TOKENIZER
 
     @property
     def metrics_file(self) -> Path:
+        """evaluate's summary: every variant's numbers and the recommendation."""
         return self.reports / "metrics.json"
 
     @property
     def variant_details(self) -> Path:
+        """evaluate's detail file per variant and the machine it measured on."""
         return self.reports / "variants"
 
     @property
     def report_file(self) -> Path:
+        """The self-contained HTML report."""
         return self.reports / "report.html"
 
     @property
     def plots(self) -> Path:
+        """The report's figures and the numbers behind them."""
         return self.reports / "plots"
 
 

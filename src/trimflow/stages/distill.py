@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
+    """Train one student per selected `distill.students` entry (see `_distill_student`)."""
     for name in selected_variants(cfg.distill.students, variant, "distill.students"):
-        distill_student(cfg, layout, name)
+        _distill_student(cfg, layout, name)
 
 
-def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
+def _distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     """Train student `name` on soft and hard labels; save it like any fp32 variant."""
     L.seed_everything(cfg.seed, workers=True)
     settings, spec = cfg.distill, cfg.distill.students[name]

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
+    """Fine-tune the base model on the tokenized data (resuming from the checkpoint an
+    interrupted run left) and save it with its training curves to models/finetuned/."""
     L.seed_everything(cfg.seed, workers=True)
     label_map = read_label_map(layout.tokenized)
     model = load_base_classifier(cfg.model.name, label_map["labels"], cfg.task.type)

@@ -30,11 +30,12 @@ PRUNING_FILE = "pruning.json"
 
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
+    """Prune the fine-tuned model per selected `prune.variants` entry (see `_prune_variant`)."""
     for name in selected_variants(cfg.prune.variants, variant, "prune.variants"):
-        prune_variant(cfg, layout, name)
+        _prune_variant(cfg, layout, name)
 
 
-def make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
+def _make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
     """The pruner of `spec`; structured pruning scores heads and neurons on training data."""
     if isinstance(spec, MagnitudePruning):
         return MagnitudePruner(model, spec.sparsity, include_embeddings=spec.include_embeddings)
@@ -44,7 +45,7 @@ def make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
     return StructuredPruner(model, heads, neurons, spec.heads_fraction, spec.ffn_fraction)
 
 
-def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
+def _prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     """Prune the fine-tuned model per `prune.variants.<name>` and save it as models/<name>."""
     L.seed_everything(cfg.seed, workers=True)
     spec, recovery = cfg.prune.variants[name], cfg.prune.recovery
@@ -54,7 +55,7 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     params_before, _ = count_parameters(model)
     datamodule = build_datamodule(cfg, layout)
     datamodule.setup()
-    pruner = make_pruner(cfg, model, spec, datamodule)
+    pruner = _make_pruner(cfg, model, spec, datamodule)
 
     tracker = Tracker(cfg)
     with (
@@ -82,7 +83,7 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
         pruner.set_progress(1.0)  # already there unless recovery is off or too short to ramp
         pruner.finalize(model)
         model.eval()
-        summary = pruning_summary(model, spec, params_before)
+        summary = _pruning_summary(model, spec, params_before)
         with atomic_dir(layout.model_dir(name)) as out:
             if isinstance(spec, MagnitudePruning):
                 save_sparse_variant(model, tokenizer, label_map, out)
@@ -95,7 +96,7 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     log.info("pruned %s: %s", name, summary)
 
 
-def pruning_summary(model, spec, params_before: int) -> dict[str, float]:
+def _pruning_summary(model, spec, params_before: int) -> dict[str, float]:
     """What pruning removed: parameters, heads, FFN neurons and zeroed weights."""
     config = model.config
     params_after, nonzero_after = count_parameters(model)

@@ -26,43 +26,15 @@ log = logging.getLogger(__name__)
 STATS_FILE = "tokenization.json"
 
 
-def tokenize_table(
-    cfg: TrimflowConfig, frame: pd.DataFrame, tokenizer, labels: list[str]
-) -> tuple[datasets.Dataset, dict]:
-    """One tokenized split and what truncation cut from it (texts; words and entities for NER)."""
-    data = datasets.Dataset.from_pandas(frame, preserve_index=False)
-    if cfg.task.type == "ner":
-        tokenized, cut = tokenize_tagged_split(
-            data.select_columns(["tokens", "tag_ids"]),
-            tokenizer,
-            cfg.model.max_length,
-            labels,
-            cfg.task.label_all_tokens,
-        )
-        truncated = {
-            "truncated": cut.examples,
-            "words_cut": cut.words,
-            "entities_cut": cut.entities,
-        }
-    else:
-        tokenized, count = tokenize_split(data, tokenizer, cfg.model.max_length)
-        truncated = {"truncated": count}
-    lengths = tokenized["length"]
-    return tokenized, {
-        "examples": len(data),
-        **truncated,
-        "truncated_fraction": round(truncated["truncated"] / max(len(data), 1), 4),
-        "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
-    }
-
-
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
+    """Tokenize every prepared split (no padding) and count what truncation cut; write the Arrow
+    splits, the tokenizer, the label map and tokenization.json; log the truncation counts."""
     tokenizer = load_tokenizer(cfg.model.name)
     labels = read_label_map(layout.prepared)["labels"]
     tokenized, stats = {}, {}
     for split in SPLITS:
         frame = pd.read_parquet(layout.prepared / f"{split}.parquet")
-        tokenized[split], stats[split] = tokenize_table(cfg, frame, tokenizer, labels)
+        tokenized[split], stats[split] = _tokenize_table(cfg, frame, tokenizer, labels)
         log.info(
             "%s: %s (max_length %d)",
             split,
@@ -95,3 +67,33 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             },
             DATA_PREFIX,
         )
+
+
+def _tokenize_table(
+    cfg: TrimflowConfig, frame: pd.DataFrame, tokenizer, labels: list[str]
+) -> tuple[datasets.Dataset, dict]:
+    """One tokenized split and what truncation cut from it (texts; words and entities for NER)."""
+    data = datasets.Dataset.from_pandas(frame, preserve_index=False)
+    if cfg.task.type == "ner":
+        tokenized, cut = tokenize_tagged_split(
+            data.select_columns(["tokens", "tag_ids"]),
+            tokenizer,
+            cfg.model.max_length,
+            labels,
+            cfg.task.label_all_tokens,
+        )
+        truncated = {
+            "truncated": cut.examples,
+            "words_cut": cut.words,
+            "entities_cut": cut.entities,
+        }
+    else:
+        tokenized, count = tokenize_split(data, tokenizer, cfg.model.max_length)
+        truncated = {"truncated": count}
+    lengths = tokenized["length"]
+    return tokenized, {
+        "examples": len(data),
+        **truncated,
+        "truncated_fraction": round(truncated["truncated"] / max(len(data), 1), 4),
+        "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
+    }

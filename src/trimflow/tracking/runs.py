@@ -265,6 +265,7 @@ class Tracker:
 
     @property
     def uri(self) -> str:
+        """The tracking URI this tracker logs to."""
         return tracking_uri(self.cfg.tracking)
 
     def where_to_look(self) -> str:
