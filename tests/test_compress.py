@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert, logits, parameter_count
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
@@ -20,23 +20,6 @@ from trimflow.compress.quantize import (
 from trimflow.compress.structured import prune_heads, unit_importance
 from trimflow.compress.variants import load_variant
 from trimflow.evaluation.footprint import size_on_disk_mb
-from trimflow.evaluation.inference import model_inputs
-
-
-@pytest.fixture
-def labelled_batches(tiny_batches):
-    """The tiny batches with labels, as importance scoring needs a loss."""
-    return [{**batch, "labels": torch.tensor([0, 1, 2, 0])} for batch in tiny_batches]
-
-
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**model_inputs(batch)).logits
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
-
 
 # --- head importance (scored with the FFN neurons in one pass) -----------------------------------
 

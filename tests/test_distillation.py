@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_LABELS, build_tiny_bert, quiet_trainer
+from helpers import TINY_LABELS, build_tiny_bert, quiet_trainer
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert
 
 from trimflow.compress.onnx import (
     OnnxClassifier,

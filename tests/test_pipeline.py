@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import mlflow_runs, smoke_pipeline_command
+from helpers import mlflow_runs, smoke_pipeline_command
 
 from trimflow.compress.variants import load_variant
 from trimflow.evaluation.scoring import LabelScorer

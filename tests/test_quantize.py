@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 

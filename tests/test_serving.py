@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from transformers import BertForTokenClassification

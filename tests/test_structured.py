@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import build_tiny_bert, quiet_trainer
+from helpers import build_tiny_bert, logits, parameter_count, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,24 +26,8 @@ from trimflow.compress.structured import (
     pruning_order,
     unit_importance,
 )
-from trimflow.evaluation.inference import model_inputs
 
 LABELS = torch.tensor([0, 1, 2, 0])
-
-
-@pytest.fixture
-def labelled_batches(tiny_batches):
-    """The tiny batches with labels, as importance scoring needs a loss."""
-    return [{**batch, "labels": LABELS} for batch in tiny_batches]
-
-
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**model_inputs(batch)).logits
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def predicted_parameter_count(

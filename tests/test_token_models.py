@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_bert, quiet_trainer
+from helpers import build_tiny_bert, quiet_trainer
 from seqeval.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
