@@ -8,23 +8,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from trimflow.evaluation.recommend import recommend
+from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX
 
 # metrics.json field -> MLflow metric name (the same for every variant run); quality fields come
 # first, `test/<field>`, from the task's scorer.
 MEASURE_NAMES = {
-    "latency_ms_p50": "bench/latency_ms_p50",
-    "latency_ms_p95": "bench/latency_ms_p95",
-    "throughput_sps": "bench/throughput_sps",
-    "size_mb": "model/size_mb",
-    "params": "model/params",
-    "nonzero_params": "model/nonzero_params",
-    "agreement": "test/agreement_with_source",
+    "latency_ms_p50": f"{BENCH_PREFIX}latency_ms_p50",
+    "latency_ms_p95": f"{BENCH_PREFIX}latency_ms_p95",
+    "throughput_sps": f"{BENCH_PREFIX}throughput_sps",
+    "size_mb": f"{MODEL_PREFIX}size_mb",
+    "params": f"{MODEL_PREFIX}params",
+    "nonzero_params": f"{MODEL_PREFIX}nonzero_params",
+    "agreement": f"{TEST_PREFIX}agreement_with_source",
 }
 
 
 def mlflow_names(quality_keys: Sequence[str]) -> dict[str, str]:
     """metrics.json field -> MLflow metric name for every per-variant number."""
-    return {key: f"test/{key}" for key in quality_keys} | MEASURE_NAMES
+    return {key: f"{TEST_PREFIX}{key}" for key in quality_keys} | MEASURE_NAMES
 
 
 @dataclass

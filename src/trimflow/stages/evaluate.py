@@ -24,7 +24,7 @@ from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement, ma
 from trimflow.evaluation.summary import Measurements, mlflow_names, summarise
 from trimflow.layout import Layout, read_label_map
 from trimflow.models.loading import WEIGHT_SUFFIXES
-from trimflow.tracking.runs import Tracker, log_variant_run
+from trimflow.tracking.runs import BASELINE_PREFIX, Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, write_json
 from trimflow.utils.progress import progress
 
@@ -225,14 +225,12 @@ def _log(
             active,
             [str(detail_files[variant])],
         )
-    if active is not None:
-        import mlflow
-
-        mlflow.log_metrics(
-            {
-                f"baseline/{name}/{key}": value
-                for name, scores in summary.get("baselines", {}).items()
-                for key, value in scores.items()
-            }
-        )
-        mlflow.log_artifact(str(metrics_file))
+    tracker.log_metrics(
+        {
+            f"{name}/{key}": value
+            for name, scores in summary.get("baselines", {}).items()
+            for key, value in scores.items()
+        },
+        BASELINE_PREFIX,
+    )
+    tracker.log_artifacts(metrics_file)

@@ -11,4 +11,3 @@ def digest_json(payload: Any, length: int = 12) -> str:
     """Short sha256 of a JSON-serialisable payload (key order does not matter)."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
