@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trimflow.config.loading import compose_config
-from trimflow.evaluation.benchmark import environment
+from trimflow.evaluation.machine import environment
 from trimflow.layout import dvc_layout
 from trimflow.utils.atomic import write_json
 

@@ -32,11 +32,11 @@ from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.data.sources import load_raw_splits
 from trimflow.data.tokenization import tokenize_split
 from trimflow.evaluation.benchmark import (
-    environment,
     interleaved_timings,
     latency_summary,
     measure_latency,
 )
+from trimflow.evaluation.machine import environment
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule
 from trimflow.utils.atomic import write_json

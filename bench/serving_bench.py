@@ -43,13 +43,13 @@ from trimflow.config.loading import load_params
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.evaluation.benchmark import (
-    environment,
     throughput_summary,
     timed_forwards,
     torch_threads,
 )
 from trimflow.evaluation.inference import predict
 from trimflow.evaluation.inputs import TestInputs, build_test_inputs, chunks, inference_data
+from trimflow.evaluation.machine import environment
 from trimflow.evaluation.scoring import make_scorer
 from trimflow.layout import Layout, dvc_layout, read_label_map
 from trimflow.serving.pyfunc import log_variant_model

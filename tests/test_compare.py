@@ -13,14 +13,13 @@ from trimflow.cli import main
 from trimflow.tracking.compare import (
     CompareError,
     build_comparison,
-    compare,
     metric_list,
     ratio,
     ratio_direction,
-    render_markdown,
     smaller_is_better,
-    write_outputs,
 )
+from trimflow.tracking.compare_query import compare
+from trimflow.tracking.compare_render import render_markdown, write_outputs
 
 T0 = 1_700_000_000_000  # ms; runs are created at explicit times so "latest" is unambiguous
 COMMON = {"seed": "0", "finetune.lr": "0.0001"}
@@ -361,7 +360,7 @@ def test_build_comparison_drops_non_finite_values():
 
 def test_uri_option_then_environment_then_project_store(monkeypatch):
     from trimflow.tracking import runs
-    from trimflow.tracking.compare import DEFAULT_URI, resolve_uri
+    from trimflow.tracking.compare_query import DEFAULT_URI, resolve_uri
 
     monkeypatch.setattr(runs, "USER_TRACKING_URI", None)
     assert resolve_uri(None) == DEFAULT_URI

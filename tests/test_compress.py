@@ -6,43 +6,22 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert, logits, parameter_count
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from trimflow.compress.heads import head_importance, load_pruned, prune_heads, select_heads_to_prune
-from trimflow.compress.magnitude import (
-    apply_global_magnitude,
-    make_permanent,
-    prunable_linears,
-    sparsity,
-)
+from trimflow.compress.magnitude import MagnitudePruner, make_permanent, prunable_linears, sparsity
+from trimflow.compress.pruned import load_pruned
 from trimflow.compress.quantize import (
     load_quantized,
     quantize_dynamic_int8,
     save_quantized,
 )
+from trimflow.compress.structured import prune_heads, unit_importance
 from trimflow.compress.variants import load_variant
 from trimflow.evaluation.footprint import size_on_disk_mb
-from trimflow.evaluation.inference import model_inputs
 
-
-@pytest.fixture
-def labelled_batches(tiny_batches):
-    """The tiny batches with labels, as importance scoring needs a loss."""
-    return [{**batch, "labels": torch.tensor([0, 1, 2, 0])} for batch in tiny_batches]
-
-
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**model_inputs(batch)).logits
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-# --- head importance and selection -------------------------------------------------------------
+# --- head importance (scored with the FFN neurons in one pass) -----------------------------------
 
 
 def test_head_importance_is_deterministic_normalised_and_leaves_model_unchanged(
@@ -51,8 +30,8 @@ def test_head_importance_is_deterministic_normalised_and_leaves_model_unchanged(
     tiny_bert.train()
     before = {name: value.clone() for name, value in tiny_bert.state_dict().items()}
 
-    first = head_importance(tiny_bert, labelled_batches)
-    second = head_importance(tiny_bert, labelled_batches)
+    first, _ = unit_importance(tiny_bert, labelled_batches)
+    second, _ = unit_importance(tiny_bert, labelled_batches)
 
     assert first.shape == (2, 4)
     assert torch.equal(first, second)
@@ -79,35 +58,25 @@ def test_head_importance_equals_gradient_through_output_dense_columns(tiny_bert,
             raw[i] += per_column.unflatten(0, (4, head_size)).sum(dim=-1).abs()
     expected = raw / raw.norm(dim=-1, keepdim=True)
 
-    torch.testing.assert_close(head_importance(tiny_bert, labelled_batches), expected)
+    torch.testing.assert_close(unit_importance(tiny_bert, labelled_batches)[0], expected)
 
 
-def test_head_importance_max_batches_uses_only_the_first_batches(tiny_bert, labelled_batches):
-    limited = head_importance(tiny_bert, labelled_batches, max_batches=1)
-    assert torch.equal(limited, head_importance(tiny_bert, labelled_batches[:1]))
+def test_unit_importance_max_batches_uses_only_the_first_batches(tiny_bert, labelled_batches):
+    limited = unit_importance(tiny_bert, labelled_batches, max_batches=1)
+    first_only = unit_importance(tiny_bert, labelled_batches[:1])
+    assert all(map(torch.equal, limited, first_only))
 
 
-def test_head_importance_works_under_no_grad(tiny_bert, labelled_batches):
-    expected = head_importance(tiny_bert, labelled_batches)
+def test_unit_importance_works_under_no_grad(tiny_bert, labelled_batches):
+    expected = unit_importance(tiny_bert, labelled_batches)
     with torch.no_grad():
-        assert torch.equal(head_importance(tiny_bert, labelled_batches), expected)
+        assert all(map(torch.equal, unit_importance(tiny_bert, labelled_batches), expected))
 
 
 def test_head_importance_rejects_a_head_pruned_model(tiny_bert, labelled_batches):
     prune_heads(tiny_bert, {0: [1]})
     with pytest.raises(ValueError, match="same number of heads"):
-        head_importance(tiny_bert, labelled_batches)
-
-
-def test_select_heads_removes_the_globally_least_important():
-    importance = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.3, 0.8, 0.05, 0.7]])
-    assert select_heads_to_prune(importance, 0.375) == {0: [1, 3], 1: [2]}
-    assert select_heads_to_prune(importance, 0.0) == {}
-
-
-def test_select_heads_keeps_one_head_per_layer():
-    importance = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.3, 0.8, 0.05, 0.7]])
-    assert select_heads_to_prune(importance, 1.0) == {0: [1, 2, 3], 1: [0, 2, 3]}
+        unit_importance(tiny_bert, labelled_batches)
 
 
 # --- head pruning ------------------------------------------------------------------------------
@@ -180,13 +149,13 @@ def test_prunable_linears_cover_only_the_encoder(tiny_bert):
 @pytest.mark.parametrize("target", [0.3, 0.7])
 def test_global_magnitude_reaches_requested_sparsity(tiny_bert, target):
     assert sparsity(tiny_bert) < 0.01
-    apply_global_magnitude(tiny_bert, target)
+    MagnitudePruner(tiny_bert, target).set_progress(1.0)
     assert sparsity(tiny_bert) == pytest.approx(target, abs=0.01)
     assert torch.count_nonzero(tiny_bert.classifier.weight) == tiny_bert.classifier.weight.numel()
 
 
 def test_masks_keep_zeros_through_an_optimizer_step(tiny_bert, tiny_batches):
-    apply_global_magnitude(tiny_bert, 0.5)
+    MagnitudePruner(tiny_bert, 0.5).set_progress(1.0)
     masks = [module.weight_mask.clone() for module, _ in prunable_linears(tiny_bert)]
     optimizer = torch.optim.SGD(tiny_bert.parameters(), lr=1.0)
     tiny_bert.train()
@@ -203,7 +172,7 @@ def test_masks_keep_zeros_through_an_optimizer_step(tiny_bert, tiny_batches):
 
 
 def test_make_permanent_leaves_plain_sparse_parameters(tiny_bert, tiny_batches):
-    apply_global_magnitude(tiny_bert, 0.5)
+    MagnitudePruner(tiny_bert, 0.5).set_progress(1.0)
     expected = logits(tiny_bert, tiny_batches[0])
 
     make_permanent(tiny_bert)

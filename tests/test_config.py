@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
 from trimflow.config.loading import ConfigError, compose_config, compose_raw, load_params
-from trimflow.config.schema import QUANTIZE_SCHEMES
+from trimflow.config.schema import QuantizeVariant
+from trimflow.config.schemes import QUANTIZE_SCHEMES
 from trimflow.layout import STAGE_PARAMS, VARIANT, VARIANT_STAGES, stage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,10 @@ def test_default_is_lean_and_zoo_adds_every_other_scheme():
     assert set(zoo.prune.variants) == {"pruned", "sparse80"}
     assert set(zoo.quantize.variants) > set(default.quantize.variants)
     assert {v.scheme for v in zoo.quantize.variants.values()} == set(QUANTIZE_SCHEMES) - {"fp16"}
+
+
+def test_the_schema_offers_exactly_the_quantization_schemes_of_the_table():
+    assert get_args(QuantizeVariant.model_fields["scheme"].annotation) == tuple(QUANTIZE_SCHEMES)
 
 
 def test_smoke_declares_every_variant_kind_and_names_are_unique():

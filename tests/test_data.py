@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import pandas as pd
 import pytest
 
 from trimflow.config.loading import compose_config
-from trimflow.data.sources import DataError, load_raw_splits
+from trimflow.config.schema import DatasetConfig
+from trimflow.data.errors import DataError
+from trimflow.data.sources import SOURCES, load_raw_splits
 from trimflow.data.splits import split_validation, subsample
 from trimflow.layout import dvc_layout
 from trimflow.stages import prepare
@@ -149,6 +152,10 @@ def test_hf_source_error_names_dataset(tmp_path):
     cfg = compose_config(["dataset=hf", f"dataset.name={tmp_path / 'nothing-here'}"])
     with pytest.raises(DataError, match="nothing-here"):
         load_raw_splits(cfg.dataset)
+
+
+def test_the_schema_offers_exactly_the_dataset_sources_of_the_table():
+    assert get_args(DatasetConfig.model_fields["source"].annotation) == tuple(SOURCES)
 
 
 def test_splits_are_stratified_and_seeded():

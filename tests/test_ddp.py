@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import mlflow_runs, signal_once_training
+from helpers import mlflow_runs, signal_once_training
 from safetensors.torch import load_file
 from transformers import BertModel
 
@@ -45,7 +45,7 @@ WEIGHT_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def dropout_free_encoder(tmp_path_factory, packaged_tokenizer):
     """The tiny BERT encoder without dropout: training is then a function of the batches."""
-    from conftest import build_tiny_bert
+    from helpers import build_tiny_bert
 
     config = build_tiny_bert().config
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_LABELS, build_tiny_bert, quiet_trainer
+from helpers import TINY_LABELS, build_tiny_bert, quiet_trainer
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -18,7 +18,7 @@ from transformers import (
     BertTokenizerFast,
 )
 
-from trimflow.compress.heads import prune_heads
+from trimflow.compress.structured import prune_heads
 from trimflow.config.schema import TrainerConfig
 from trimflow.models.distillation import (
     DistillationClassifier,

@@ -8,7 +8,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import copy_project, mlflow_runs, project_env, shell
+from helpers import copy_project, mlflow_runs, project_env, shell
 from seqeval.metrics import f1_score
 
 from trimflow.config.loading import compose_config

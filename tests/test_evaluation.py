@@ -12,15 +12,16 @@ from torch import nn
 
 from trimflow.compress.quantize import quantize_dynamic_int8
 from trimflow.evaluation.benchmark import (
-    cpu_description,
     interleaved_timings,
     measure_latency,
-    measure_throughput,
+    throughput_summary,
+    timed_forwards,
     torch_threads,
 )
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import predict
+from trimflow.evaluation.machine import cpu_description
 
 LABELS = ["alpha", "beta", "gamma"]
 
@@ -105,7 +106,7 @@ def test_latency_rejects_batched_inputs(tiny_bert, tiny_batches):
 
 def test_throughput_is_positive_finite_and_restores_threads(tiny_bert, tiny_batches):
     before = torch.get_num_threads()
-    result = measure_throughput(tiny_bert, tiny_batches, 1, 3, num_threads=1)
+    result = throughput_summary(timed_forwards(tiny_bert, tiny_batches, 1, 3, num_threads=1))
 
     assert set(result) == {"throughput_sps"}
     assert math.isfinite(result["throughput_sps"]) and result["throughput_sps"] > 0
@@ -118,6 +119,43 @@ def test_thread_context_restores_after_an_error():
         assert torch.get_num_threads() == 1
         raise RuntimeError
     assert torch.get_num_threads() == before
+
+
+class CallLog(nn.Module):
+    """Records which model ran each forward, in order."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        super().__init__()
+        self.name, self.calls = name, calls
+
+    def forward(self, input_ids, **_):
+        self.calls.append(self.name)
+        return input_ids
+
+
+def test_interleaved_timings_warm_up_once_then_alternate_models():
+    calls: list[str] = []
+    models = {name: CallLog(name, calls) for name in ("a", "b")}
+    batches = [{"input_ids": torch.zeros(3, 4, dtype=torch.long)}]
+    timings = interleaved_timings(models, batches, warmup=4, repeats=6, rounds=3, num_threads=1)
+    # 2 timed forwards per round; 4 warm-up forwards in round 1, then 1 per round.
+    assert {name: len(t) for name, t in timings.items()} == {"a": 6, "b": 6}
+    assert all(size == 3 and seconds >= 0 for t in timings.values() for seconds, size in t)
+    rounds = ["a"] * 6 + ["b"] * 6 + (["a"] * 3 + ["b"] * 3) * 2
+    assert calls == rounds
+
+
+def test_interleaved_timings_round_repeats_up_and_restart_the_batch_cycle_each_round():
+    calls: list[str] = []
+    models = {name: CallLog(name, calls) for name in ("a", "b")}
+    batches = [{"input_ids": torch.zeros(size, 4, dtype=torch.long)} for size in (1, 2, 3)]
+    timings = interleaved_timings(models, batches, warmup=0, repeats=5, rounds=2, num_threads=1)
+    # ceil(5 / 2) = 3 timed forwards per round and no warm-up at all.
+    assert calls == (["a"] * 3 + ["b"] * 3) * 2
+    assert {name: [size for _, size in t] for name, t in timings.items()} == {
+        "a": [1, 2, 3, 1, 2, 3],
+        "b": [1, 2, 3, 1, 2, 3],
+    }
 
 
 # --- footprint ---------------------------------------------------------------------------------
@@ -157,28 +195,7 @@ def test_quantized_bert_reports_the_same_total_as_fp32(tiny_bert):
     assert quantized_total == fp32_total
 
 
-class CallLog(nn.Module):
-    """Records which model ran each forward, in order."""
-
-    def __init__(self, name: str, calls: list[str]) -> None:
-        super().__init__()
-        self.name, self.calls = name, calls
-
-    def forward(self, input_ids, **_):
-        self.calls.append(self.name)
-        return input_ids
-
-
-def test_interleaved_timings_warm_up_once_then_alternate_models():
-    calls: list[str] = []
-    models = {name: CallLog(name, calls) for name in ("a", "b")}
-    batches = [{"input_ids": torch.zeros(3, 4, dtype=torch.long)}]
-    timings = interleaved_timings(models, batches, warmup=4, repeats=6, rounds=3, num_threads=1)
-    # 2 timed forwards per round; 4 warm-up forwards in round 1, then 1 per round.
-    assert {name: len(t) for name, t in timings.items()} == {"a": 6, "b": 6}
-    assert all(size == 3 and seconds >= 0 for t in timings.values() for seconds, size in t)
-    rounds = ["a"] * 6 + ["b"] * 6 + (["a"] * 3 + ["b"] * 3) * 2
-    assert calls == rounds
+# --- machine -----------------------------------------------------------------------------------
 
 
 def test_cpu_description_names_model_and_speed_flags():

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import signal_once_training, smoke_pipeline_command
+from helpers import signal_once_training, smoke_pipeline_command
 from safetensors.torch import load_file
 
 from trimflow.config.loading import compose_config

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from trimflow.config.loading import compose_config
-from trimflow.data.sources import DataError
+from trimflow.data.errors import DataError
 from trimflow.layout import dvc_layout
 from trimflow.stages import prepare, tokenize
 

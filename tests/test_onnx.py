@@ -5,15 +5,15 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert
 
-from trimflow.compress.heads import prune_heads
 from trimflow.compress.onnx import (
     OnnxClassifier,
     export_onnx,
     quantize_onnx_dynamic,
     quantize_onnx_static,
 )
+from trimflow.compress.structured import prune_heads
 from trimflow.evaluation.footprint import count_parameters
 from trimflow.evaluation.inference import model_inputs, predict
 

@@ -8,17 +8,18 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import mlflow_runs, smoke_pipeline_command
+from helpers import mlflow_runs, smoke_pipeline_command
 
 from trimflow.compress.variants import load_variant
 from trimflow.evaluation.scoring import LabelScorer
+from trimflow.evaluation.summary import mlflow_names
 from trimflow.layout import dvc_layout
 from trimflow.pipeline import run_pipeline
 from trimflow.stages import run_stage
-from trimflow.stages.evaluate import mlflow_names
 from trimflow.tracking.runs import FINISHED, HEADLINE_PREFIX, RECOMMENDED_TAG
 
-MLFLOW_NAMES = mlflow_names(LabelScorer)  # metrics.json field -> MLflow name, classification
+# metrics.json field -> MLflow name, classification
+MLFLOW_NAMES = mlflow_names(LabelScorer.quality_keys)
 # The smoke preset declares every variant kind; the tiny BERT has 2 layers.
 TINY_VARIANTS = ("distill.students.distilled.layers=[1]",)
 # Overrides leaving one structured-pruned and two quantized variants (for the sweep).

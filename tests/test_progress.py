@@ -9,7 +9,7 @@ import sys
 
 import torch
 import yaml
-from conftest import build_tiny_bert, quiet_trainer
+from helpers import build_tiny_bert, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 

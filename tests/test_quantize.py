@@ -6,20 +6,22 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from trimflow.compress.heads import prune_heads
+from trimflow.compress.onnx import ONNX_QUANTIZERS
 from trimflow.compress.quantize import (
-    SCHEMES,
     STATE_DICT_FILE,
+    TORCH_SCHEMES,
     load_quantized,
     quantize_model,
     save_quantized,
     scheme_of,
 )
+from trimflow.compress.structured import prune_heads
 from trimflow.compress.variants import load_variant
+from trimflow.config.schemes import QUANTIZE_SCHEMES
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import model_inputs
 
@@ -57,11 +59,14 @@ def fp32(tiny_model_dir):
     return AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
 
 
-def test_schemes_are_named():
-    assert SCHEMES == ("dynamic_int8", "dynamic_int8_embeddings", "bf16", "fp16")
+def test_every_scheme_of_the_table_has_a_builder_in_its_runtime_and_no_other_does():
+    torch_rows = [name for name, scheme in QUANTIZE_SCHEMES.items() if not scheme.onnx]
+    onnx_rows = [name for name, scheme in QUANTIZE_SCHEMES.items() if scheme.onnx]
+    assert list(TORCH_SCHEMES) == torch_rows
+    assert list(ONNX_QUANTIZERS) == onnx_rows
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", TORCH_SCHEMES)
 def test_round_trip_matches_in_memory_model_and_stays_close_to_fp32(
     scheme, fp32, tiny_model_dir, tiny_batches, tmp_path
 ):
@@ -84,7 +89,7 @@ def test_round_trip_matches_in_memory_model_and_stays_close_to_fp32(
         assert torch.equal(logits(reloaded, batch).argmax(-1), reference.argmax(-1))
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", TORCH_SCHEMES)
 def test_weight_file_shrinks_by_the_expected_factor(scheme, fp32, tiny_model_dir, tmp_path):
     save_quantized(quantize_model(fp32, scheme), tiny_model_dir, tmp_path / scheme, scheme)
 
@@ -92,7 +97,7 @@ def test_weight_file_shrinks_by_the_expected_factor(scheme, fp32, tiny_model_dir
     assert low < saved_size_ratio(tmp_path / scheme, tiny_model_dir) < high
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", TORCH_SCHEMES)
 def test_parameter_counts_equal_the_fp32_models(scheme, tiny_bert):
     total, nonzero = count_parameters(tiny_bert)
 
@@ -102,7 +107,7 @@ def test_parameter_counts_equal_the_fp32_models(scheme, tiny_bert):
     assert quantized_nonzero <= nonzero
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", TORCH_SCHEMES)
 def test_head_pruned_source_round_trips(
     scheme, tiny_bert, packaged_tokenizer, tiny_batches, tmp_path
 ):
@@ -128,7 +133,7 @@ def test_quantized_embeddings_accept_default_token_types(tiny_bert, tiny_batches
     assert torch.equal(logits(quantized, without_token_types), logits(quantized, batch))
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", TORCH_SCHEMES)
 def test_quantize_model_copies_into_eval_mode(scheme, tiny_bert):
     tiny_bert.train()
 
@@ -145,7 +150,7 @@ def test_unknown_scheme_is_named_with_the_known_ones(tiny_bert, tiny_model_dir, 
     ):
         with pytest.raises(ValueError, match="'int4'") as error:
             call()
-        assert all(scheme in str(error.value) for scheme in SCHEMES)
+        assert all(scheme in str(error.value) for scheme in TORCH_SCHEMES)
     assert not (tmp_path / "out").exists()
 
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, project_env, shell
+from helpers import copy_project, project_env, shell
 
 from trimflow.tracking.team import S3_CREDENTIALS as AWS
 

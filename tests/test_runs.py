@@ -17,11 +17,14 @@ import yaml
 
 from trimflow.tracking.runs import (
     BUILDS_TAG,
+    DATA_PREFIX,
+    DVC_STAGE_TAG,
     EXPERIMENT_KIND_TAG,
     FAILED,
     FINISHED,
     HEADLINE_PREFIX,
     KILLED,
+    LOCK_HASH_TAG,
     MODEL_TRAINING_KIND,
     PARENT_RUN_ENV,
     PARENT_TAG,
@@ -205,7 +208,7 @@ def test_the_headline_of_a_pipeline_is_logged_on_its_run(tracker, tmp_path):
     metrics_file = tmp_path / "metrics.json"
     metrics_file.write_text(json.dumps(EVALUATED))
     with tracker.pipeline_run("pipeline") as parent:
-        tracker.log_headline(parent.info.run_id, metrics_file)
+        tracker.log_headline(metrics_file)
     run = tracker.client().get_run(parent.info.run_id)
     assert run.data.tags[RECOMMENDED_TAG] == "q"
     assert {k: v for k, v in run.data.metrics.items() if k.startswith(HEADLINE_PREFIX)} == {
@@ -213,6 +216,30 @@ def test_the_headline_of_a_pipeline_is_logged_on_its_run(tracker, tmp_path):
         f"{HEADLINE_PREFIX}size_ratio": 4.0,
         f"{HEADLINE_PREFIX}accuracy": 0.9,
     }
+
+
+def test_the_stage_runs_of_a_pipeline_are_tagged_by_their_dvc_stage(tracker):
+    with tracker.pipeline_run("pipeline") as parent:
+        finetune, prune, outside = (
+            open_run(tracker, stage, parent.info.run_id) for stage in ("finetune", "prune", "x")
+        )
+        client = tracker.client()
+        client.set_tag(finetune, DVC_STAGE_TAG, "finetune")
+        client.set_tag(prune, DVC_STAGE_TAG, "prune@pruned")
+        tracker.tag_dvc_stage_runs(LOCK_HASH_TAG, {"finetune": "f1", "prune@pruned": "p1"})
+    tags = {run_id: client.get_run(run_id).data.tags for run_id in (finetune, prune, outside)}
+    assert tags[finetune][LOCK_HASH_TAG] == "f1" and tags[prune][LOCK_HASH_TAG] == "p1"
+    assert LOCK_HASH_TAG not in tags[outside]  # no DVC stage
+
+
+def test_without_tracking_a_stage_logs_nothing(tiny_config, clean_env, tmp_path):
+    tracker = Tracker(tiny_config("tracking.enabled=false"))
+    with tracker.stage_run("report") as active:
+        tracker.log_metrics({"rows": 1}, DATA_PREFIX)
+        tracker.log_dict({"a": 1}, "card.json")
+        tracker.log_artifacts(tmp_path)
+        tracker.log_headline(tmp_path / "absent.json")
+    assert active is None
 
 
 # --- trimflow repro ----------------------------------------------------------------------------

@@ -19,14 +19,13 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from conftest import build_tiny_bert
+from helpers import build_tiny_bert
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from transformers import BertForTokenClassification
 
-from trimflow.compress.heads import prune_heads
 from trimflow.compress.quantize import quantize_model, save_quantized
-from trimflow.compress.structured import prune_neurons
+from trimflow.compress.structured import prune_heads, prune_neurons
 from trimflow.compress.variants import load_variant, save_onnx_variant
 from trimflow.data.token_labels import word_predictions
 from trimflow.layout import dvc_layout

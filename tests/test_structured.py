@@ -2,43 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from conftest import build_tiny_bert, quiet_trainer
+from helpers import build_tiny_bert, logits, parameter_count, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trimflow.compress.heads import head_importance, load_pruned, prune_heads, select_heads_to_prune
 from trimflow.compress.magnitude import MagnitudePruner, prunable_linears, sparsity
+from trimflow.compress.pruned import load_pruned
 from trimflow.compress.schedule import GradualPruning, cubic_schedule
 from trimflow.compress.structured import (
+    MIN_HEADS,
+    MIN_NEURONS,
     StructuredPruner,
-    predicted_parameter_count,
+    by_layer,
+    encoder_layers,
+    prune_heads,
     prune_neurons,
-    select_neurons_to_prune,
+    pruning_order,
     unit_importance,
 )
-from trimflow.evaluation.inference import model_inputs
 
 LABELS = torch.tensor([0, 1, 2, 0])
 
 
-@pytest.fixture
-def labelled_batches(tiny_batches):
-    """The tiny batches with labels, as importance scoring needs a loss."""
-    return [{**batch, "labels": LABELS} for batch in tiny_batches]
+def predicted_parameter_count(
+    model: nn.Module, heads: Mapping[int, Sequence[int]], neurons: Mapping[int, Sequence[int]]
+) -> int:
+    """Parameters left after removing the given (currently present) heads and FFN neurons.
+
+    A head owns its query/key/value rows and biases plus its attention-output columns; a neuron
+    owns its intermediate row and bias plus its output column.
+    """
+    hidden = model.config.hidden_size
+    head_size = encoder_layers(model)[0].attention.self.attention_head_size
+    per_head = 4 * hidden * head_size + 3 * head_size
+    per_neuron = 2 * hidden + 1
+    removed_heads = sum(len(units) for units in heads.values())
+    removed_neurons = sum(len(units) for units in neurons.values())
+    return parameter_count(model) - removed_heads * per_head - removed_neurons * per_neuron
 
 
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**model_inputs(batch)).logits
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())
+def least_important(importance: torch.Tensor, fraction: float, min_kept: int) -> dict:
+    """{layer: units} of the `round(fraction * total)` globally least important units, keeping
+    `min_kept` per layer: what a pruner masks at full progress."""
+    return by_layer(pruning_order(importance, min_kept)[: round(fraction * importance.numel())])
 
 
 def ffn(model: nn.Module, layer: int) -> tuple[nn.Linear, nn.Linear]:
@@ -72,17 +84,16 @@ def test_unit_importance_matches_separate_gradients_in_one_pass(tiny_bert, label
             dense = ffn(tiny_bert, layer)[1]
             raw[layer] += (dense.weight * dense.weight.grad).sum(dim=0).abs()
     torch.testing.assert_close(neurons, raw / raw.norm(dim=-1, keepdim=True))
-    torch.testing.assert_close(heads, head_importance(tiny_bert, labelled_batches))
 
 
-def test_select_neurons_ranks_globally_and_keeps_a_floor_per_layer():
+def test_pruning_order_ranks_globally_and_keeps_a_floor_per_layer():
     importance = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.9, 0.8, 0.7, 0.05]])
-    assert select_neurons_to_prune(importance, 0.5) == {0: [0, 1, 2], 1: [3]}
-    assert select_neurons_to_prune(importance, 0.5, min_kept=2) == {0: [0, 1], 1: [2, 3]}
-    assert select_neurons_to_prune(importance, 1.0) == {0: [0, 1, 2], 1: [1, 2, 3]}
-    assert select_neurons_to_prune(importance, 0.0) == {}
+    assert least_important(importance, 0.5, 1) == {0: [0, 1, 2], 1: [3]}
+    assert least_important(importance, 0.5, 2) == {0: [0, 1], 1: [2, 3]}
+    assert least_important(importance, 1.0, 1) == {0: [0, 1, 2], 1: [1, 2, 3]}
+    assert least_important(importance, 0.0, 1) == {}
     with pytest.raises(ValueError, match="min_kept"):
-        select_neurons_to_prune(importance, 0.5, min_kept=0)
+        pruning_order(importance, 0)
 
 
 # --- FFN neuron removal ------------------------------------------------------------------------
@@ -185,9 +196,9 @@ def test_structured_pruner_masks_gradually_and_finalize_keeps_the_outputs(
         pruner.set_progress(progress)
         assert sum(map(len, pruner.masks["heads"].masked().values())) == heads_masked
         assert sum(map(len, pruner.masks["neurons"].masked().values())) == neurons_masked
-    assert pruner.masks["heads"].masked() == select_heads_to_prune(heads, 0.5)
+    assert pruner.masks["heads"].masked() == least_important(heads, 0.5, MIN_HEADS)
     masked_neurons = pruner.masks["neurons"].masked()
-    assert masked_neurons == select_neurons_to_prune(neurons, 0.25)
+    assert masked_neurons == least_important(neurons, 0.25, MIN_NEURONS)
     expected = [logits(tiny_bert, batch) for batch in tiny_batches]
     assert (seen[-1][..., masked_neurons.get(0, [])] == 0).all()
     predicted = predicted_parameter_count(tiny_bert, pruner.masks["heads"].masked(), masked_neurons)

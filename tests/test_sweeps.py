@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, mlflow_runs, smoke_pipeline_command
+from helpers import ROOT, mlflow_runs, smoke_pipeline_command
 
 from trimflow.tracking.runs import FINISHED
 from trimflow.tracking.team import create_database, free_port

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import smoke_pipeline_command
+from helpers import smoke_pipeline_command
 
 from trimflow.tracking.runs import SWEEP_TAG
 from trimflow.tracking.team import create_database, free_port, start_mlflow, stop

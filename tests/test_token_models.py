@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_bert, quiet_trainer
+from helpers import build_tiny_bert, quiet_trainer
 from seqeval.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -25,7 +25,7 @@ from transformers import (
     DataCollatorForTokenClassification,
 )
 
-from trimflow.compress.magnitude import apply_global_magnitude, make_permanent, sparsity
+from trimflow.compress.magnitude import MagnitudePruner, make_permanent, sparsity
 from trimflow.compress.onnx import OnnxClassifier
 from trimflow.compress.quantize import quantize_model, save_quantized, scheme_of
 from trimflow.compress.sparse import SPARSE_FILE
@@ -361,7 +361,7 @@ def test_structured_pruning_of_a_token_model_saves_and_reloads(
 def test_magnitude_pruned_token_model_round_trips_through_the_sparse_format(
     token_bert, token_batches, packaged_tokenizer, tmp_path
 ):
-    apply_global_magnitude(token_bert, 0.5)
+    MagnitudePruner(token_bert, 0.5).set_progress(1.0)
     make_permanent(token_bert)
     assert sparsity(token_bert) == pytest.approx(0.5, abs=1e-3)
 

@@ -67,7 +67,8 @@ def team_command(args: argparse.Namespace) -> int:
 
 def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     """`trimflow compare [RUN ...] [--latest-pipeline | --sweep] [options]`."""
-    from trimflow.tracking.compare import DEFAULT_EXPERIMENT, metric_list
+    from trimflow.tracking.compare import metric_list
+    from trimflow.tracking.compare_query import DEFAULT_EXPERIMENT
 
     sub = commands.add_parser("compare", help="compare MLflow runs: params, metrics, ratios")
     sub.add_argument(
@@ -89,7 +90,9 @@ def compare_runs(args: argparse.Namespace) -> int:
     """Print the comparison of MLflow runs and write it to `args.out`; 2 when a run is missing."""
     from rich.console import Console
 
-    from trimflow.tracking.compare import CompareError, compare, rich_report, write_outputs
+    from trimflow.tracking.compare import CompareError
+    from trimflow.tracking.compare_query import compare
+    from trimflow.tracking.compare_render import rich_report, write_outputs
 
     try:
         comparison = compare(

@@ -7,7 +7,9 @@ stages `<stage>@<variant>`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,35 +84,43 @@ class Layout:
     model_keys: Mapping[str, str] = field(default_factory=dict)
 
     def model_dir(self, variant: str) -> Path:
+        """The directory of `variant`, its name suffixed by its config digest in sweeps."""
         key = self.model_keys.get(variant)
         return self.models / (f"{variant}-{key}" if key else variant)
 
     @property
     def finetuned(self) -> Path:
+        """The fine-tuned model's directory."""
         return self.model_dir(FINETUNED)
 
     @property
     def tokenized_splits(self) -> Path:
+        """tokenize's Arrow splits."""
         return self.tokenized / TOKENIZED_SPLITS
 
     @property
     def tokenizer_dir(self) -> Path:
+        """The tokenizer the splits were made with."""
         return self.tokenized / TOKENIZER
 
     @property
     def metrics_file(self) -> Path:
+        """evaluate's summary: every variant's numbers and the recommendation."""
         return self.reports / "metrics.json"
 
     @property
     def variant_details(self) -> Path:
+        """evaluate's detail file per variant and the machine it measured on."""
         return self.reports / "variants"
 
     @property
     def report_file(self) -> Path:
+        """The self-contained HTML report."""
         return self.reports / "report.html"
 
     @property
     def plots(self) -> Path:
+        """The report's figures and the numbers behind them."""
         return self.reports / "plots"
 
 
@@ -179,6 +189,17 @@ def stage_keys(cfg: TrimflowConfig) -> dict[str, str]:
         if not variant:
             upstream = key
     return keys
+
+
+@contextlib.contextmanager
+def keyed_work_dir(
+    cfg: TrimflowConfig, layout: Layout, stage: str, variant: str | None = None
+) -> Iterator[Path]:
+    """The scratch folder of a training unit, keyed by its config digest: a rerun after an
+    interruption resumes from the checkpoints left there. Removed once the block succeeds."""
+    work_dir = layout.work / f"{stage}-{stage_keys(cfg)[unit_name(stage, variant)]}"
+    yield work_dir
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def keyed_layout(cfg: TrimflowConfig, store: Path) -> Layout:

@@ -39,10 +39,9 @@ from trimflow.layout import (
 )
 from trimflow.stages import run_stage
 from trimflow.tracking.runs import (
-    DVC_STAGE_TAG,
     INTERRUPTS,
     LOCK_HASH_TAG,
-    PARENT_TAG,
+    SEARCH_PREFIX,
     STAGE_TAG,
     SWEEP,
     SWEEP_TAG,
@@ -211,13 +210,12 @@ def hydra_entry(raw: DictConfig) -> float:
         tracker, sweep_parent = Tracker(cfg), None
     layout = keyed_layout(cfg, SWEEP_STORE.resolve())
     name = run_name(hydra_cfg.overrides.task)
-    with tracker.pipeline_run(name, parent_run_id=sweep_parent) as active:
+    with tracker.pipeline_run(name, parent_run_id=sweep_parent):
         run_pipeline(cfg, layout, cfg.search.last_stage)
         value = search_objective(cfg, layout)
-        if active is not None:
-            tracker.client().log_metric(active.info.run_id, f"search/{cfg.search.objective}", value)
-            if layout.metrics_file.exists():  # keyed by config: this pipeline's
-                tracker.log_headline(active.info.run_id, layout.metrics_file)
+        tracker.log_metrics({cfg.search.objective: value}, SEARCH_PREFIX)
+        if layout.metrics_file.exists():  # keyed by config: this pipeline's
+            tracker.log_headline(layout.metrics_file)
     if layout.report_file.exists():
         log_summary(layout, tracker)
     log.info("objective %s = %.4f", cfg.search.objective, value)
@@ -247,15 +245,14 @@ def dvc_repro(dvc_args: list[str]) -> int:
     words = [shlex.join(["dvc", "repro", *dvc_args])] if dvc_args else []
     words += changed_params(cfg.model_dump(mode="json"), compose_config().model_dump(mode="json"))
     try:
-        with tracker.pipeline_run(run_name(words)) as active:
+        with tracker.pipeline_run(run_name(words)):
             code = _call_forwarding_signals([sys.executable, "-m", "dvc", "repro", *dvc_args])
             if code != 0:
                 raise CommandFailed("dvc repro", code)
             current = _evaluate_is_current()
-            if active is not None:
-                _tag_lock_hashes(tracker, active.info.run_id)
-                if current:
-                    tracker.log_headline(active.info.run_id, dvc_layout().metrics_file)
+            tracker.tag_dvc_stage_runs(LOCK_HASH_TAG, _lock_hashes())
+            if current:
+                tracker.log_headline(dvc_layout().metrics_file)
     except CommandFailed as failed:
         return failed.exit_code
     if current:
@@ -315,22 +312,14 @@ def _evaluate_is_current() -> bool:
     return status.returncode == 0 and json.loads(status.stdout or "null") == {}
 
 
-def _tag_lock_hashes(tracker: Tracker, parent_run_id: str) -> None:
-    """Tag every stage run of this execution with the digest of its dvc.lock entry."""
-    import mlflow
+def _lock_hashes() -> dict[str, str]:
+    """The digest of each stage's dvc.lock entry (none without a dvc.lock)."""
     import yaml
 
     from trimflow.utils.hashing import digest_json
 
     lock_path = Path("dvc.lock")
     if not lock_path.exists():
-        return
+        return {}
     stages = yaml.safe_load(lock_path.read_text()).get("stages", {})
-    runs = mlflow.search_runs(
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", output_format="list"
-    )
-    client = tracker.client()
-    for run in runs:
-        stage = run.data.tags.get(DVC_STAGE_TAG)
-        if stage in stages:
-            client.set_tag(run.info.run_id, LOCK_HASH_TAG, digest_json(stages[stage]))
+    return {stage: digest_json(entry) for stage, entry in stages.items()}

@@ -88,21 +88,12 @@ class MagnitudePruner:
         make_permanent(model)
 
     def state_dict(self) -> dict[str, Any]:
+        """The progress (the masks are buffers, saved with the model)."""
         return {"progress": self.progress}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from the saved progress."""
         self.set_progress(state["progress"])
-
-
-def apply_global_magnitude(
-    model: PreTrainedModel, sparsity: float, include_embeddings: bool = False
-) -> None:
-    """Zero the `sparsity` fraction of smallest-magnitude weights at once, ranked globally.
-
-    The pruning masks stay attached so that a recovery fine-tune keeps pruned weights at zero;
-    call `make_permanent` before saving.
-    """
-    MagnitudePruner(model, sparsity, include_embeddings).set_progress(1.0)
 
 
 def make_permanent(model: PreTrainedModel) -> None:

@@ -16,7 +16,7 @@ import io
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +165,15 @@ def quantize_onnx_static(
         _publish(staged, Path(out_path))
 
 
+# The ONNX rows of config/schemes.py: how each turns the exported fp32 graph into its own, given
+# the calibration batches (None: the exported graph is the variant).
+ONNX_QUANTIZERS: dict[str, Callable[[Path, Path, list[dict[str, Tensor]]], None] | None] = {
+    "onnx_fp32": None,
+    "onnx_dynamic_int8": lambda fp32, out, _calibration: quantize_onnx_dynamic(fp32, out),
+    "onnx_static_int8": quantize_onnx_static,
+}
+
+
 class OnnxClassifier:
     """An ONNX sequence or token classifier on the CPU (ORT), called like the torch model."""
 
@@ -184,6 +193,7 @@ class OnnxClassifier:
         return SequenceClassifierOutput(logits=torch.from_numpy(logits))
 
     def eval(self) -> OnnxClassifier:
+        """Itself, as `nn.Module.eval` returns the module: a session only runs inference."""
         return self
 
     def parameter_counts(self) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Post-training quantization schemes for CPU (int8) and GPU (half precision) inference.
 
-Schemes, by name (`SCHEMES`):
+The torch schemes, by name (`TORCH_SCHEMES`, the torch rows of config/schemes.py's table):
 
 * `dynamic_int8`: every nn.Linear dynamically quantized to int8 (torch.ao eager mode), with a
   scale per output channel: on the NER default per-tensor scales cost 1.05 entity-F1 points,
@@ -30,7 +30,7 @@ from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
 
-from trimflow.compress.heads import model_skeleton
+from trimflow.compress.pruned import model_skeleton
 from trimflow.models.loading import copy_metadata
 from trimflow.utils.atomic import atomic_dir, read_json, write_json
 
@@ -49,7 +49,7 @@ INT8_QCONFIGS = {
     },
 }
 CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-SCHEMES = (*INT8_QCONFIGS, *CAST_DTYPES)
+TORCH_SCHEMES = (*INT8_QCONFIGS, *CAST_DTYPES)
 DEFAULT_SCHEME = "dynamic_int8"
 
 
@@ -63,8 +63,8 @@ def _quiet_quantization_warnings() -> Iterator[None]:
 
 
 def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
+    if scheme not in TORCH_SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {TORCH_SCHEMES}")
 
 
 def _contiguous_indices(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -89,7 +89,7 @@ def _apply_scheme(model: nn.Module, scheme: str) -> nn.Module:
 
 
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
-    """An eval-mode copy of `model` quantized with `scheme` (one of `SCHEMES`)."""
+    """An eval-mode copy of `model` quantized with `scheme` (one of `TORCH_SCHEMES`)."""
     return _apply_scheme(copy.deepcopy(model), scheme)
 
 

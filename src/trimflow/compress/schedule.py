@@ -26,9 +26,11 @@ class Pruner(Protocol):
     def finalize(self, model: PreTrainedModel) -> None:
         """Make the current masks permanent and remove the masking machinery."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to mask the same units at the same progress."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
 
 def _check_window(start_fraction: float, end_fraction: float) -> None:
@@ -86,6 +88,7 @@ class GradualPruning(Callback):
         self.progress = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take the run's total optimizer steps, which the schedule spans."""
         total = trainer.estimated_stepping_batches
         if math.isinf(total):
             raise ValueError("gradual pruning needs a finite max_steps or max_epochs")
@@ -94,6 +97,7 @@ class GradualPruning(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        """Move the pruners along the schedule every `every_n_steps` steps, and at its end."""
         step = trainer.global_step
         progress = cubic_schedule(
             step, self.total_steps, 1.0, self.start_fraction, self.end_fraction
@@ -108,9 +112,11 @@ class GradualPruning(Callback):
         self.progress = progress
 
     def state_dict(self) -> dict[str, Any]:
+        """The progress and every pruner's state, for checkpoints."""
         return {"progress": self.progress, "pruners": [p.state_dict() for p in self.pruners]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the pruners and the progress from a checkpoint."""
         for pruner, state in zip(self.pruners, state_dict["pruners"], strict=True):
             pruner.load_state_dict(state)
         self.progress = state_dict["progress"]

@@ -13,7 +13,7 @@ Units are removed by slicing the linears with `transformers.pytorch_utils.prune_
 (transformers 5.x dropped `PreTrainedModel.prune_heads`). Removed heads are recorded in
 `config.pruned_heads` (original head indices) and the kept FFN width of every layer in
 `config.intermediate_sizes`; `save_pretrained` writes both to config.json, and
-`heads.load_pruned` rebuilds those shapes before loading the weights.
+`pruned.load_pruned` rebuilds those shapes before loading the weights.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import prune_linear_layer
 
+# Scores are L2-normalised per layer, so a layer may lose most of its units: the floors only rule
+# out empty layers (a zero-width linear has no valid int8 quantization range).
 MIN_HEADS = 1
 MIN_NEURONS = 1
 
@@ -194,27 +196,6 @@ def by_layer(rows: Tensor) -> dict[int, list[int]]:
     return {layer: sorted(units) for layer, units in sorted(grouped.items())}
 
 
-def select_units(importance: Tensor, fraction: float, min_kept: int) -> dict[int, list[int]]:
-    """The `round(fraction * total)` globally least important units, keeping `min_kept` per layer.
-
-    Returns {layer: sorted unit indices}, only for layers that lose at least one unit.
-    """
-    order = pruning_order(importance, min_kept)
-    return by_layer(order[: _budget(importance, fraction, order)])
-
-
-def select_neurons_to_prune(
-    importance: Tensor, fraction: float, min_kept: int = MIN_NEURONS
-) -> dict[int, list[int]]:
-    """The globally least important FFN neurons (importance [L, I]), ranked across layers.
-
-    Scores are L2-normalised per layer, so a layer losing most of its neurons is what the data
-    says; the floor only rules out zero-width linears, whose empty weights have no valid int8
-    quantization range.
-    """
-    return select_units(importance, fraction, min_kept)
-
-
 # --- removal -----------------------------------------------------------------------------------
 
 
@@ -326,26 +307,6 @@ def restore_intermediate_sizes(model: PreTrainedModel) -> None:
             _keep_neurons(layer, torch.arange(size))
 
 
-def predicted_parameter_count(
-    model: PreTrainedModel,
-    heads: Mapping[int, Sequence[int]],
-    neurons: Mapping[int, Sequence[int]],
-) -> int:
-    """Parameters left after removing the given (currently present) heads and FFN neurons.
-
-    A head owns its query/key/value rows and biases plus its attention-output columns; a neuron
-    owns its intermediate row and bias plus its output column.
-    """
-    hidden = model.config.hidden_size
-    head_size = encoder_layers(model)[0].attention.self.attention_head_size
-    per_head = 4 * hidden * head_size + 3 * head_size
-    per_neuron = 2 * hidden + 1
-    removed_heads = sum(len(units) for units in heads.values())
-    removed_neurons = sum(len(units) for units in neurons.values())
-    current = sum(parameter.numel() for parameter in model.parameters())
-    return current - removed_heads * per_head - removed_neurons * per_neuron
-
-
 # --- gradual pruning ---------------------------------------------------------------------------
 
 
@@ -383,9 +344,11 @@ class GradualUnitMask:
         self._handles = []
 
     def state_dict(self) -> dict[str, Any]:
+        """The pruning order and final count, so a resumed run masks the same units."""
         return {"order": self.order, "final": self.final}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the order and final count; the next `set_progress` masks by them."""
         self.order, self.final = state["order"], state["final"]
 
 
@@ -445,6 +408,7 @@ class StructuredPruner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the rankings and mask at the saved progress."""
         for kind, mask in self.masks.items():
             mask.load_state_dict(state["masks"][kind])
         self.set_progress(state["progress"])

@@ -12,15 +12,11 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trimflow.compress.heads import load_pruned, model_skeleton
-from trimflow.compress.onnx import (
-    OnnxClassifier,
-    export_onnx,
-    quantize_onnx_dynamic,
-    quantize_onnx_static,
-)
+from trimflow.compress.onnx import ONNX_QUANTIZERS, OnnxClassifier, export_onnx
+from trimflow.compress.pruned import load_pruned, model_skeleton
 from trimflow.compress.quantize import SCHEME_FILE, load_quantized
 from trimflow.compress.sparse import SPARSE_FILE, load_sparse, save_sparse
+from trimflow.config.schemes import QUANTIZE_SCHEMES
 from trimflow.models.loading import copy_metadata, save_model_dir
 from trimflow.utils.atomic import write_json
 
@@ -62,22 +58,21 @@ def save_onnx_variant(
     sample: dict[str, Tensor],
     calibration: list[dict[str, Tensor]],
 ) -> None:
-    """Export `model` to ONNX and quantize it per `scheme` (onnx_fp32 / _dynamic_ / _static_)."""
+    """Export `model` to ONNX and quantize it per `scheme` (one of `ONNX_QUANTIZERS`)."""
+    if scheme not in ONNX_QUANTIZERS:
+        raise ValueError(f"unknown ONNX scheme '{scheme}'")
     copy_metadata(source_dir, out_dir)
     target = out_dir / ONNX_FILE
-    if scheme == "onnx_fp32":
+    quantizer = ONNX_QUANTIZERS[scheme]
+    if quantizer is None:
         export_onnx(model, sample, target)
     else:
         fp32 = out_dir / "fp32.onnx.tmp"
         export_onnx(model, sample, fp32)
-        if scheme == "onnx_dynamic_int8":
-            quantize_onnx_dynamic(fp32, target)
-        elif scheme == "onnx_static_int8":
-            quantize_onnx_static(fp32, target, calibration)
-        else:
-            raise ValueError(f"unknown ONNX scheme '{scheme}'")
+        quantizer(fp32, target, calibration)
         fp32.unlink()
+    calibrated = QUANTIZE_SCHEMES[scheme].calibrated
     write_json(
         out_dir / ONNX_SCHEME_FILE,
-        {"scheme": scheme, "calibration_batches": len(calibration) if "static" in scheme else 0},
+        {"scheme": scheme, "calibration_batches": len(calibration) if calibrated else 0},
     )

@@ -6,19 +6,11 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from trimflow.config.schemes import QUANTIZE_SCHEMES
+
 Fraction = Field(ge=0.0, lt=1.0)
 # Variant names become directory names and DVC stage keys (prune@<name>).
 VariantName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
-# Quantization schemes: torch eager-mode (CPU int8, GPU half precision) and ONNX Runtime.
-QUANTIZE_SCHEMES = (
-    "dynamic_int8",
-    "dynamic_int8_embeddings",
-    "bf16",
-    "fp16",
-    "onnx_fp32",
-    "onnx_dynamic_int8",
-    "onnx_static_int8",
-)
 
 
 class Section(BaseModel):
@@ -169,7 +161,7 @@ class DistillConfig(Section):
 
 class QuantizeVariant(Section):
     source: str
-    scheme: Literal[QUANTIZE_SCHEMES]
+    scheme: Literal[tuple(QUANTIZE_SCHEMES)]
 
 
 class QuantizeConfig(Section):

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from trimflow.data.sources import DataError
+from trimflow.data.errors import DataError
 
 DOCSTART = "-DOCSTART-"
 IOB2_TAG = re.compile(r"O|[BI]-\S+")

@@ -64,9 +64,11 @@ class SeededBatchSampler(Sampler[list[int]]):
         self.completed += 1
 
     def state_dict(self) -> dict[str, int]:
+        """The epoch and the batches done in it, so a resumed run continues the same order."""
         return {"epoch": self.epoch, "completed": self.completed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a saved epoch and batch."""
         self.epoch, self.completed = state["epoch"], state["completed"]
 
     def epoch_batches(self) -> list[list[int]]:
@@ -130,6 +132,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self.train_lengths: list[int] = []
 
     def setup(self, stage: str | None = None) -> None:
+        """Load the tokenized splits and build the collator, once."""
         if self.splits is None:
             self.splits, self.train_lengths = load_tokenized(self.tokenized_dir)
             self.collator = make_collator(
@@ -144,6 +147,7 @@ class TokenizedDataModule(L.LightningDataModule):
         return torch.bincount(flat[flat >= 0], minlength=num_labels)
 
     def train_dataloader(self) -> DataLoader:
+        """Seeded batches of this process's share of the training split."""
         rank, world_size = self.process()
         sampler = SeededBatchSampler(
             self.train_lengths,
@@ -182,6 +186,7 @@ class TokenizedDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def test_dataloader(self) -> DataLoader:
+        """The test split in file order."""
         return self.eval_loader("test")
 
     def eval_loader(self, split: str, batch_size: int | None = None) -> DataLoader:

@@ -1,9 +1,10 @@
 """NER data for the prepare stage: read, check and split tagged sentences into tables.
 
-Sources: CoNLL-style files (`dataset.format: conll`, also `package://` files) or Hugging Face
-datasets whose `dataset.text_column` holds token lists and `dataset.label_column` tag lists
-(class ids are mapped to their names). Missing validation/test splits are cut from train with
-the seed so that every entity type appears in every split.
+Sentences come from the dataset source (`data/sources.py`): CoNLL-style files
+(`dataset.format: conll`, also `package://` files) or Hugging Face datasets whose
+`dataset.text_column` holds token lists and `dataset.label_column` tag lists (class ids are
+mapped to their names). Missing validation/test splits are cut from train with the seed so that
+every entity type appears in every split.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from trimflow.assets import resolve
 from trimflow.config.schema import DatasetConfig, NerTask
 from trimflow.data.card import length_stats
 from trimflow.data.conll import (
@@ -24,53 +23,14 @@ from trimflow.data.conll import (
     check_tags,
     entity_types,
     missing_types,
-    read_conll,
-    sentences_from_columns,
     split_fractions,
     stratified_split,
     tag_labels,
 )
-from trimflow.data.sources import DataError
+from trimflow.data.errors import DataError
+from trimflow.data.sources import load_tagged_splits
 
 log = logging.getLogger(__name__)
-
-
-def load_tagged_splits(cfg: DatasetConfig) -> dict[str, list[Sentence]]:
-    """{'train'[, 'validation'][, 'test']} sentences as declared in `cfg`."""
-    names = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
-    reader = _read_hf_split if cfg.source == "hf" else _read_file
-    return {split: reader(cfg, location) for split, location in names.items() if location}
-
-
-def _read_file(cfg: DatasetConfig, location: str) -> list[Sentence]:
-    if cfg.format not in (None, "conll"):
-        raise DataError(f"dataset.format: task=ner reads CoNLL files, not '{cfg.format}'")
-    try:
-        path = Path(resolve(location))
-    except FileNotFoundError as err:
-        raise DataError(str(err)) from err
-    return read_conll(path)
-
-
-def _read_hf_split(cfg: DatasetConfig, split: str) -> list[Sentence]:
-    import datasets
-
-    source = f"{cfg.name}[{split}]"
-    try:
-        data = datasets.load_dataset(resolve(cfg.name), cfg.subset, split=split)
-    except Exception as err:  # the hub client raises many unrelated types
-        raise DataError(f"dataset '{cfg.name}' split '{split}': cannot be loaded: {err}") from err
-    for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
-        if column not in data.column_names:
-            raise DataError(
-                f"{source}: column '{column}' (dataset.{key}) not found; "
-                f"columns are {data.column_names}"
-            )
-    tags = data[cfg.label_column]
-    names = getattr(getattr(data.features[cfg.label_column], "feature", None), "names", None)
-    if names is not None:  # a ClassLabel sequence: ids -> tag strings
-        tags = [[names[tag] for tag in row] for row in tags]
-    return sentences_from_columns(data[cfg.text_column], tags, source)
 
 
 def split_tagged(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from trimflow.data.sources import DataError
+from trimflow.data.errors import DataError
 
 MAX_LISTED = 5
 

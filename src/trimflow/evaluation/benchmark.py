@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import platform
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,17 +85,6 @@ def measure_latency(
     return latency_summary(timed_forwards(model, inputs, warmup, repeats, num_threads))
 
 
-def measure_throughput(
-    model: nn.Module,
-    batches: Sequence[dict[str, Tensor]],
-    warmup: int,
-    repeats: int,
-    num_threads: int,
-) -> dict[str, float]:
-    """Samples per second over `repeats` timed forwards cycling through `batches`."""
-    return throughput_summary(timed_forwards(model, batches, warmup, repeats, num_threads))
-
-
 def interleaved_timings(
     models: Mapping[str, nn.Module],
     batches: Sequence[dict[str, Tensor]],
@@ -124,35 +110,3 @@ def interleaved_timings(
     for name, model, warm in progress(runs, desc, log, unit="run"):
         timings[name] += timed_forwards(model, batches, warm, per_round, num_threads)
     return timings
-
-
-# CPU features that change training and int8 inference speed several-fold.
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-
-
-def cpu_description(cpuinfo: str | None = None) -> dict:
-    """The CPU model and its speed-relevant flags, from /proc/cpuinfo (Linux; else unknown)."""
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.exists() else ""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return {
-        "cpu_model": fields.get("model name", platform.processor() or "unknown"),
-        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
-    }
-
-
-def environment() -> dict:
-    """The machine and settings the numbers were measured on."""
-    return {
-        "machine": platform.machine(),
-        **cpu_description(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "quantized_engine": torch.backends.quantized.engine,
-    }

@@ -41,6 +41,8 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
 
 
 def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInputs:
+    """The test split as length-sorted scoring batches, batch-1 latency inputs and file-order
+    throughput batches, sized by `cfg.evaluate`."""
     ev = cfg.evaluate
     test = data.splits["test"]
     lengths = np.array([len(ids) for ids in test["input_ids"]])

@@ -35,6 +35,7 @@ class LabelScorer:
         self.labels = labels
 
     def score(self, model: nn.Module, batches: Batches, order: np.ndarray) -> dict[str, Any]:
+        """Classification metrics of `model` and its label ids in test-row order."""
         predictions = np.empty(len(self.truth), dtype=np.int64)
         predictions[order] = predict(model, batches)
         return {
@@ -67,6 +68,7 @@ class EntityScorer:
         self.mode = mode
 
     def score(self, model: nn.Module, batches: Batches, order: np.ndarray) -> dict[str, Any]:
+        """Entity metrics of `model`'s word tags and the tags themselves, in test-row order."""
         by_row: list[np.ndarray] = [np.empty(0)] * len(self.gold)
         for row, tokens in zip(order, predict_tokens(model, batches), strict=True):
             by_row[row] = tokens

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trimflow.compress.heads import is_structurally_pruned
+from trimflow.compress.pruned import is_structurally_pruned
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule, cross_entropy, labelled_positions
 
@@ -240,9 +240,11 @@ class DistillationClassifier(ClassifierModule):
         return self._teacher[0]
 
     def on_fit_start(self) -> None:
+        """Put the teacher on the student's device and dtype, in eval mode."""
         self.teacher.to(device=self.device, dtype=self.dtype).eval()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """KD + cross-entropy (+ hidden-state) loss of a batch, each term logged."""
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         states = {"output_hidden_states": True} if self.hidden_weight else {}
         student = self.model(**inputs, **states)

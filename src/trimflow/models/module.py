@@ -99,15 +99,18 @@ class ClassifierModule(L.LightningModule):
         self.main_metric = MAIN_METRIC[is_token_classifier(model)]
 
     def forward(self, **batch: torch.Tensor):
+        """The wrapped model's output for a batch of model inputs."""
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The (class-weighted) cross-entropy of a batch, logged as train/loss."""
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         loss = cross_entropy(self.model(**inputs).logits, batch["labels"], self.class_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Log val/loss and update the validation metrics with a batch."""
         output = self.model(**batch)
         predictions = output.logits.argmax(dim=-1)
         size = batch["labels"].shape[0]
@@ -117,6 +120,7 @@ class ClassifierModule(L.LightningModule):
             self.log(f"val/{name}", metric, prog_bar=name == self.main_metric, batch_size=size)
 
     def configure_optimizers(self):
+        """AdamW (no decay on biases and LayerNorm) with linear warm-up and decay per step."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
             {

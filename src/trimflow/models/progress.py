@@ -41,6 +41,7 @@ class PlainProgress(Callback):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the plan: steps, epochs, device, precision, resume point."""
         self.pace = Pace(
             trainer.estimated_stepping_batches,
             self.every_n_seconds,
@@ -58,6 +59,7 @@ class PlainProgress(Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Every `every_n_seconds`, log where training is and how fast it goes."""
         # Lightning hands over the loss divided by the accumulation; the sum stays on device.
         self.loss_sum += outputs["loss"].detach() * trainer.accumulate_grad_batches
         self.batches += 1
@@ -72,12 +74,14 @@ class PlainProgress(Callback):
             )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the monitored validation metric."""
         value = trainer.callback_metrics.get(self.monitor)
         if trainer.sanity_checking or value is None:
             return
         self.lines.info("%s %s %.4f", self._where(trainer), self.monitor, float(value))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the step training ended at and how long it took."""
         self.lines.info(
             "trained to step %d/%s in %s",
             trainer.global_step,

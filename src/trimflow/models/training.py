@@ -65,20 +65,25 @@ class HistoryRecorder(Callback):
                 )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Record the train metrics every `log_every_n_steps` steps."""
         if trainer.global_step % trainer.log_every_n_steps == 0:
             self._record(trainer, "train/")
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """Record the validation metrics (not those of the sanity check)."""
         if not trainer.sanity_checking:
             self._record(trainer, "val/")
 
     def state_dict(self) -> dict[str, Any]:
+        """The recorded rows, kept in checkpoints."""
         return {"rows": self.rows}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take back the rows of a checkpoint."""
         self.rows = list(state_dict["rows"])
 
     def write_csv(self, path: Path) -> None:
+        """Write the rows as history.csv (step, epoch, metric, value)."""
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "metric", "value"])
             writer.writeheader()
@@ -103,6 +108,7 @@ class ExactResume(Callback):
         self.pending_rng: dict[str, Any] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the loader's sampler and move it to a resumed run's position."""
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self.sampler = sampler if hasattr(sampler, "batch_done") else None
         if self.sampler is not None and self.pending_position is not None:
@@ -110,10 +116,12 @@ class ExactResume(Callback):
         self.pending_position = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Pick the epoch's batch order."""
         if self.sampler is not None:
             self.sampler.set_epoch(trainer.current_epoch)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Restore the RNG states of a resumed run at its first batch."""
         if self.pending_rng is not None:
             torch.set_rng_state(self.pending_rng["torch"])
             if "cuda" in self.pending_rng:
@@ -122,16 +130,20 @@ class ExactResume(Callback):
             self.pending_rng = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Count the batch as done."""
         if self.sampler is not None:
             self.sampler.batch_done()
 
     def state_dict(self) -> dict[str, Any]:
+        """The sampler's position, kept in checkpoints."""
         return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Hold a checkpoint's sampler position until training starts."""
         self.pending_position = state_dict.get("sampler")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """Add every process's RNG states to the checkpoint."""
         # Every process builds the checkpoint (rank 0 writes it): gather their states.
         states = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -139,6 +151,7 @@ class ExactResume(Callback):
         checkpoint["rng_states"] = gathered(states)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """Hold this process's RNG states until the first resumed batch."""
         states = checkpoint.get("rng_states", [])
         rank, size = world()
         if len(states) != size:
@@ -165,11 +178,13 @@ class StopOnSignal(Callback):
         self.last_checkpoint = last_checkpoint
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take SIGTERM/SIGINT over from Lightning's handlers."""
         # Lightning put its handlers in place just before; it restores the previous ones
         # at teardown.
         install_signal_handlers()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """At an optimizer-step boundary, stop if a process was signalled."""
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.stop_if_signalled(trainer)
 
@@ -197,17 +212,21 @@ class TrainingPace(Callback):
         self.total_samples = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the clock."""
         self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Count the batch's samples."""
         self.samples += len(batch["labels"])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop the clock and add up every process's samples."""
         self.seconds = time.perf_counter() - self.started
         self.total_samples = sum(gathered(self.samples))
 
     @property
     def samples_per_s(self) -> float:
+        """Samples of every process per second of the training loop."""
         return self.total_samples / self.seconds if self.seconds else 0.0
 
 

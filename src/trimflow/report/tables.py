@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from trimflow.config.schema import FINETUNED
 from trimflow.report.pareto import pareto_front, quality_metric, quality_points
 
 Row = dict[str, Any]
@@ -22,7 +23,7 @@ METRIC_LABELS = {
 }
 
 
-def variant_rows(metrics: Mapping[str, Any], baseline: str = "finetuned") -> list[Row]:
+def variant_rows(metrics: Mapping[str, Any], baseline: str = FINETUNED) -> list[Row]:
     """One row per variant: its measured values plus ratios against `baseline`."""
     variants = metrics["variants"]
     if baseline not in variants:
@@ -164,19 +165,26 @@ def format_cells(row: Row, columns: Sequence[Column]) -> list[str]:
     return [column.cell(row) for column in columns]
 
 
-def _markdown_line(cells: Iterable[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+def markdown_grid(
+    header: Sequence[str], rows: Iterable[Sequence[str]], rules: Sequence[str] | None = None
+) -> str:
+    """A GitHub markdown table of text cells, '|' in cells escaped; `rules` is the line under
+    the header that aligns the columns (default: '---' each)."""
+    lines = [header, rules or ["---"] * len(header), *rows]
+    return "\n".join(
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines
+    )
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[Column] | None = None) -> str:
     """A GitHub markdown table of `rows` (default: the classification variant columns)."""
     columns = columns or variant_columns()
-    lines = [
-        _markdown_line(column.header for column in columns),
-        _markdown_line("---:" if column.numeric else ":---" for column in columns),
-        *(_markdown_line(format_cells(row, columns)) for row in rows),
-    ]
-    return "\n".join(lines) + "\n"
+    grid = markdown_grid(
+        [column.header for column in columns],
+        (format_cells(row, columns) for row in rows),
+        ["---:" if column.numeric else ":---" for column in columns],
+    )
+    return grid + "\n"
 
 
 def _drops(drops: Mapping[str, float]) -> str:

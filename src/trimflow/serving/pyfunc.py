@@ -138,6 +138,7 @@ class VariantModel(mlflow.pyfunc.PythonModel):
     """A variant directory behind MLflow's pyfunc API (see the module docstring)."""
 
     def load_context(self, context) -> None:
+        """Load the variant, its tokenizer and labels from the logged artifact."""
         variant_dir = Path(context.artifacts[VARIANT_ARTIFACT])
         self.model = load_variant(variant_dir, num_threads=torch.get_num_threads())
         self.tokenizer = load_tokenizer(str(variant_dir))

@@ -15,11 +15,9 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import Layout
 from trimflow.serving.pyfunc import log_variant_model
-from trimflow.tracking.runs import tracking_uri
+from trimflow.tracking.runs import OBJECTIVE_TAG, VARIANT_TAG, tracking_uri
 
 CHAMPION = "champion"
-OBJECTIVE_TAG = "trimflow.objective"
-VARIANT_TAG = "trimflow.variant"
 LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
 log = logging.getLogger(__name__)
 

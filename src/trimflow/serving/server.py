@@ -53,13 +53,16 @@ class LocalMlflowServer:
         self.process: subprocess.Popen | None = None
 
     def arguments(self) -> list[str]:
+        """The `mlflow` subcommand and options of this kind of server."""
         raise NotImplementedError
 
     @property
     def stderr_path(self) -> Path:
+        """Where the server's stderr goes."""
         return self.workdir / "server.stderr"
 
     def stderr_tail(self, chars: int = 4000) -> str:
+        """The end of the server's stderr, for error messages."""
         return self.stderr_path.read_text(errors="replace")[-chars:]
 
     def start(self) -> None:
@@ -126,6 +129,7 @@ class ScoringServer(LocalMlflowServer):
         self.model_uri = model_uri
 
     def arguments(self) -> list[str]:
+        """`mlflow models serve` of the model, in this environment."""
         return ["models", "serve", "-m", self.model_uri, "--env-manager", "local"]
 
     def post(self, body: bytes) -> tuple[int, str]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import lightning as L
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
-from trimflow.layout import Layout, read_label_map, stage_keys, unit_name
+from trimflow.layout import Layout, keyed_work_dir, read_label_map
 from trimflow.models.distillation import (
     DistillationClassifier,
     student_from_pretrained,
@@ -31,11 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
+    """Train one student per selected `distill.students` entry (see `_distill_student`)."""
     for name in selected_variants(cfg.distill.students, variant, "distill.students"):
-        distill_student(cfg, layout, name)
+        _distill_student(cfg, layout, name)
 
 
-def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
+def _distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     """Train student `name` on soft and hard labels; save it like any fp32 variant."""
     L.seed_everything(cfg.seed, workers=True)
     settings, spec = cfg.distill, cfg.distill.students[name]
@@ -57,8 +57,10 @@ def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
         hidden_weight=settings.hidden_weight,
     )
     tracker = Tracker(cfg)
-    work_dir = layout.work / f"distill-{stage_keys(cfg)[unit_name('distill', name)]}"
-    with tracker.stage_run("distill", label_map["dataset_digest"], builds=name) as active:
+    with (
+        keyed_work_dir(cfg, layout, "distill", name) as work_dir,
+        tracker.stage_run("distill", label_map["dataset_digest"], builds=name) as active,
+    ):
         result = train_module(
             cfg,
             module,
@@ -83,5 +85,4 @@ def distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
                     "teacher_params": count_parameters(teacher)[0],
                 },
             )
-    shutil.rmtree(work_dir, ignore_errors=True)
     log.info("distilled %s: %d parameters, best %s", name, params, result.best_score)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import lightning as L
 
 from trimflow.config.schema import TrimflowConfig
-from trimflow.layout import Layout, read_label_map, stage_keys
+from trimflow.layout import Layout, keyed_work_dir, read_label_map
 from trimflow.models.loading import load_base_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
     build_datamodule,
@@ -24,14 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
+    """Fine-tune the base model on the tokenized data (resuming from the checkpoint an
+    interrupted run left) and save it with its training curves to models/finetuned/."""
     L.seed_everything(cfg.seed, workers=True)
     label_map = read_label_map(layout.tokenized)
     model = load_base_classifier(cfg.model.name, label_map["labels"], cfg.task.type)
     tokenizer = load_tokenizer(str(layout.tokenizer_dir))
-    work_dir = layout.work / f"finetune-{stage_keys(cfg)['finetune']}"
     tracker = Tracker(cfg)
     datamodule = build_datamodule(cfg, layout)
-    with tracker.stage_run("finetune", label_map["dataset_digest"]) as active:
+    with (
+        keyed_work_dir(cfg, layout, "finetune") as work_dir,
+        tracker.stage_run("finetune", label_map["dataset_digest"]) as active,
+    ):
         result = train_module(
             cfg,
             classifier_module(cfg, model, cfg.finetune.lr, datamodule),
@@ -45,7 +48,6 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         with atomic_dir(layout.finetuned) as out:
             save_model_dir(model, tokenizer, label_map, out)
             write_training_outputs(out, result, {"monitor": cfg.finetune.monitor})
-    shutil.rmtree(work_dir, ignore_errors=True)
     log.info(
         "finetuned %d steps; best %s = %s",
         result.global_step,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import lightning as L
 
@@ -13,7 +12,7 @@ from trimflow.compress.structured import StructuredPruner, unit_importance
 from trimflow.compress.variants import save_sparse_variant
 from trimflow.config.schema import MagnitudePruning, TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
-from trimflow.layout import Layout, read_label_map, stage_keys, unit_name
+from trimflow.layout import Layout, keyed_work_dir, read_label_map
 from trimflow.models.loading import load_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
     build_datamodule,
@@ -23,7 +22,7 @@ from trimflow.models.recipe import (
     write_training_outputs,
 )
 from trimflow.stages import selected_variants
-from trimflow.tracking.runs import Tracker
+from trimflow.tracking.runs import PRUNE_PREFIX, Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,12 @@ PRUNING_FILE = "pruning.json"
 
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
+    """Prune the fine-tuned model per selected `prune.variants` entry (see `_prune_variant`)."""
     for name in selected_variants(cfg.prune.variants, variant, "prune.variants"):
-        prune_variant(cfg, layout, name)
+        _prune_variant(cfg, layout, name)
 
 
-def make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
+def _make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
     """The pruner of `spec`; structured pruning scores heads and neurons on training data."""
     if isinstance(spec, MagnitudePruning):
         return MagnitudePruner(model, spec.sparsity, include_embeddings=spec.include_embeddings)
@@ -45,7 +45,7 @@ def make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
     return StructuredPruner(model, heads, neurons, spec.heads_fraction, spec.ffn_fraction)
 
 
-def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
+def _prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     """Prune the fine-tuned model per `prune.variants.<name>` and save it as models/<name>."""
     L.seed_everything(cfg.seed, workers=True)
     spec, recovery = cfg.prune.variants[name], cfg.prune.recovery
@@ -55,11 +55,13 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     params_before, _ = count_parameters(model)
     datamodule = build_datamodule(cfg, layout)
     datamodule.setup()
-    pruner = make_pruner(cfg, model, spec, datamodule)
+    pruner = _make_pruner(cfg, model, spec, datamodule)
 
     tracker = Tracker(cfg)
-    work_dir = layout.work / f"prune-{stage_keys(cfg)[unit_name('prune', name)]}"
-    with tracker.stage_run("prune", label_map["dataset_digest"], builds=name) as active:
+    with (
+        keyed_work_dir(cfg, layout, "prune", name) as work_dir,
+        tracker.stage_run("prune", label_map["dataset_digest"], builds=name) as active,
+    ):
         result = None
         if recovery.enabled:
             result = train_module(
@@ -81,7 +83,7 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
         pruner.set_progress(1.0)  # already there unless recovery is off or too short to ramp
         pruner.finalize(model)
         model.eval()
-        summary = pruning_summary(model, spec, params_before)
+        summary = _pruning_summary(model, spec, params_before)
         with atomic_dir(layout.model_dir(name)) as out:
             if isinstance(spec, MagnitudePruning):
                 save_sparse_variant(model, tokenizer, label_map, out)
@@ -90,15 +92,11 @@ def prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
             write_json(out / PRUNING_FILE, summary)
             if result is not None:
                 write_training_outputs(out, result, {"pruning_end": recovery.pruning_end})
-        if active is not None:
-            import mlflow
-
-            mlflow.log_metrics({f"prune/{key}": value for key, value in summary.items()})
-    shutil.rmtree(work_dir, ignore_errors=True)
+        tracker.log_metrics(summary, PRUNE_PREFIX)
     log.info("pruned %s: %s", name, summary)
 
 
-def pruning_summary(model, spec, params_before: int) -> dict[str, float]:
+def _pruning_summary(model, spec, params_before: int) -> dict[str, float]:
     """What pruning removed: parameters, heads, FFN neurons and zeroed weights."""
     config = model.config
     params_after, nonzero_after = count_parameters(model)

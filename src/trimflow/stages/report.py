@@ -36,6 +36,51 @@ log = logging.getLogger(__name__)
 TRADEOFF_CSV = "tradeoff.csv"
 
 
+def run(cfg: TrimflowConfig, layout: Layout) -> None:
+    """Read evaluate's metrics and details; draw the plots and write the trade-off CSV,
+    report.md and report.html; log them and, per `tracking.register_model`, register the
+    recommended variant."""
+    metrics = read_json(layout.metrics_file)
+    environment = read_json(layout.variant_details / "environment.json")
+    details = _variant_details(cfg, layout)
+    tables = _report_tables(cfg, metrics, details)
+    summary = recommendation_text(metrics["recommendation"])
+    excluded = exclusion_lines(metrics["recommendation"])
+    notes = [
+        f"Measured on {environment['cpu_model']} ({environment['machine']}; "
+        f"{', '.join(environment['cpu_flags']) or 'no AVX2'}), {environment['cpu_count']} CPUs, "
+        f"{environment['num_threads']} torch threads, "
+        f"device {environment['device']}, torch {environment['torch']}.",
+        "Size counts the weight files only; the tokenizer is the same for every variant.",
+        "Unstructured magnitude sparsity does not speed up dense kernels; its gain is size: "
+        "sparse variants are stored as a bitmask plus non-zero values. Structured pruning "
+        "(heads, FFN neurons), distillation and int8 give speed.",
+        "Agreement is the share of test predictions (labels; for NER, word tags) equal to the "
+        "source model's (the quantized model's input, or the fine-tuned model).",
+        "bf16/fp16 variants target GPU inference; here they were timed on the CPU.",
+    ]
+    label_map = read_label_map(layout.finetuned)
+    tracker = Tracker(cfg)
+    with tracker.stage_run("report", label_map["dataset_digest"]) as active:
+        images = _draw_plots(cfg, layout, metrics, details)
+        _write_tradeoff_csv(tables[0].rows, quality_metric(metrics), layout.plots / TRADEOFF_CSV)
+        relative = {
+            caption: str(path.relative_to(layout.reports)) for caption, path in images.items()
+        }
+        markdown = render_markdown(cfg.report.title, summary, tables, relative, notes, excluded)
+        page = render_html(cfg.report.title, summary, tables, images, notes, excluded)
+        with atomic_file(layout.reports / "report.md") as handle:
+            handle.write(markdown)
+        with atomic_file(layout.report_file) as handle:
+            handle.write(page)
+        tracker.log_artifacts(layout.report_file, layout.reports / "report.md", layout.plots)
+        if active is not None and cfg.tracking.register_model:
+            from trimflow.serving.registry import publish_recommended
+
+            publish_recommended(cfg, layout, metrics, active.info.run_id)
+    log.info("wrote %s", layout.report_file)
+
+
 def _histories(cfg: TrimflowConfig, layout: Layout) -> dict[str, pd.DataFrame]:
     """Training curves of every trained variant: fine-tune, pruning recoveries, students."""
     trained = [name for name, kind in cfg.variant_kinds().items() if kind != "quantize"]
@@ -62,7 +107,7 @@ def _variant_details(cfg: TrimflowConfig, layout: Layout) -> dict[str, dict]:
     }
 
 
-def draw_plots(
+def _draw_plots(
     cfg: TrimflowConfig, layout: Layout, metrics: dict, details: dict[str, dict]
 ) -> dict[str, Path]:
     """Save every figure under reports/plots/; returns caption -> PNG path."""
@@ -110,7 +155,7 @@ def draw_plots(
     return images
 
 
-def report_tables(cfg: TrimflowConfig, metrics: dict, details: dict[str, dict]) -> list[Table]:
+def _report_tables(cfg: TrimflowConfig, metrics: dict, details: dict[str, dict]) -> list[Table]:
     """The variant table; for NER also per-type entity F1 and the baselines."""
     metric = quality_metric(metrics)
     rows = variant_rows(metrics, baseline=cfg.report.baseline)
@@ -118,49 +163,3 @@ def report_tables(cfg: TrimflowConfig, metrics: dict, details: dict[str, dict]) 
     if cfg.task.type == "ner":
         tables += [per_type_table(details), baseline_table(metrics, cfg.report.baseline)]
     return tables
-
-
-def run(cfg: TrimflowConfig, layout: Layout) -> None:
-    metrics = read_json(layout.metrics_file)
-    environment = read_json(layout.variant_details / "environment.json")
-    details = _variant_details(cfg, layout)
-    tables = report_tables(cfg, metrics, details)
-    summary = recommendation_text(metrics["recommendation"])
-    excluded = exclusion_lines(metrics["recommendation"])
-    notes = [
-        f"Measured on {environment['cpu_model']} ({environment['machine']}; "
-        f"{', '.join(environment['cpu_flags']) or 'no AVX2'}), {environment['cpu_count']} CPUs, "
-        f"{environment['num_threads']} torch threads, "
-        f"device {environment['device']}, torch {environment['torch']}.",
-        "Size counts the weight files only; the tokenizer is the same for every variant.",
-        "Unstructured magnitude sparsity does not speed up dense kernels; its gain is size: "
-        "sparse variants are stored as a bitmask plus non-zero values. Structured pruning "
-        "(heads, FFN neurons), distillation and int8 give speed.",
-        "Agreement is the share of test predictions (labels; for NER, word tags) equal to the "
-        "source model's (the quantized model's input, or the fine-tuned model).",
-        "bf16/fp16 variants target GPU inference; here they were timed on the CPU.",
-    ]
-    label_map = read_label_map(layout.finetuned)
-    with Tracker(cfg).stage_run("report", label_map["dataset_digest"]) as active:
-        images = draw_plots(cfg, layout, metrics, details)
-        _write_tradeoff_csv(tables[0].rows, quality_metric(metrics), layout.plots / TRADEOFF_CSV)
-        relative = {
-            caption: str(path.relative_to(layout.reports)) for caption, path in images.items()
-        }
-        markdown = render_markdown(cfg.report.title, summary, tables, relative, notes, excluded)
-        page = render_html(cfg.report.title, summary, tables, images, notes, excluded)
-        with atomic_file(layout.reports / "report.md") as handle:
-            handle.write(markdown)
-        with atomic_file(layout.report_file) as handle:
-            handle.write(page)
-        if active is not None:
-            import mlflow
-
-            from trimflow.serving.registry import publish_recommended
-
-            mlflow.log_artifact(str(layout.report_file))
-            mlflow.log_artifact(str(layout.reports / "report.md"))
-            mlflow.log_artifacts(str(layout.plots), "plots")
-            if cfg.tracking.register_model:
-                publish_recommended(cfg, layout, metrics, active.info.run_id)
-    log.info("wrote %s", layout.report_file)

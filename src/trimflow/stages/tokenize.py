@@ -19,14 +19,57 @@ from trimflow.layout import (
     read_label_map,
 )
 from trimflow.models.loading import load_tokenizer
-from trimflow.tracking.runs import Tracker
+from trimflow.tracking.runs import DATA_PREFIX, Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 STATS_FILE = "tokenization.json"
 
 
-def tokenize_table(
+def run(cfg: TrimflowConfig, layout: Layout) -> None:
+    """Tokenize every prepared split (no padding) and count what truncation cut; write the Arrow
+    splits, the tokenizer, the label map and tokenization.json; log the truncation counts."""
+    tokenizer = load_tokenizer(cfg.model.name)
+    labels = read_label_map(layout.prepared)["labels"]
+    tokenized, stats = {}, {}
+    for split in SPLITS:
+        frame = pd.read_parquet(layout.prepared / f"{split}.parquet")
+        tokenized[split], stats[split] = _tokenize_table(cfg, frame, tokenizer, labels)
+        log.info(
+            "%s: %s (max_length %d)",
+            split,
+            ", ".join(f"{key} {value}" for key, value in stats[split].items()),
+            cfg.model.max_length,
+        )
+        if stats[split].get("entities_cut"):
+            log.warning(
+                "%s: truncation at %d tokens cut %d entities (counted as missed in evaluate)",
+                split,
+                cfg.model.max_length,
+                stats[split]["entities_cut"],
+            )
+
+    tracker = Tracker(cfg)
+    with (
+        tracker.stage_run("tokenize", read_label_map(layout.prepared)["dataset_digest"]),
+        atomic_dir(layout.tokenized) as out,
+    ):
+        datasets.DatasetDict(tokenized).save_to_disk(str(out / TOKENIZED_SPLITS))
+        tokenizer.save_pretrained(out / TOKENIZER)
+        shutil.copy(layout.prepared / LABEL_MAP_FILE, out / LABEL_MAP_FILE)
+        write_json(out / STATS_FILE, {"max_length": cfg.model.max_length, "splits": stats})
+        tracker.log_metrics(
+            {
+                f"{split}_{key}": value
+                for split, counts in stats.items()
+                for key, value in counts.items()
+                if key in ("truncated", "entities_cut")
+            },
+            DATA_PREFIX,
+        )
+
+
+def _tokenize_table(
     cfg: TrimflowConfig, frame: pd.DataFrame, tokenizer, labels: list[str]
 ) -> tuple[datasets.Dataset, dict]:
     """One tokenized split and what truncation cut from it (texts; words and entities for NER)."""
@@ -54,47 +97,3 @@ def tokenize_table(
         "truncated_fraction": round(truncated["truncated"] / max(len(data), 1), 4),
         "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
     }
-
-
-def run(cfg: TrimflowConfig, layout: Layout) -> None:
-    tokenizer = load_tokenizer(cfg.model.name)
-    labels = read_label_map(layout.prepared)["labels"]
-    tokenized, stats = {}, {}
-    for split in SPLITS:
-        frame = pd.read_parquet(layout.prepared / f"{split}.parquet")
-        tokenized[split], stats[split] = tokenize_table(cfg, frame, tokenizer, labels)
-        log.info(
-            "%s: %s (max_length %d)",
-            split,
-            ", ".join(f"{key} {value}" for key, value in stats[split].items()),
-            cfg.model.max_length,
-        )
-        if stats[split].get("entities_cut"):
-            log.warning(
-                "%s: truncation at %d tokens cut %d entities (counted as missed in evaluate)",
-                split,
-                cfg.model.max_length,
-                stats[split]["entities_cut"],
-            )
-
-    with (
-        Tracker(cfg).stage_run(
-            "tokenize", read_label_map(layout.prepared)["dataset_digest"]
-        ) as active,
-        atomic_dir(layout.tokenized) as out,
-    ):
-        datasets.DatasetDict(tokenized).save_to_disk(str(out / TOKENIZED_SPLITS))
-        tokenizer.save_pretrained(out / TOKENIZER)
-        shutil.copy(layout.prepared / LABEL_MAP_FILE, out / LABEL_MAP_FILE)
-        write_json(out / STATS_FILE, {"max_length": cfg.model.max_length, "splits": stats})
-        if active is not None:
-            import mlflow
-
-            mlflow.log_metrics(
-                {
-                    f"data/{split}_{key}": value
-                    for split, counts in stats.items()
-                    for key, value in counts.items()
-                    if key in ("truncated", "entities_cut")
-                }
-            )

@@ -29,21 +29,36 @@ PARENT_RUN_ENV = "TRIMFLOW_PARENT_RUN_ID"
 SQLITE_PREFIX = "sqlite:///"
 log = logging.getLogger(__name__)
 
+# The tracking vocabulary: every tag and metric name trimflow writes or searches for.
 # Run tags. STAGE_TAG holds a stage name, or PIPELINE / SWEEP for the runs that group them.
 STAGE_TAG = "trimflow.stage"
 PIPELINE = "pipeline"
 SWEEP = "sweep"
 BUILDS_TAG = "trimflow.builds"  # a variant stage run (prune@pruned): the variant it builds
-VARIANT_TAG = "trimflow.variant"  # a variant run of evaluate: the variant it measures
+# A variant run of evaluate, or a registered model version: the variant it measures or holds.
+VARIANT_TAG = "trimflow.variant"
 SWEEP_TAG = "trimflow.sweep"  # a sweep run: the sweep directory
 RECOMMENDED_TAG = "trimflow.recommended"  # a pipeline run: the variant it recommends
+OBJECTIVE_TAG = "trimflow.objective"  # a registered model version: its task metric
 DATASET_DIGEST_TAG = "dataset.digest"
 DVC_STAGE_TAG = "dvc.stage"
 LOCK_HASH_TAG = "dvc.lock_hash"  # digest of the stage's dvc.lock entry
 COMMIT_TAG = "git.commit"
 DIRTY_TAG = "git.dirty"
 PARENT_TAG = "mlflow.parentRunId"
-# A pipeline run's summary metrics: headline/speedup, headline/size_ratio, headline/<guard>.
+RUN_NAME_TAG = "mlflow.runName"
+# Metric names are `<prefix><name>`. evaluate's variant runs share TEST_, BENCH_ and
+# MODEL_PREFIX (quality on the test split, timings, footprint) and its stage run logs the NER
+# baselines as baseline/<baseline>/<metric>; prepare and tokenize log data/, prune prune/.
+TEST_PREFIX = "test/"
+BENCH_PREFIX = "bench/"
+MODEL_PREFIX = "model/"
+BASELINE_PREFIX = "baseline/"
+DATA_PREFIX = "data/"
+PRUNE_PREFIX = "prune/"
+# A pipeline run's metrics: the sweep objective, search/<objective>, and its summary,
+# headline/speedup, headline/size_ratio, headline/<guard>.
+SEARCH_PREFIX = "search/"
 HEADLINE_PREFIX = "headline/"
 # MLflow 3's experiment kind (the UI's kind selector writes this tag; "custom_model_development"
 # is "Machine learning"). UIs that route on it open such an experiment on its runs table. The
@@ -250,6 +265,7 @@ class Tracker:
 
     @property
     def uri(self) -> str:
+        """The tracking URI this tracker logs to."""
         return tracking_uri(self.cfg.tracking)
 
     def where_to_look(self) -> str:
@@ -315,10 +331,7 @@ class Tracker:
         if self.enabled:
             self._close_stale_runs(stage, builds)
         with self.run(unit_name(stage, builds), tags, config) as active:
-            if active is not None:
-                import mlflow
-
-                mlflow.log_dict(config, "config.yaml")
+            self.log_dict(config, "config.yaml")
             yield active
 
     def _close_stale_runs(self, stage: str, builds: str | None) -> None:
@@ -372,10 +385,55 @@ class Tracker:
         ):
             _close_as_killed(client, child)
 
-    def log_headline(self, run_id: str, metrics_file: Path) -> None:
-        """Log a pipeline's recommendation (evaluate's `metrics_file`) on its run `run_id`: the
+    # What a run logs. These write into the active run (the innermost `run` block) and do
+    # nothing when tracking is off, so a stage logs without asking whether it is tracked.
+
+    def log_metrics(self, metrics: Mapping[str, float], prefix: str = "") -> None:
+        """Log `metrics` on the active run, each name after `prefix` (one of the *_PREFIX)."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        mlflow.log_metrics({f"{prefix}{name}": value for name, value in metrics.items()})
+
+    def log_dict(self, payload: dict[str, Any], file_name: str) -> None:
+        """Store `payload` as the active run's artifact `file_name` (JSON or YAML by suffix)."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        mlflow.log_dict(payload, file_name)
+
+    def log_artifacts(self, *paths: Path) -> None:
+        """Copy files, and folders under their own name, into the active run's artifacts."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        for path in paths:
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), path.name)
+            else:
+                mlflow.log_artifact(str(path))
+
+    def tag_dvc_stage_runs(self, tag: str, by_dvc_stage: Mapping[str, str]) -> None:
+        """Tag each child run of the active run that ran DVC stage `s` with `by_dvc_stage[s]`."""
+        if not self.enabled:
+            return
+        client = self.client()
+        for child in client.search_runs(
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{_active_run_id()}'"
+        ):
+            stage = child.data.tags.get(DVC_STAGE_TAG)
+            if stage in by_dvc_stage:
+                client.set_tag(child.info.run_id, tag, by_dvc_stage[stage])
+
+    def log_headline(self, metrics_file: Path) -> None:
+        """Log a pipeline's recommendation (evaluate's `metrics_file`) on the active run: the
         variant as a tag; its speedup, size ratio and guarded quality as `headline/` metrics,
         so the runs table compares pipelines without expanding them."""
+        if not self.enabled:
+            return
         from mlflow.entities import Metric, RunTag
 
         summary = read_json(metrics_file)
@@ -389,13 +447,20 @@ class Tracker:
         }
         now = int(time.time() * 1000)
         self.client().log_batch(
-            run_id,
+            _active_run_id(),
             metrics=[
                 Metric(f"{HEADLINE_PREFIX}{key}", float(value), now, 0)
                 for key, value in values.items()
             ],
             tags=[RunTag(RECOMMENDED_TAG, variant)],
         )
+
+
+def _active_run_id() -> str:
+    """The id of the innermost run this process has open."""
+    import mlflow
+
+    return mlflow.active_run().info.run_id
 
 
 def log_variant_run(
@@ -416,7 +481,7 @@ def log_variant_run(
             PARENT_TAG: parent,
             STAGE_TAG: "evaluate",
             VARIANT_TAG: variant,
-            "mlflow.runName": f"variant:{variant}",
+            RUN_NAME_TAG: f"variant:{variant}",
         },
     )
     now = int(time.time() * 1000)

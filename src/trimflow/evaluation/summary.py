@@ -1,0 +1,67 @@
+"""reports/metrics.json from evaluate's measurements: each variant's headline numbers, the NER
+baselines' and the recommendation. Pure: no model, file or tracking server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trimflow.evaluation.recommend import recommend
+from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX
+
+# metrics.json field -> MLflow metric name (the same for every variant run); quality fields come
+# first, `test/<field>`, from the task's scorer.
+MEASURE_NAMES = {
+    "latency_ms_p50": f"{BENCH_PREFIX}latency_ms_p50",
+    "latency_ms_p95": f"{BENCH_PREFIX}latency_ms_p95",
+    "throughput_sps": f"{BENCH_PREFIX}throughput_sps",
+    "size_mb": f"{MODEL_PREFIX}size_mb",
+    "params": f"{MODEL_PREFIX}params",
+    "nonzero_params": f"{MODEL_PREFIX}nonzero_params",
+    "agreement": f"{TEST_PREFIX}agreement_with_source",
+}
+
+
+def mlflow_names(quality_keys: Sequence[str]) -> dict[str, str]:
+    """metrics.json field -> MLflow metric name for every per-variant number."""
+    return {key: f"{TEST_PREFIX}{key}" for key in quality_keys} | MEASURE_NAMES
+
+
+@dataclass
+class Measurements:
+    """Everything evaluate measured: per-variant details, NER baselines, metric names."""
+
+    details: dict[str, dict]  # variant -> scores, predictions, timings, footprint, source
+    baselines: dict[str, dict]  # baseline tagger -> its scores; empty for classification
+    names: dict[str, str]  # metrics.json field -> MLflow metric name
+
+
+def summarise(
+    measured: Measurements,
+    *,
+    task: str,
+    metric: str,
+    baseline: str,
+    max_drop_pts: float,
+    guards: Sequence[str],
+) -> dict[str, Any]:
+    """The metrics.json payload: the `measured.names` fields of every variant and baseline,
+    and the variant recommended against `baseline` (see `recommend`)."""
+    variants = {
+        variant: {key: detail[key] for key in measured.names}
+        for variant, detail in measured.details.items()
+    }
+    baselines = {
+        name: {key: scores[key] for key in measured.names if key in scores}
+        for name, scores in measured.baselines.items()
+    }
+    recommendation = recommend(variants, baseline, max_drop_pts, guards)
+    return {
+        "task": task,
+        "metric": metric,
+        "recommended": recommendation["variant"],
+        "recommendation": recommendation,
+        "variants": variants,
+        **({"baselines": baselines} if baselines else {}),
+    }
