@@ -47,7 +47,12 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "distill.limit_train_batches",
         "distill.students.{variant}",
     ),
-    "quantize": ("quantize.calibration_batches", "quantize.variants.{variant}"),
+    # Calibration batches are cut at the fine-tuning evaluation batch size.
+    "quantize": (
+        "quantize.calibration_batches",
+        "finetune.eval_batch_size",
+        "quantize.variants.{variant}",
+    ),
     "evaluate": (
         "evaluate",
         "prune.variants",
