@@ -96,10 +96,9 @@ class ExactResume(Callback):
     Drives the position of the train loader's `SeededBatchSampler` (epoch, batches done) and
     keeps it in checkpoints, and saves the RNG states of every process in every checkpoint,
     restoring each process's at the first batch after a resume so that dropout draws the same
-    masks. (The position is
-    this callback's state, not the loader's: Lightning restores a stateful loader only if the
-    loader was not set up before the checkpoint was read, and `estimated_stepping_batches`
-    in `configure_optimizers` sets it up earlier.)
+    masks. (The position is this callback's state, not the loader's: Lightning restores a
+    stateful loader only if the loader was not set up before the checkpoint was read, and
+    `estimated_stepping_batches` in `configure_optimizers` sets it up earlier.)
     """
 
     def __init__(self) -> None:
