@@ -62,11 +62,13 @@ def test_the_schema_offers_exactly_the_quantization_schemes_of_the_table():
 def test_smoke_declares_every_variant_kind_and_names_are_unique():
     cfg = compose_config(["experiment=smoke"])
     kinds = cfg.variant_kinds()
-    assert set(kinds.values()) == {"finetune", "prune", "distill", "quantize"}
+    assert set(kinds.values()) == {"finetune", "adapt", "prune", "distill", "quantize"}
     schemes = {v.scheme for v in cfg.quantize.variants.values()}
     assert schemes == set(QUANTIZE_SCHEMES)
     methods = {v.method for v in cfg.prune.variants.values()}
     assert methods == {"structured", "magnitude"}
+    adapted = {v.method for v in cfg.adapt.variants.values()}
+    assert adapted == {"lora", "adalora", "ia3", "prefix", "bitfit"}
 
 
 @pytest.mark.parametrize(
@@ -78,6 +80,17 @@ def test_smoke_declares_every_variant_kind_and_names_are_unique():
         (["+prune.variants.p2={method: wavelet}"], "prune.variants.p2"),
         (["+distill.students.s2={layers: [0], model: x}"], "exactly one"),
         (["report.baseline=nope"], "report.baseline"),
+        (["adapt.variants.lora.r=0"], "adapt.variants.lora.r"),
+        (["+adapt.variants.a2={method: houlsby}"], "adapt.variants.a2"),
+        (["adapt.variants.lora.dropout=1.5"], "adapt.variants.lora.dropout"),
+        (
+            [
+                "+adapt.variants.p={method: prefix, num_virtual_tokens: 4}",
+                "+quantize.variants.pq={source: p, scheme: dynamic_int8}",
+            ],
+            "'p' is prefix-tuned",
+        ),
+        (["+adapt.variants.finetuned={method: bitfit}"], "already used"),
     ],
 )
 def test_bad_variant_declarations_are_named(overrides, message):
@@ -91,7 +104,7 @@ def test_bad_variant_declarations_are_named(overrides, message):
         ("+finetune.lrr=1", "finetune.lrr"),
         (
             "prune.variants.pruned.heads_fraction=1.5",
-            "prune.variants.pruned.structured.heads_fraction",
+            "prune.variants.pruned.heads_fraction",
         ),
         ("finetune.batch_size=zero", "finetune.batch_size"),
         ("finetune.lrr=1", "finetune.lrr"),

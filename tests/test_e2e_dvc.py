@@ -77,13 +77,13 @@ def stale_after_editing(project, path: str) -> set[str]:
 
 def test_editing_code_makes_stale_the_stages_that_run_it_and_nothing_upstream(project):
     """dvc.yaml's code deps at work: only evaluate runs the NER baselines; the training recipe
-    runs in finetune, pruning recovery and distillation. (Stages downstream of those rerun only
+    runs in finetune, the adapters, pruning recovery and distillation. (Stages downstream of those rerun only
     if their outputs change.)"""
     assert stale_after_editing(project, "src/trimflow/evaluation/baselines.py") == {"evaluate"}
     training = {
         unit_name(stage, variant)
         for stage, variant in stage_units(SMOKE)
-        if stage in ("finetune", "prune", "distill")
+        if stage in ("finetune", "adapt", "prune", "distill")
     }
     assert stale_after_editing(project, "src/trimflow/models/recipe.py") == training
     # Allowlisted (MLflow logging): no stage. Also shows that the edits above were undone.

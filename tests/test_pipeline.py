@@ -68,7 +68,7 @@ def finished(tmp_path_factory, tiny_encoder_dir, tracking_db):
 def test_metrics_file_has_every_declared_variant_and_field(finished):
     cfg, _, metrics = finished
     assert list(metrics["variants"]) == list(cfg.variant_kinds())
-    assert len(metrics["variants"]) == 15
+    assert len(metrics["variants"]) == 22
     for values in metrics["variants"].values():
         assert set(values) == set(MLFLOW_NAMES)
         assert 0.0 <= values["accuracy"] <= 1.0
@@ -128,6 +128,7 @@ def test_every_mlflow_run_has_metrics_and_tags(finished):
         "prepare",
         "tokenize",
         "finetune",
+        "adapt",
         "prune",
         "distill",
         "quantize",

@@ -1,7 +1,7 @@
 """Where each stage reads and writes: fixed paths under DVC, config-keyed paths in sweeps.
 
 Every model variant lives in its own directory, `models/<variant>` under DVC. Stages that build
-variants (prune, distill, quantize) run once per variant declared in config, as DVC `foreach`
+variants (adapt, prune, distill, quantize) run once per variant declared in config, as DVC `foreach`
 stages `<stage>@<variant>`.
 """
 
@@ -27,6 +27,17 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "dataset", "task"),
     "tokenize": ("model", "task"),
     "finetune": ("seed", "model", "task", "finetune", "trainer"),
+    # Trains from the base model with the finetune recipe (finetune.lr/max_epochs unused).
+    "adapt": (
+        "seed",
+        "model",
+        "task",
+        "finetune",
+        "trainer",
+        "adapt.lr",
+        "adapt.max_epochs",
+        "adapt.variants.{variant}",
+    ),
     "prune": (
         "seed",
         "finetune",
@@ -55,6 +66,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     ),
     "evaluate": (
         "evaluate",
+        "adapt.variants",
         "prune.variants",
         "distill.students",
         "quantize.variants",
@@ -66,7 +78,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "report": ("report",),
 }
 STAGES = tuple(STAGE_PARAMS)
-VARIANT_STAGES = ("prune", "distill", "quantize")
+VARIANT_STAGES = ("adapt", "prune", "distill", "quantize")
 # Inside data/prepared/: one `<split>.parquet` per split.
 SPLITS = ("train", "validation", "test")
 # Inside data/tokenized/: the Arrow splits and the tokenizer they were made with.
@@ -74,6 +86,9 @@ TOKENIZED_SPLITS = "splits"
 TOKENIZER = "tokenizer"
 # Inside a trained variant's directory: its training curves.
 HISTORY_FILE = "history.csv"
+# Inside an adapted variant's directory: the adapter alone, and what it adapts (method, base).
+ADAPTER_DIR = "adapter"
+ADAPTATION_FILE = "adaptation.json"
 
 
 @dataclass(frozen=True)
@@ -181,6 +196,8 @@ def stage_keys(cfg: TrimflowConfig) -> dict[str, str]:
         if stage == "quantize":
             source = cfg.quantize.variants[variant].source
             inputs = [variant_keys[source]]
+        elif stage == "adapt":  # from the base model, beside finetune
+            inputs = [keys["tokenize"]]
         elif stage in VARIANT_STAGES:
             inputs = [keys["finetune"]]
         elif stage == "evaluate":

@@ -1,8 +1,9 @@
 """Every saved model variant behind one loader, and the builders of the non-HF formats.
 
 A variant directory always carries config.json, the tokenizer and label_map.json of its source;
-its weights are one of: HF safetensors (fine-tuned, structurally pruned, distilled), the sparse
-bitmask file (magnitude-pruned), a torch quantized state dict, or an ONNX graph.
+its weights are one of: HF safetensors (fine-tuned, structurally pruned, distilled, merged
+adapters), the sparse bitmask file (magnitude-pruned), a torch quantized state dict, an ONNX
+graph, or an adapter alone (prefix tuning: the base model plus `adapter/`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from trimflow.compress.pruned import load_pruned, model_skeleton
 from trimflow.compress.quantize import SCHEME_FILE, load_quantized
 from trimflow.compress.sparse import SPARSE_FILE, load_sparse, save_sparse
 from trimflow.config.schemes import QUANTIZE_SCHEMES
+from trimflow.layout import ADAPTATION_FILE
 from trimflow.models.loading import copy_metadata, save_model_dir
 from trimflow.utils.atomic import write_json
 
@@ -29,6 +31,10 @@ def load_variant(path: str | Path, num_threads: int = 1) -> nn.Module | OnnxClas
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model variant directory (no config.json)")
+    if (path / ADAPTATION_FILE).is_file() and not any(path.glob("*.safetensors")):
+        from trimflow.models.adapters import load_unmerged  # peft takes ~2 s to import
+
+        return load_unmerged(path)
     if (path / ONNX_FILE).is_file():
         return OnnxClassifier(path / ONNX_FILE, num_threads)
     if (path / SCHEME_FILE).is_file():

@@ -38,16 +38,28 @@ def validate(raw: dict[str, Any] | DictConfig, source: str = "config") -> Trimfl
     try:
         return TrimflowConfig.model_validate(raw)
     except ValidationError as err:
-        problems = [_problem(e) for e in err.errors()]
+        problems = [_problem(e, raw) for e in err.errors()]
         raise ConfigError(f"invalid {source}:\n" + "\n".join(problems)) from None
 
 
-def _problem(error: dict[str, Any]) -> str:
+def _config_key(loc: tuple, raw: Any) -> str:
+    """The dotted config key of an error location, without the tag pydantic inserts after a
+    variant's name (`prune.variants.pruned.structured.heads_fraction`)."""
+    parts, value = [], raw
+    for part in loc:
+        if isinstance(value, dict) and part not in value and value.get("method") == part:
+            continue
+        parts.append(str(part))
+        value = value.get(part) if isinstance(value, dict) else None
+    return ".".join(parts)
+
+
+def _problem(error: dict[str, Any], raw: Any) -> str:
     """One line per error: the key and what is wrong with its value.
 
     Cross-section checks run on the whole config and name their keys in the message.
     """
-    key = ".".join(str(part) for part in error["loc"])
+    key = _config_key(error["loc"], raw)
     if not key:
         return f"  {error['msg'].removeprefix('Value error, ')}"
     if error["type"] == "extra_forbidden":

@@ -159,6 +159,94 @@ class DistillConfig(Section):
     students: dict[VariantName, StudentConfig]
 
 
+class AdapterSpec(Section):
+    """What every adapted variant may set: its own learning rate (None: `adapt.lr`)."""
+
+    lr: float | None = Field(default=None, gt=0.0, lt=1.0)
+
+
+class LoraAdapter(AdapterSpec):
+    """LoRA (Hu et al., 2021): a trained low-rank update B·A beside each target linear layer."""
+
+    method: Literal["lora"]
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0.0)
+    dropout: float = Fraction
+    target_modules: list[str] = Field(min_length=1)
+
+
+class AdaLoraAdapter(AdapterSpec):
+    """AdaLoRA (Zhang et al., 2023): SVD-form LoRA whose rank budget shrinks from `init_r` to
+    `target_r` per layer on average, by importance, between the `tinit` and `1 - tfinal`
+    fractions of training, re-allocated every `delta_t` steps."""
+
+    method: Literal["adalora"]
+    init_r: int = Field(gt=0)
+    target_r: int = Field(gt=0)
+    alpha: float = Field(gt=0.0)
+    dropout: float = Fraction
+    target_modules: list[str] = Field(min_length=1)
+    tinit: float = Fraction
+    tfinal: float = Fraction
+    delta_t: int = Field(ge=1)
+    orth_reg_weight: float = Field(ge=0.0)
+
+    @model_validator(mode="after")
+    def _budget_shrinks(self) -> AdaLoraAdapter:
+        if self.target_r > self.init_r:
+            raise ValueError("target_r must not exceed init_r")
+        if self.tinit + self.tfinal >= 1:
+            raise ValueError("tinit + tfinal must leave steps to allocate the budget in (< 1)")
+        return self
+
+
+class Ia3Adapter(AdapterSpec):
+    """IA3 (Liu et al., 2022): trained vectors rescale the target layers' activations (the
+    inputs of `feedforward_modules`, the outputs of the others)."""
+
+    method: Literal["ia3"]
+    target_modules: list[str] = Field(min_length=1)
+    feedforward_modules: list[str]
+
+    @model_validator(mode="after")
+    def _feedforward_are_targets(self) -> Ia3Adapter:
+        extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+        if extra:
+            raise ValueError(f"feedforward_modules {extra} are not in target_modules")
+        return self
+
+
+class PrefixAdapter(AdapterSpec):
+    """Prefix tuning (Li & Liang, 2021): trained key/value vectors of `num_virtual_tokens`
+    virtual tokens in every layer. Cannot be merged into the weights."""
+
+    method: Literal["prefix"]
+    num_virtual_tokens: int = Field(gt=0)
+
+
+class BitFitAdapter(AdapterSpec):
+    """BitFit (Ben Zaken et al., 2021): only biases, LayerNorms and the task head train."""
+
+    method: Literal["bitfit"]
+
+
+AdaptVariant = Annotated[
+    LoraAdapter | AdaLoraAdapter | Ia3Adapter | PrefixAdapter | BitFitAdapter,
+    Field(discriminator="method"),
+]
+# Methods whose trained weights fold into a plain model of the base architecture.
+MERGEABLE_METHODS = ("lora", "adalora", "ia3", "bitfit")
+
+
+class AdaptConfig(Section):
+    """Parameter-efficient variants, trained from the base model on the tokenized data with
+    the finetune recipe (batch size, warm-up, class balance, monitor, checkpoints)."""
+
+    lr: float = Field(gt=0.0, lt=1.0)
+    max_epochs: int = Field(ge=1)
+    variants: dict[VariantName, AdaptVariant]
+
+
 class QuantizeVariant(Section):
     source: str
     scheme: Literal[tuple(QUANTIZE_SCHEMES)]
@@ -249,6 +337,7 @@ class TrimflowConfig(Section):
     model: ModelConfig
     task: TaskConfig
     finetune: FinetuneConfig
+    adapt: AdaptConfig
     prune: PruneConfig
     distill: DistillConfig
     quantize: QuantizeConfig
@@ -262,6 +351,7 @@ class TrimflowConfig(Section):
         """Every variant the pipeline builds -> the stage that builds it, in report order."""
         kinds = {FINETUNED: "finetune"}
         for stage, names in (
+            ("adapt", self.adapt.variants),
             ("prune", self.prune.variants),
             ("distill", self.distill.students),
             ("quantize", self.quantize.variants),
@@ -285,6 +375,13 @@ class TrimflowConfig(Section):
                 raise ValueError(
                     f"quantize.variants.{name}.source: '{variant.source}' is not an "
                     f"unquantized variant ({', '.join(unquantized)})"
+                )
+            adapted = self.adapt.variants.get(variant.source)
+            if adapted is not None and adapted.method not in MERGEABLE_METHODS:
+                raise ValueError(
+                    f"quantize.variants.{name}.source: '{variant.source}' is {adapted.method}-"
+                    "tuned; its virtual tokens cannot be merged into the weights, so it cannot "
+                    f"be quantized (quantize a {'/'.join(MERGEABLE_METHODS)} variant)"
                 )
         if self.finetune.monitor not in self.task.monitors:
             raise ValueError(

@@ -18,7 +18,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from trimflow.assets import resolve
-from trimflow.layout import LABEL_MAP_FILE
+from trimflow.layout import ADAPTATION_FILE, LABEL_MAP_FILE
 from trimflow.utils.atomic import write_json
 
 # Files holding a variant's weights; everything else in its directory is shared metadata.
@@ -87,7 +87,12 @@ def save_model_dir(
 
 
 def copy_metadata(source_dir: Path, out_dir: Path) -> None:
-    """Copy a variant directory's config, tokenizer and label map (everything but weights)."""
+    """Copy a variant directory's config, tokenizer, label map and training record: everything
+    but weights and an adapted variant's record (what is built from it is no adapter)."""
     for item in Path(source_dir).iterdir():
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
+        if (
+            item.is_file()
+            and not item.name.endswith(WEIGHT_SUFFIXES)
+            and item.name != ADAPTATION_FILE
+        ):
             shutil.copy2(item, Path(out_dir) / item.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -78,7 +80,8 @@ class ClassifierModule(L.LightningModule):
     """Wraps an AutoModelFor{Sequence,Token}Classification: AdamW, linear warm-up and decay.
 
     `class_weights` (see `class_weights`) weigh the training loss per label; validation loss
-    stays unweighted.
+    stays unweighted. `regularizer`, if given, adds `regularizer_weight` times its value to the
+    training loss (AdaLoRA's orthogonality penalty).
     """
 
     def __init__(
@@ -88,6 +91,8 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
         class_weights: Tensor | None = None,
+        regularizer: Callable[[], Tensor] | None = None,
+        regularizer_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode: enable dropout
@@ -95,6 +100,8 @@ class ClassifierModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.register_buffer("class_weights", class_weights, persistent=False)
+        self.regularizer = regularizer
+        self.regularizer_weight = regularizer_weight
         self.val_metrics = nn.ModuleDict(validation_metrics(model))
         self.main_metric = MAIN_METRIC[is_token_classifier(model)]
 
@@ -107,7 +114,11 @@ class ClassifierModule(L.LightningModule):
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         loss = cross_entropy(self.model(**inputs).logits, batch["labels"], self.class_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
-        return loss
+        if self.regularizer is None or not self.regularizer_weight:
+            return loss
+        penalty = self.regularizer()
+        self.log("train/regularizer", penalty, batch_size=batch["labels"].shape[0])
+        return loss + self.regularizer_weight * penalty
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Log val/loss and update the validation metrics with a batch."""

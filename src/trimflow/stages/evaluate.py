@@ -20,12 +20,13 @@ from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, 
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inputs import TestInputs, build_test_inputs, inference_data
 from trimflow.evaluation.machine import environment
+from trimflow.evaluation.merging import merge_agreement
 from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement, make_scorer
 from trimflow.evaluation.summary import Measurements, mlflow_names, summarise
-from trimflow.layout import Layout, read_label_map
+from trimflow.layout import ADAPTATION_FILE, ADAPTER_DIR, Layout, read_label_map
 from trimflow.models.loading import WEIGHT_SUFFIXES
 from trimflow.tracking.runs import BASELINE_PREFIX, Tracker, log_variant_run
-from trimflow.utils.atomic import atomic_dir, write_json
+from trimflow.utils.atomic import atomic_dir, read_json, write_json
 from trimflow.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,27 @@ def _measure_variants(
         details[variant]["agreement"] = agreement(
             details[variant]["predictions"], details[source]["predictions"]
         )
+        adaptation = directory / ADAPTATION_FILE
+        if adaptation.is_file() and read_json(adaptation)["merged"]:
+            details[variant].update(_check_merge(models[variant], directory, inputs))
     log.info("timing %d variants in %d interleaved rounds", len(models), cfg.evaluate.rounds)
     for variant, timing in _time_variants(models, inputs, cfg).items():
         details[variant].update(timing)
     return details
+
+
+def _check_merge(merged, directory: Path, inputs: TestInputs) -> dict[str, float]:
+    """Compare a merged adapted variant with its base model + adapter on the test inputs."""
+    from trimflow.models.adapters import load_unmerged  # peft takes ~2 s to import
+
+    check = merge_agreement(merged, load_unmerged(directory), inputs.sorted_batches)
+    log.info(
+        "%s: merged vs unmerged: max |logit diff| %.2e, agreement %.4f",
+        directory.name,
+        check["merge_max_abs_diff"],
+        check["merge_agreement"],
+    )
+    return check
 
 
 def _score_variant(
@@ -121,10 +139,15 @@ def _parameter_counts(model) -> tuple[int, int]:
 
 
 def _weights_size_mb(directory: Path) -> float:
-    """Size of the weight files only (tokenizer and metadata are the same for every variant)."""
-    return sum(
-        size_on_disk_mb(path) for path in directory.iterdir() if path.name.endswith(WEIGHT_SUFFIXES)
-    )
+    """Size of the weight files only (tokenizer and metadata are the same for every variant).
+
+    A variant run unmerged (prefix tuning) needs its base model's weights and its adapter.
+    """
+    weights = [path for path in directory.iterdir() if path.name.endswith(WEIGHT_SUFFIXES)]
+    if weights or not (directory / ADAPTATION_FILE).is_file():
+        return sum(size_on_disk_mb(path) for path in weights)
+    base_mb = read_json(directory / ADAPTATION_FILE)["base_weights_mb"]
+    return base_mb + size_on_disk_mb(directory / ADAPTER_DIR)
 
 
 def _time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict[str, dict]:
