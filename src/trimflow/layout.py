@@ -72,8 +72,12 @@ SPLITS = ("train", "validation", "test")
 # Inside data/tokenized/: the Arrow splits and the tokenizer they were made with.
 TOKENIZED_SPLITS = "splits"
 TOKENIZER = "tokenizer"
-# Inside a trained variant's directory: its training curves.
+# Inside a trained variant's directory: its training curves, and a summary of its training
+# (steps, time, samples/s, parameters trained, peak memory) that quantized copies carry along.
 HISTORY_FILE = "history.csv"
+TRAINING_FILE = "training.json"
+# Inside an adapted variant's directory: the folder of its parameter-efficient (peft) adapter.
+ADAPTER_DIR = "adapter"
 
 
 @dataclass(frozen=True)
