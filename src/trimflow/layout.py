@@ -61,6 +61,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "report.baseline",
         "report.max_drop_pts",
         "report.guard_metrics",
+        "report.objective",
         "task",
     ),
     "report": ("report",),
