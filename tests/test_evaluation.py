@@ -19,7 +19,7 @@ from trimflow.evaluation.benchmark import (
     torch_threads,
 )
 from trimflow.evaluation.classification import classification_metrics
-from trimflow.evaluation.cost import COST_FIELDS, training_cost
+from trimflow.evaluation.cost import TRAINING_FIELDS, training_cost
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import predict
 from trimflow.evaluation.machine import cpu_description
@@ -204,16 +204,25 @@ def test_training_cost_reads_training_json_and_sizes_the_adapter(tmp_path):
     adapted = tmp_path / "adapted"
     (adapted / ADAPTER_DIR).mkdir(parents=True)
     (adapted / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"x" * 2**19)
-    figures = {"trainable_params": 5, "train_s": 2.5, "train_samples_per_s": 40.0}
-    (adapted / TRAINING_FILE).write_text(
-        json.dumps({**figures, "peak_train_mem_mb": 512.3, "global_step": 7, "total_params": 9})
-    )
-    assert training_cost(adapted) == {**figures, "peak_train_mem_mb": 512.3, "adapter_mb": 0.5}
+    figures = {"train_s": 2.5, "train_samples_per_s": 40.0}
+    counts = {"trainable_params": 5, "total_params": 9, "peak_train_mem_mb": 512.3}
+    (adapted / TRAINING_FILE).write_text(json.dumps({**figures, **counts, "global_step": 7}))
+    assert training_cost(adapted) == {
+        **figures,
+        "trainable_params": 5,
+        "train_total_params": 9,
+        "peak_train_mem_mb": 512.3,
+        "adapter_mb": 0.5,
+    }
     older = tmp_path / "older"  # a training.json written before the counts were recorded
     older.mkdir()
     (older / TRAINING_FILE).write_text(json.dumps(figures))
-    assert training_cost(older) == {**figures, "peak_train_mem_mb": None, "adapter_mb": None}
-    assert training_cost(tmp_path) == dict.fromkeys(COST_FIELDS)  # not trained
+    assert training_cost(older) == {
+        **figures,
+        **dict.fromkeys(["trainable_params", "train_total_params", "peak_train_mem_mb"]),
+        "adapter_mb": None,
+    }
+    assert training_cost(tmp_path) == dict.fromkeys([*TRAINING_FIELDS, "adapter_mb"])  # untrained
 
 
 # --- machine -----------------------------------------------------------------------------------

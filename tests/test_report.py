@@ -163,6 +163,7 @@ def trained(train_s, memory_mb, adapter_mb=None, trainable=100):
     """Training figures as evaluate reads them from a variant's training.json."""
     return {
         "trainable_params": trainable,
+        "train_total_params": 100,
         "train_s": train_s,
         "train_samples_per_s": 1000 / train_s,
         "peak_train_mem_mb": memory_mb,

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from trimflow.evaluation.cost import training_cost
 from trimflow.evaluation.summary import MEASURE_NAMES, Measurements, mlflow_names, summarise
 
 CLASSIFICATION_NAMES = mlflow_names(("accuracy", "macro_f1"))
@@ -30,6 +31,7 @@ def _detail(accuracy: float, latency: float, size: float, train_s: float | None 
         "latency_ms_mean": 1.5 * latency,
         "throughput_sps": 1000 / latency,
         "trainable_params": 1000 if trained else None,
+        "train_total_params": 1000 if trained else None,
         "train_s": train_s,
         "train_samples_per_s": 500 / train_s if trained else None,
         "peak_train_mem_mb": 4 * train_s if trained else None,
@@ -60,7 +62,11 @@ def test_mlflow_names_put_quality_first_then_the_measures():
     assert list(CLASSIFICATION_NAMES) == ["accuracy", "macro_f1", *MEASURE_NAMES]
     assert CLASSIFICATION_NAMES["accuracy"] == "test/accuracy"
     assert CLASSIFICATION_NAMES["agreement"] == "test/agreement_with_source"
-    assert CLASSIFICATION_NAMES["peak_train_mem_mb"] == "training/peak_train_mem_mb"
+    assert CLASSIFICATION_NAMES["peak_train_mem_mb"] == "training/peak_mem_mb"
+
+
+def test_mlflow_names_cover_the_cost_to_train_evaluate_reads(tmp_path):
+    assert set(training_cost(tmp_path)) <= set(MEASURE_NAMES)
 
 
 def test_summary_keeps_the_named_fields_of_every_variant_and_recommends():

@@ -10,13 +10,20 @@ from trimflow.evaluation.footprint import size_on_disk_mb
 from trimflow.layout import ADAPTER_DIR, TRAINING_FILE
 from trimflow.utils.atomic import read_json
 
-# The fields of training.json evaluate carries into metrics.json (see models.recipe).
-TRAINING_FIELDS = ("trainable_params", "train_s", "train_samples_per_s", "peak_train_mem_mb")
-COST_FIELDS = (*TRAINING_FIELDS, "adapter_mb")
+# metrics.json field -> the training.json field it comes from (see models.recipe); the trained
+# module's total parameters are counted at train start, before any structured pruning.
+TRAINING_FIELDS = {
+    "trainable_params": "trainable_params",
+    "train_total_params": "total_params",
+    "train_s": "train_s",
+    "train_samples_per_s": "train_samples_per_s",
+    "peak_train_mem_mb": "peak_train_mem_mb",
+}
 
 
 def training_cost(model_dir: Path) -> dict[str, Any]:
-    """`COST_FIELDS` of the variant in `model_dir`: its training.json figures, None each where
+    """The cost to train the variant in `model_dir`: its training.json figures (`TRAINING_FIELDS`),
+    None each where
     it has none (not trained, e.g. magnitude pruning without recovery, or written before a
     figure was recorded), and `adapter_mb`, the MiB of its adapter folder or None.
 
@@ -27,6 +34,6 @@ def training_cost(model_dir: Path) -> dict[str, Any]:
     summary = read_json(summary_file) if summary_file.exists() else {}
     adapter = model_dir / ADAPTER_DIR
     return {
-        **{field: summary.get(field) for field in TRAINING_FIELDS},
+        **{field: summary.get(key) for field, key in TRAINING_FIELDS.items()},
         "adapter_mb": size_on_disk_mb(adapter) if adapter.is_dir() else None,
     }

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trimflow.evaluation.cost import COST_FIELDS
 from trimflow.evaluation.recommend import recommend
 from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX, TRAINING_PREFIX
 
@@ -23,7 +22,12 @@ MEASURE_NAMES = {
     "params": f"{MODEL_PREFIX}params",
     "nonzero_params": f"{MODEL_PREFIX}nonzero_params",
     "agreement": f"{TEST_PREFIX}agreement_with_source",
-    **{field: f"{TRAINING_PREFIX}{field}" for field in COST_FIELDS},
+    "trainable_params": f"{TRAINING_PREFIX}trainable_params",
+    "train_total_params": f"{TRAINING_PREFIX}total_params",
+    "train_s": f"{TRAINING_PREFIX}seconds",
+    "train_samples_per_s": f"{TRAINING_PREFIX}samples_per_s",
+    "peak_train_mem_mb": f"{TRAINING_PREFIX}peak_mem_mb",
+    "adapter_mb": f"{TRAINING_PREFIX}adapter_mb",
 }
 
 

@@ -176,7 +176,10 @@ def _saved_size(row: Row) -> str:
 COST_COLUMNS: tuple[Column, ...] = (
     Column("Variant", lambda row: row["variant"], numeric=False),
     Column("Trainable params", lambda row: f"{row['trainable_params']:,}"),
-    Column("Trainable share", lambda row: _percent(row["trainable_params"] / row["params"])),
+    Column(
+        "Trainable share",
+        lambda row: _percent(row["trainable_params"] / row["train_total_params"]),
+    ),
     Column("Train time (s)", lambda row: f"{row['train_s']:.1f}"),
     Column("Samples/s", lambda row: f"{row['train_samples_per_s']:.1f}"),
     Column("Peak train memory (MB)", lambda row: f"{row['peak_train_mem_mb']:.0f}"),

@@ -14,8 +14,8 @@ from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX, TRAI
 SMALLER_IS_BETTER = (
     f"{BENCH_PREFIX}latency",
     f"{MODEL_PREFIX}size",
-    f"{TRAINING_PREFIX}train_s",
-    f"{TRAINING_PREFIX}peak_train_mem_mb",
+    f"{TRAINING_PREFIX}seconds",
+    f"{TRAINING_PREFIX}peak_mem_mb",
     f"{TRAINING_PREFIX}adapter_mb",
 )
 METRIC_ORDER = (TEST_PREFIX, BENCH_PREFIX, MODEL_PREFIX, TRAINING_PREFIX)
