@@ -340,6 +340,8 @@ def test_ratio_direction_and_undefined_ratios():
     assert smaller_is_better("bench/latency_ms_p95") and smaller_is_better("model/size_mb")
     assert smaller_is_better("pruned/bench/latency_ms_p50")
     assert not smaller_is_better("bench/throughput_sps")
+    assert smaller_is_better("training/peak_mem_mb") and smaller_is_better("training/seconds")
+    assert not smaller_is_better("training/samples_per_s")
     assert ratio_direction("model/size_mb") == "baseline/run"
     assert ratio("model/size_mb", 100.0, 0.0) is None
     assert ratio("test/accuracy", None, 0.5) is None

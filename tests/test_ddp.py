@@ -145,6 +145,8 @@ def test_two_processes_train_what_one_process_trains_with_the_global_batch(
     assert training_summary(two)["global_step"] == training_summary(one)["global_step"] == 28
     for summary in map(training_summary, (one, two)):  # every process's samples are counted
         assert summary["train_s"] * summary["train_samples_per_s"] == pytest.approx(2 * 216, 0.01)
+        assert summary["peak_train_mem_mb"] > 0  # two processes: the larger peak
+    assert training_summary(two)["trainable_params"] == training_summary(one)["trainable_params"]
     assert max_weight_difference(one, two) < WEIGHT_TOLERANCE
     # Validation metrics are reduced over both halves of the split, not one rank's half.
     history = [pd.read_csv(model / HISTORY_FILE) for model in (one, two)]

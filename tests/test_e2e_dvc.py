@@ -77,8 +77,8 @@ def stale_after_editing(project, path: str) -> set[str]:
 
 def test_editing_code_makes_stale_the_stages_that_run_it_and_nothing_upstream(project):
     """dvc.yaml's code deps at work: only evaluate runs the NER baselines; the training recipe
-    runs in finetune, the adapters, pruning recovery and distillation. (Stages downstream of those rerun only
-    if their outputs change.)"""
+    runs in finetune, the adapters, pruning recovery and distillation. (Stages downstream of
+    those rerun only if their outputs change.)"""
     assert stale_after_editing(project, "src/trimflow/evaluation/baselines.py") == {"evaluate"}
     training = {
         unit_name(stage, variant)

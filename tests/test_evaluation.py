@@ -19,9 +19,11 @@ from trimflow.evaluation.benchmark import (
     torch_threads,
 )
 from trimflow.evaluation.classification import classification_metrics
+from trimflow.evaluation.cost import TRAINING_FIELDS, training_cost
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import predict
 from trimflow.evaluation.machine import cpu_description
+from trimflow.layout import ADAPTER_DIR, TRAINING_FILE
 
 LABELS = ["alpha", "beta", "gamma"]
 
@@ -193,6 +195,34 @@ def test_quantized_bert_reports_the_same_total_as_fp32(tiny_bert):
     fp32_total, _ = count_parameters(tiny_bert)
     quantized_total, _ = count_parameters(quantize_dynamic_int8(tiny_bert))
     assert quantized_total == fp32_total
+
+
+# --- cost to train ---------------------------------------------------------------------------
+
+
+def test_training_cost_reads_training_json_and_sizes_the_adapter(tmp_path):
+    adapted = tmp_path / "adapted"
+    (adapted / ADAPTER_DIR).mkdir(parents=True)
+    (adapted / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"x" * 2**19)
+    figures = {"train_s": 2.5, "train_samples_per_s": 40.0}
+    counts = {"trainable_params": 5, "total_params": 9, "peak_train_mem_mb": 512.3}
+    (adapted / TRAINING_FILE).write_text(json.dumps({**figures, **counts, "global_step": 7}))
+    assert training_cost(adapted) == {
+        **figures,
+        "trainable_params": 5,
+        "train_total_params": 9,
+        "peak_train_mem_mb": 512.3,
+        "adapter_mb": 0.5,
+    }
+    older = tmp_path / "older"  # a training.json written before the counts were recorded
+    older.mkdir()
+    (older / TRAINING_FILE).write_text(json.dumps(figures))
+    assert training_cost(older) == {
+        **figures,
+        **dict.fromkeys(["trainable_params", "train_total_params", "peak_train_mem_mb"]),
+        "adapter_mb": None,
+    }
+    assert training_cost(tmp_path) == dict.fromkeys([*TRAINING_FIELDS, "adapter_mb"])  # untrained
 
 
 # --- machine -----------------------------------------------------------------------------------

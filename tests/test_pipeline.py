@@ -11,6 +11,7 @@ import yaml
 from helpers import mlflow_runs, smoke_pipeline_command
 
 from trimflow.compress.variants import load_variant
+from trimflow.evaluation.cost import TRAINING_FIELDS
 from trimflow.evaluation.scoring import LabelScorer
 from trimflow.evaluation.summary import mlflow_names
 from trimflow.layout import dvc_layout
@@ -78,6 +79,20 @@ def test_metrics_file_has_every_declared_variant_and_field(finished):
     assert metrics["recommendation"]["variant"] == metrics["recommended"]
 
 
+def test_trained_variants_carry_their_cost_to_train_and_quantized_their_sources(finished):
+    cfg, _, metrics = finished
+    variants = metrics["variants"]
+    finetuned = variants["finetuned"]
+    assert finetuned["trainable_params"] == finetuned["train_total_params"] == finetuned["params"]
+    assert finetuned["train_s"] > 0 and finetuned["train_samples_per_s"] > 0
+    assert finetuned["peak_train_mem_mb"] > 0 and finetuned["adapter_mb"] is None
+    for name, settings in cfg.quantize.variants.items():
+        source = variants[settings.source]
+        assert {key: variants[name][key] for key in TRAINING_FIELDS} == {
+            key: source[key] for key in TRAINING_FIELDS
+        }, name
+
+
 def test_quantized_variants_agree_with_their_source(finished):
     _, _, metrics = finished
     variants = metrics["variants"]
@@ -121,7 +136,7 @@ def test_report_is_self_contained_with_plots(finished):
 
 
 def test_every_mlflow_run_has_metrics_and_tags(finished):
-    cfg, _, _ = finished
+    cfg, _, metrics = finished
     runs = mlflow_runs(cfg.tracking.uri, cfg.tracking.experiment)
     stages = {r.data.tags["trimflow.stage"] for r in runs}
     assert stages == {
@@ -143,8 +158,11 @@ def test_every_mlflow_run_has_metrics_and_tags(finished):
         assert run.data.params["finetune.lr"]
     variants = [r for r in runs if "trimflow.variant" in r.data.tags]
     assert sorted(r.data.tags["trimflow.variant"] for r in variants) == sorted(cfg.variant_kinds())
-    for run in variants:
-        assert set(MLFLOW_NAMES.values()) <= set(run.data.metrics)
+    for run in variants:  # every number but the figures a variant lacks (None)
+        values = metrics["variants"][run.data.tags["trimflow.variant"]]
+        logged = {MLFLOW_NAMES[key] for key, value in values.items() if value is not None}
+        assert logged <= set(run.data.metrics)
+        assert "training/adapter_mb" not in run.data.metrics  # no adapted variant here
     finetune_run = next(r for r in runs if r.data.tags["trimflow.stage"] == "finetune")
     assert "train/loss" in finetune_run.data.metrics
 

@@ -1,4 +1,5 @@
-"""The recommendation: the fastest variant within the drop budget on every guarded metric."""
+"""The recommendation: the variant best on the objective (by default the fastest) within the drop
+budget on every guarded metric."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ ACCURACY = ["accuracy"]
 CLASSIFICATION_GUARDS = ["accuracy", "macro_f1"]
 
 
-def _variant(accuracy: float, latency: float, size: float, macro_f1: float = 0.9) -> dict:
-    return {"accuracy": accuracy, "macro_f1": macro_f1, "latency_ms_p50": latency, "size_mb": size}
+def _variant(
+    accuracy: float,
+    latency: float,
+    size: float,
+    macro_f1: float = 0.9,
+    train_s: float | None = None,
+    memory_mb: float | None = None,
+) -> dict:
+    return {
+        "accuracy": accuracy,
+        "macro_f1": macro_f1,
+        "latency_ms_p50": latency,
+        "size_mb": size,
+        "train_s": train_s,
+        "peak_train_mem_mb": memory_mb,
+    }
 
 
 def test_recommendation_is_the_fastest_variant_inside_the_accuracy_budget():
@@ -90,3 +105,51 @@ def test_headline_states_the_ratios_and_the_quality_each_guard_costs():
         "recommended small: 4.00x faster at batch 1 and 5.00x smaller than finetuned"
         " (accuracy -0.20 pts, macro_f1 +0.50 pts)"
     )
+
+
+# Training figures: the baseline trained longest; "untrained" has none (magnitude pruning
+# without recovery); "bad" trains fastest but fails the guard.
+COSTED = {
+    "finetuned": _variant(0.970, 30.0, 80.0, train_s=100.0, memory_mb=900.0),
+    "distilled": _variant(0.965, 12.0, 40.0, train_s=60.0, memory_mb=700.0),
+    "adapted": _variant(0.968, 30.0, 80.0, train_s=60.0, memory_mb=400.0),
+    "quantized": _variant(0.966, 8.0, 20.0, train_s=60.0, memory_mb=700.0),  # distilled's
+    "untrained": _variant(0.969, 5.0, 20.0),
+    "bad": _variant(0.900, 20.0, 80.0, train_s=5.0, memory_mb=100.0),
+}
+
+
+def test_latency_objective_is_the_default_and_is_recorded():
+    chosen = recommend(COSTED, "finetuned", 1.0, ACCURACY)
+    assert (chosen["variant"], chosen["objective"]) == ("untrained", "latency")
+    assert recommend(COSTED, "finetuned", 1.0, ACCURACY, "latency") == chosen
+
+
+def test_train_time_objective_picks_the_quickest_to_train_ties_to_latency():
+    chosen = recommend(COSTED, "finetuned", 1.0, ACCURACY, "train_time")
+    # distilled, adapted and quantized trained 60 s; quantized is the fastest of them.
+    assert (chosen["variant"], chosen["objective"]) == ("quantized", "train_time")
+    assert chosen["speedup"] == pytest.approx(30.0 / 8.0)
+    assert chosen["excluded"] == {"bad": {"accuracy": pytest.approx(7.0)}}
+
+
+def test_train_memory_objective_picks_the_least_peak_training_memory():
+    chosen = recommend(COSTED, "finetuned", 1.0, ACCURACY, "train_memory")
+    assert (chosen["variant"], chosen["objective"]) == ("adapted", "train_memory")
+    only_baseline = {"finetuned": COSTED["finetuned"], "untrained": COSTED["untrained"]}
+    assert recommend(only_baseline, "finetuned", 1.0, ACCURACY, "train_memory")["variant"] == (
+        "finetuned"
+    )
+
+
+def test_training_objectives_need_figures_of_an_eligible_variant():
+    variants = {"finetuned": _variant(0.97, 30.0, 80.0), "bad": COSTED["bad"]}
+    with pytest.raises(ValueError, match=r"report.objective=train_time: .* train_s"):
+        recommend(variants, "finetuned", 1.0, ACCURACY, "train_time")
+    assert recommend(variants, "finetuned", 1.0, ACCURACY)["variant"] == "finetuned"
+
+
+def test_headline_names_an_objective_other_than_latency():
+    line = headline(recommend(COSTED, "finetuned", 1.0, ACCURACY, "train_memory"))
+    assert line.startswith("recommended adapted (objective train_memory): 1.00x faster at batch 1")
+    assert "objective" not in headline(recommend(COSTED, "finetuned", 1.0, ACCURACY))

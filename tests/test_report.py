@@ -16,7 +16,13 @@ from trimflow.report.plots import (
     training_curves_figure,
 )
 from trimflow.report.render import render_html, render_markdown
-from trimflow.report.tables import Table, markdown_table, variant_columns, variant_rows
+from trimflow.report.tables import (
+    Table,
+    cost_table,
+    markdown_table,
+    variant_columns,
+    variant_rows,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -151,6 +157,65 @@ def test_markdown_table_formats_cells(rows):
     assert "| +0.00 |" in lines[2]
     assert "| 16.00 |" in lines[3]  # pruned: dominated on latency, no star
     assert "| 90.0 |" in lines[3]  # and on size
+
+
+def trained(train_s, memory_mb, adapter_mb=None, trainable=100):
+    """Training figures as evaluate reads them from a variant's training.json."""
+    return {
+        "trainable_params": trainable,
+        "train_total_params": 100,
+        "train_s": train_s,
+        "train_samples_per_s": 1000 / train_s,
+        "peak_train_mem_mb": memory_mb,
+        "adapter_mb": adapter_mb,
+    }
+
+
+UNTRAINED = dict.fromkeys(trained(1.0, 1.0), None)
+
+
+@pytest.fixture
+def costed(metrics):
+    """`metrics` with training figures: pruned's recovery, an adapter, and a quantized copy."""
+    figures = {
+        "finetuned": trained(120.0, 900.0),
+        "pruned": trained(30.0, 850.4),
+        "quantized": trained(120.0, 900.0),  # finetuned's, copied by quantize
+        "pruned_quantized": UNTRAINED,
+        "adapted": trained(60.0, 500.0, adapter_mb=1.25, trainable=5),
+    }
+    variants = {**metrics["variants"], "adapted": variant(0.895, 20.0, 90.0, 400.0)}
+    return {**metrics, "variants": {name: {**variants[name], **figures[name]} for name in figures}}
+
+
+def test_cost_table_lists_trained_variants_with_figures(costed):
+    table = cost_table(costed, ["finetuned", "pruned", "pruned_quantized", "adapted"])
+    assert table.heading == "Cost to train"
+    assert [row["variant"] for row in table.rows] == ["finetuned", "pruned", "adapted"]
+    lines = markdown_table(table.rows, table.columns).splitlines()
+    assert lines[0] == (
+        "| Variant | Trainable params | Trainable share | Train time (s) | Samples/s"
+        " | Peak train memory (MB) | Saved (MB) |"
+    )
+    assert lines[2] == "| finetuned | 100 | 100.00% | 120.0 | 8.3 | 900 | 90.0 |"
+    assert lines[3].startswith("| pruned | 100 | 100.00% | 30.0 | 33.3 | 850 |")
+    assert lines[4] == "| adapted | 5 | 5.00% | 60.0 | 16.7 | 500 | 1.2 (adapter) |"
+
+
+def test_tradeoff_figure_leaves_out_variants_without_the_cost(costed):
+    fig = tradeoff_figure(costed, "peak_train_mem_mb", "peak training memory (MB)")
+    labels = {text.get_text() for text in fig.axes[0].texts}
+    assert labels == {"finetuned", "pruned", "quantized", "adapted"}
+
+
+def test_recommendation_text_names_a_training_objective(costed):
+    from trimflow.evaluation.recommend import recommend
+    from trimflow.report.tables import recommendation_text
+
+    chosen = recommend(costed["variants"], "finetuned", 1.0, ["accuracy"], "train_memory")
+    assert recommendation_text(chosen).startswith(
+        "Recommended: adapted, the variant needing the least peak training memory within 1.0"
+    )
 
 
 # --- figures ----------------------------------------------------------------------------------

@@ -32,10 +32,13 @@ from trimflow.tracking.runs import (
     RECOMMENDED_TAG,
     RUNNING,
     STAGE_TAG,
+    TRAINING_PREFIX,
+    VARIANT_TAG,
     CommandFailed,
     Tracker,
     changed_params,
     end_status,
+    log_variant_run,
     run_name,
 )
 from trimflow.utils.interrupt import StageInterrupted
@@ -67,6 +70,7 @@ def tracker(tiny_config, clean_env):
 EVALUATED = {
     "recommendation": {
         "variant": "q",
+        "objective": "latency",
         "baseline": "finetuned",
         "speedup": 3.0,
         "size_ratio": 4.0,
@@ -216,6 +220,17 @@ def test_the_headline_of_a_pipeline_is_logged_on_its_run(tracker, tmp_path):
         f"{HEADLINE_PREFIX}size_ratio": 4.0,
         f"{HEADLINE_PREFIX}accuracy": 0.9,
     }
+
+
+def test_a_variant_run_logs_its_numbers_but_not_the_figures_it_lacks(tracker):
+    metrics = {"test/accuracy": 0.9, f"{TRAINING_PREFIX}train_s": None}
+    with tracker.stage_run("evaluate") as stage_run:
+        log_variant_run(tracker, "pruned", metrics, stage_run, [])
+    (run,) = tracker.client().search_runs(
+        [tracker.experiment_id], f"tags.`{VARIANT_TAG}` = 'pruned'"
+    )
+    assert run.data.metrics == {"test/accuracy": 0.9}
+    assert run.info.status == FINISHED
 
 
 def test_the_stage_runs_of_a_pipeline_are_tagged_by_their_dvc_stage(tracker):

@@ -6,14 +6,16 @@ import json
 
 import pytest
 
+from trimflow.evaluation.cost import training_cost
 from trimflow.evaluation.summary import MEASURE_NAMES, Measurements, mlflow_names, summarise
 
 CLASSIFICATION_NAMES = mlflow_names(("accuracy", "macro_f1"))
 NER_NAMES = mlflow_names(("f1", "precision", "recall", "macro_f1", "token_accuracy"))
 
 
-def _detail(accuracy: float, latency: float, size: float) -> dict:
+def _detail(accuracy: float, latency: float, size: float, train_s: float | None = None) -> dict:
     """One variant's details as evaluate measures them, with the fields metrics.json drops."""
+    trained = train_s is not None
     return {
         "accuracy": accuracy,
         "macro_f1": accuracy - 0.1,
@@ -28,20 +30,31 @@ def _detail(accuracy: float, latency: float, size: float) -> dict:
         "latency_ms_p95": 2 * latency,
         "latency_ms_mean": 1.5 * latency,
         "throughput_sps": 1000 / latency,
+        "trainable_params": 1000 if trained else None,
+        "train_total_params": 1000 if trained else None,
+        "train_s": train_s,
+        "train_samples_per_s": 500 / train_s if trained else None,
+        "peak_train_mem_mb": 4 * train_s if trained else None,
+        "adapter_mb": None,
     }
 
 
 def _classification(**rule) -> dict:
     measured = Measurements(
         details={
-            "finetuned": _detail(0.90, 20.0, 80.0),
-            "quantized": _detail(0.895, 8.0, 20.0),  # 0.5 points lost: within budget
-            "pruned": _detail(0.85, 5.0, 40.0),  # 5 points lost: excluded
+            "finetuned": _detail(0.90, 20.0, 80.0, train_s=100.0),
+            "quantized": _detail(0.895, 8.0, 20.0, train_s=100.0),  # 0.5 points lost: within
+            "pruned": _detail(0.85, 5.0, 40.0, train_s=10.0),  # 5 points lost: excluded
         },
         baselines={},
         names=CLASSIFICATION_NAMES,
     )
-    defaults = dict(baseline="finetuned", max_drop_pts=1.0, guards=["accuracy", "macro_f1"])
+    defaults = dict(
+        baseline="finetuned",
+        max_drop_pts=1.0,
+        guards=["accuracy", "macro_f1"],
+        objective="latency",
+    )
     return summarise(measured, task="classification", metric="accuracy", **defaults | rule)
 
 
@@ -49,6 +62,11 @@ def test_mlflow_names_put_quality_first_then_the_measures():
     assert list(CLASSIFICATION_NAMES) == ["accuracy", "macro_f1", *MEASURE_NAMES]
     assert CLASSIFICATION_NAMES["accuracy"] == "test/accuracy"
     assert CLASSIFICATION_NAMES["agreement"] == "test/agreement_with_source"
+    assert CLASSIFICATION_NAMES["peak_train_mem_mb"] == "training/peak_mem_mb"
+
+
+def test_mlflow_names_cover_the_cost_to_train_evaluate_reads(tmp_path):
+    assert set(training_cost(tmp_path)) <= set(MEASURE_NAMES)
 
 
 def test_summary_keeps_the_named_fields_of_every_variant_and_recommends():
@@ -66,6 +84,20 @@ def test_summary_keeps_the_named_fields_of_every_variant_and_recommends():
         "pruned": {"accuracy": pytest.approx(5.0), "macro_f1": pytest.approx(5.0)}
     }
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_summary_carries_the_training_cost_and_recommends_on_the_objective():
+    summary = _classification(objective="train_time")
+
+    costs = {
+        name: {key: values[key] for key in ("trainable_params", "train_s", "adapter_mb")}
+        for name, values in summary["variants"].items()
+    }
+    assert costs["pruned"] == {"trainable_params": 1000, "train_s": 10.0, "adapter_mb": None}
+    assert summary["variants"]["quantized"]["peak_train_mem_mb"] == 400.0
+    # pruned trains fastest but is excluded; finetuned and quantized tie, quantized is faster.
+    assert summary["recommendation"]["objective"] == "train_time"
+    assert summary["recommended"] == "quantized"
 
 
 def test_summary_follows_the_drop_budget_and_guards():
@@ -87,7 +119,13 @@ def test_ner_summary_adds_the_baselines_named_fields():
     )
 
     summary = summarise(
-        measured, task="ner", metric="f1", baseline="finetuned", max_drop_pts=1.0, guards=["f1"]
+        measured,
+        task="ner",
+        metric="f1",
+        baseline="finetuned",
+        max_drop_pts=1.0,
+        guards=["f1"],
+        objective="latency",
     )
 
     assert list(summary) == [

@@ -13,11 +13,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import build_tiny_bert, parameter_count, quiet_trainer
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from trimflow.layout import dvc_layout
-from trimflow.models.module import class_weights, cross_entropy
+from trimflow.models.module import ClassifierModule, class_weights, cross_entropy
 from trimflow.models.recipe import build_datamodule
+from trimflow.models.training import TrainingPace
 from trimflow.stages import finetune, prepare, tokenize
 
 TINY_TRAINING = ["finetune.max_epochs=2", "finetune.lr=5e-4", "finetune.batch_size=8"]
@@ -39,6 +42,8 @@ def test_finetune_writes_a_loadable_model_and_history(tiny_config, tmp_path):
     assert summary["resumed_from_step"] is None
     assert summary["train_s"] > 0
     assert summary["train_s"] * summary["train_samples_per_s"] == pytest.approx(2 * 108, rel=0.01)
+    assert 0 < summary["trainable_params"] == summary["total_params"]
+    assert summary["peak_train_mem_mb"] > 0
     history = (layout.finetuned / "history.csv").read_text()
     assert "train/loss" in history and "val/accuracy" in history
 
@@ -60,6 +65,20 @@ def test_same_seed_gives_identical_weights_and_scores(tiny_config, tmp_path):
     (summary_a, weights_a), (summary_b, weights_b) = results
     assert summary_a["best_score"] == summary_b["best_score"]
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_training_pace_counts_trainable_parameters_and_peak_memory(labelled_batches):
+    model = build_tiny_bert()
+    for parameter in model.bert.embeddings.parameters():
+        parameter.requires_grad_(False)
+    frozen = parameter_count(model.bert.embeddings)
+    pace = TrainingPace()
+    loader = DataLoader(labelled_batches, batch_size=None)
+    quiet_trainer(max_epochs=1, callbacks=[pace]).fit(ClassifierModule(model, lr=1e-3), loader)
+    assert pace.total_params == parameter_count(model)
+    assert pace.trainable_params == parameter_count(model) - frozen > 0
+    assert pace.peak_mem_mb > 0
+    assert pace.total_samples == 8 and pace.samples_per_s > 0
 
 
 def test_class_weights_follow_the_balance_exponent():

@@ -73,6 +73,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "report.baseline",
         "report.max_drop_pts",
         "report.guard_metrics",
+        "report.objective",
         "task",
     ),
     "report": ("report",),
@@ -84,8 +85,10 @@ SPLITS = ("train", "validation", "test")
 # Inside data/tokenized/: the Arrow splits and the tokenizer they were made with.
 TOKENIZED_SPLITS = "splits"
 TOKENIZER = "tokenizer"
-# Inside a trained variant's directory: its training curves.
+# Inside a trained variant's directory: its training curves, and a summary of its training
+# (steps, time, samples/s, parameters trained, peak memory) that quantized copies carry along.
 HISTORY_FILE = "history.csv"
+TRAINING_FILE = "training.json"
 # Inside an adapted variant's directory: the adapter alone, and what it adapts (method, base).
 ADAPTER_DIR = "adapter"
 ADAPTATION_FILE = "adaptation.json"

@@ -282,11 +282,14 @@ class EvaluateConfig(Section):
 
 class ReportConfig(Section):
     baseline: str
-    # The recommended variant is the fastest one losing at most this many points of each guarded
-    # quality metric against the baseline.
+    # The recommended variant is the best on `objective` among those losing at most this many
+    # points of each guarded quality metric against the baseline.
     max_drop_pts: float = Field(ge=0.0)
     # The guarded metrics; None: the task's default_guards.
     guard_metrics: list[str] | None = Field(default=None, min_length=1)
+    # What the recommendation minimises: batch-1 p50 latency, training time or peak training
+    # memory (see evaluation.recommend.OBJECTIVE_FIELDS).
+    objective: Literal["latency", "train_time", "train_memory"]
     title: str
 
 

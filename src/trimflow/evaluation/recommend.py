@@ -1,4 +1,5 @@
-"""Choose for the user: the fastest variant whose quality stays within a drop budget."""
+"""Choose for the user: the variant best on an objective (by default the fastest) whose quality
+stays within a drop budget."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ from typing import Any
 
 # Rounding slack when comparing a drop with the budget.
 TOLERANCE_PTS = 1e-9
+# report.objective -> the metrics.json field the recommendation minimises; ties go to the lower
+# batch-1 p50 latency, then to the smaller file.
+OBJECTIVE_FIELDS = {
+    "latency": "latency_ms_p50",
+    "train_time": "train_s",
+    "train_memory": "peak_train_mem_mb",
+}
+LATENCY = "latency"
 
 
 def drop_points(
@@ -36,13 +45,17 @@ def recommend(
     baseline: str,
     max_drop_pts: float,
     guards: Sequence[str],
+    objective: str = LATENCY,
 ) -> dict[str, Any]:
-    """The lowest batch-1 p50 latency among variants losing at most `max_drop_pts` points of
-    every metric in `guards` (e.g. accuracy and macro-F1).
+    """The variant lowest on `objective`'s field (`OBJECTIVE_FIELDS`: batch-1 p50 latency by
+    default) among variants losing at most `max_drop_pts` points of every metric in `guards`
+    (e.g. accuracy and macro-F1) and having that field (training figures may be None).
 
-    Ties on latency go to the smaller file. The baseline itself always qualifies, so there is
-    always a recommendation. Returns its name, its drop on each guard, its ratios against the
-    baseline, and `excluded`: every other variant that fails a guard -> {metric: drop}.
+    Ties go to the lower latency, then to the smaller file. The baseline itself always passes
+    the guards, so with the latency objective there is always a recommendation; a training
+    objective that no passing variant has figures for raises ValueError. Returns its name, the
+    objective, its drop on each guard, its ratios against the baseline, and `excluded`: every
+    other variant that fails a guard -> {metric: drop}.
     """
     if baseline not in variants:
         raise KeyError(f"baseline variant '{baseline}' was not evaluated ({', '.join(variants)})")
@@ -52,11 +65,22 @@ def recommend(
         for name, values in variants.items()
         if (failures := guard_failures(values, base, guards, max_drop_pts))
     }
-    eligible = [name for name in variants if name not in excluded]
-    best = min(eligible, key=lambda n: (variants[n]["latency_ms_p50"], variants[n]["size_mb"]))
+    ranked_on = list(dict.fromkeys([OBJECTIVE_FIELDS[objective], "latency_ms_p50", "size_mb"]))
+    eligible = [
+        name
+        for name, values in variants.items()
+        if name not in excluded and values.get(ranked_on[0]) is not None
+    ]
+    if not eligible:
+        raise ValueError(
+            f"report.objective={objective}: no variant within the quality budget has"
+            f" {ranked_on[0]} (it comes from the training.json of a trained variant)"
+        )
+    best = min(eligible, key=lambda name: [variants[name][key] for key in ranked_on])
     chosen = variants[best]
     return {
         "variant": best,
+        "objective": objective,
         "baseline": baseline,
         "max_drop_pts": max_drop_pts,
         "guards": list(guards),
@@ -68,12 +92,16 @@ def recommend(
 
 
 def headline(recommendation: Mapping[str, Any]) -> str:
-    """One line for people: the recommended variant, its ratios and what its quality costs."""
+    """One line for people: the recommended variant (and the objective it was chosen on, when
+    not latency), its ratios and what its quality costs."""
     costs = ", ".join(
         f"{metric} {-points:+.2f} pts" for metric, points in recommendation["drop_pts"].items()
     )
+    objective = recommendation["objective"]
+    chosen_on = "" if objective == LATENCY else f" (objective {objective})"
     return (
-        f"recommended {recommendation['variant']}: {recommendation['speedup']:.2f}x faster at"
+        f"recommended {recommendation['variant']}{chosen_on}:"
+        f" {recommendation['speedup']:.2f}x faster at"
         f" batch 1 and {recommendation['size_ratio']:.2f}x smaller than"
         f" {recommendation['baseline']} ({costs})"
     )

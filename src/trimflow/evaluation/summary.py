@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from trimflow.evaluation.recommend import recommend
-from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX
+from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX, TRAINING_PREFIX
 
 # metrics.json field -> MLflow metric name (the same for every variant run); quality fields come
-# first, `test/<field>`, from the task's scorer.
+# first, `test/<field>`, from the task's scorer. The training fields (evaluation.cost) are None
+# for a variant that was not trained (a quantized one carries its source's); no metric is
+# logged for a None.
 MEASURE_NAMES = {
     "latency_ms_p50": f"{BENCH_PREFIX}latency_ms_p50",
     "latency_ms_p95": f"{BENCH_PREFIX}latency_ms_p95",
@@ -20,6 +22,12 @@ MEASURE_NAMES = {
     "params": f"{MODEL_PREFIX}params",
     "nonzero_params": f"{MODEL_PREFIX}nonzero_params",
     "agreement": f"{TEST_PREFIX}agreement_with_source",
+    "trainable_params": f"{TRAINING_PREFIX}trainable_params",
+    "train_total_params": f"{TRAINING_PREFIX}total_params",
+    "train_s": f"{TRAINING_PREFIX}seconds",
+    "train_samples_per_s": f"{TRAINING_PREFIX}samples_per_s",
+    "peak_train_mem_mb": f"{TRAINING_PREFIX}peak_mem_mb",
+    "adapter_mb": f"{TRAINING_PREFIX}adapter_mb",
 }
 
 
@@ -32,7 +40,8 @@ def mlflow_names(quality_keys: Sequence[str]) -> dict[str, str]:
 class Measurements:
     """Everything evaluate measured: per-variant details, NER baselines, metric names."""
 
-    details: dict[str, dict]  # variant -> scores, predictions, timings, footprint, source
+    # variant -> scores, predictions, timings, footprint, source, cost to train
+    details: dict[str, dict]
     baselines: dict[str, dict]  # baseline tagger -> its scores; empty for classification
     names: dict[str, str]  # metrics.json field -> MLflow metric name
 
@@ -45,9 +54,10 @@ def summarise(
     baseline: str,
     max_drop_pts: float,
     guards: Sequence[str],
+    objective: str,
 ) -> dict[str, Any]:
     """The metrics.json payload: the `measured.names` fields of every variant and baseline,
-    and the variant recommended against `baseline` (see `recommend`)."""
+    and the variant recommended on `objective` against `baseline` (see `recommend`)."""
     variants = {
         variant: {key: detail[key] for key in measured.names}
         for variant, detail in measured.details.items()
@@ -56,7 +66,7 @@ def summarise(
         name: {key: scores[key] for key in measured.names if key in scores}
         for name, scores in measured.baselines.items()
     }
-    recommendation = recommend(variants, baseline, max_drop_pts, guards)
+    recommendation = recommend(variants, baseline, max_drop_pts, guards, objective)
     return {
         "task": task,
         "metric": metric,

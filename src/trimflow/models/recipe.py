@@ -12,13 +12,11 @@ import lightning as L
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
-from trimflow.layout import HISTORY_FILE, Layout
+from trimflow.layout import HISTORY_FILE, TRAINING_FILE, Layout
 from trimflow.models.module import ClassifierModule, class_weights
 from trimflow.models.training import FitResult, fit_resumable, resolve_precision
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import write_json
-
-SUMMARY_FILE = "training.json"
 
 
 def build_datamodule(cfg: TrimflowConfig, layout: Layout) -> TokenizedDataModule:
@@ -50,10 +48,10 @@ def mlflow_logger(tracker: Tracker, active_run) -> L.pytorch.loggers.Logger | bo
 
 
 def write_training_outputs(out, result: FitResult, extra: dict) -> None:
-    """The history CSV and a JSON summary of how training went."""
+    """The history CSV and a JSON summary of how training went and what it took."""
     result.history.write_csv(out / HISTORY_FILE)
     write_json(
-        out / SUMMARY_FILE,
+        out / TRAINING_FILE,
         {
             "global_step": result.global_step,
             "epochs": result.epochs,
@@ -62,6 +60,10 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
             # This run's training loop (a resumed run's only), samples of every process.
             "train_s": round(result.pace.seconds, 3),
             "train_samples_per_s": round(result.pace.samples_per_s, 2),
+            "trainable_params": result.pace.trainable_params,
+            "total_params": result.pace.total_params,
+            # The largest process's peak: allocated CUDA memory, or RSS on the CPU.
+            "peak_train_mem_mb": round(result.pace.peak_mem_mb, 1),
             **extra,
         },
     )

@@ -28,6 +28,7 @@ from trimflow.utils.interrupt import (
     install_signal_handlers,
     received_signal,
 )
+from trimflow.utils.memory import PeakMemory
 from trimflow.utils.progress import on_terminal
 
 log = logging.getLogger(__name__)
@@ -202,16 +203,30 @@ class StopOnSignal(Callback):
 
 class TrainingPace(Callback):
     """Wall time of the training loop (set-up excluded: model, data and, in data-parallel
-    training, process start) and the samples every process trained on in it."""
+    training, process start), the samples every process trained on in it, the module's
+    trainable and total parameters, and the loop's peak memory (see `PeakMemory`).
+
+    In data-parallel training the peak is the largest of the processes' peaks (each process
+    holds a copy of the model), so it reads as the memory one device or process needs.
+    """
 
     def __init__(self) -> None:
         self.started = 0.0
         self.samples = 0
         self.seconds = 0.0
         self.total_samples = 0
+        self.trainable_params = 0
+        self.total_params = 0
+        self.peak_mem_mb = 0.0
+        self.memory: PeakMemory | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Start the clock."""
+        """Count the parameters, reset the memory peak and start the clock."""
+        parameters = list(pl_module.parameters())
+        self.trainable_params = sum(p.numel() for p in parameters if p.requires_grad)
+        self.total_params = sum(p.numel() for p in parameters)
+        self.memory = PeakMemory(pl_module.device)
+        self.memory.reset()
         self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -219,9 +234,11 @@ class TrainingPace(Callback):
         self.samples += len(batch["labels"])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Stop the clock and add up every process's samples."""
+        """Stop the clock, add up every process's samples and take the largest memory peak."""
         self.seconds = time.perf_counter() - self.started
-        self.total_samples = sum(gathered(self.samples))
+        samples, peaks = zip(*gathered((self.samples, self.memory.peak_mb())), strict=True)
+        self.total_samples = sum(samples)
+        self.peak_mem_mb = max(peaks)
 
     @property
     def samples_per_s(self) -> float:

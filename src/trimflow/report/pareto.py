@@ -14,10 +14,13 @@ def quality_metric(metrics: Mapping[str, Any]) -> str:
 
 
 def quality_points(metrics: Mapping[str, Any], cost_key: str) -> dict[str, Point]:
-    """Map each variant in `metrics` to its `(cost, quality)` point."""
+    """Map each variant in `metrics` to its `(cost, quality)` point; variants whose cost is
+    None (e.g. no training figures) have none."""
     metric = quality_metric(metrics)
     return {
-        name: (values[cost_key], values[metric]) for name, values in metrics["variants"].items()
+        name: (values[cost_key], values[metric])
+        for name, values in metrics["variants"].items()
+        if values[cost_key] is not None
     }
 
 

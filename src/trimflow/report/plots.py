@@ -24,7 +24,8 @@ METRIC_AXIS = {"accuracy": "accuracy", "f1": "entity F1"}
 
 
 def tradeoff_figure(metrics: Mapping[str, Any], cost_key: str, cost_label: str) -> Figure:
-    """Quality (%) against `cost_key` per variant, with the Pareto frontier as a step line."""
+    """Quality (%) against `cost_key` per variant, with the Pareto frontier as a step line;
+    variants without a `cost_key` value are left out."""
     points = quality_points(metrics, cost_key)
     metric = METRIC_AXIS[quality_metric(metrics)]
     front = pareto_front(points)

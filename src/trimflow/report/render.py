@@ -14,8 +14,9 @@ READING_GUIDE = (
     "Ratios compare each variant with the baseline (the row at 1.00x): speedup is baseline "
     "p50 latency / variant p50 latency, smaller is baseline size / variant size, and "
     "Δ is the change of the task's metric (accuracy; entity F1 for NER) in percentage points.",
-    "The recommendation is the fastest variant that loses at most the configured number of "
-    "points (report.max_drop_pts) on every guarded quality metric (report.guard_metrics).",
+    "The recommendation is the variant best on report.objective (by default the fastest) "
+    "among those that lose at most the configured number of points (report.max_drop_pts) on "
+    "every guarded quality metric (report.guard_metrics).",
     f"{FRONTIER_MARK} marks the Pareto frontier: no other variant beats a starred one on "
     "that metric or on speed (p50 column) / size (size column) without being worse on the other.",
 )

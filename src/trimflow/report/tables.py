@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,12 @@ METRIC_LABELS = {
     "precision": "entity precision",
     "recall": "entity recall",
     "token_accuracy": "token accuracy",
+}
+# How the recommendation sentence describes the variant each report.objective picks.
+OBJECTIVE_PHRASES = {
+    "latency": "the fastest variant",
+    "train_time": "the variant quickest to train",
+    "train_memory": "the variant needing the least peak training memory",
 }
 
 
@@ -160,6 +166,38 @@ def baseline_table(metrics: Mapping[str, Any], baseline: str) -> Table:
     return Table("Baselines (learned from train, same test split)", columns, rows)
 
 
+def _saved_size(row: Row) -> str:
+    """The adapter's MB where training saved one, else the weight files' MB."""
+    if row["adapter_mb"] is None:
+        return f"{row['size_mb']:.1f}"
+    return f"{row['adapter_mb']:.1f} (adapter)"
+
+
+COST_COLUMNS: tuple[Column, ...] = (
+    Column("Variant", lambda row: row["variant"], numeric=False),
+    Column("Trainable params", lambda row: f"{row['trainable_params']:,}"),
+    Column(
+        "Trainable share",
+        lambda row: _percent(row["trainable_params"] / row["train_total_params"]),
+    ),
+    Column("Train time (s)", lambda row: f"{row['train_s']:.1f}"),
+    Column("Samples/s", lambda row: f"{row['train_samples_per_s']:.1f}"),
+    Column("Peak train memory (MB)", lambda row: f"{row['peak_train_mem_mb']:.0f}"),
+    Column("Saved (MB)", _saved_size),
+)
+
+
+def cost_table(metrics: Mapping[str, Any], trained: Collection[str]) -> Table:
+    """What training cost each variant in `trained` that has training figures (quantized
+    variants, which repeat their source's, are left out by the caller's `trained`)."""
+    rows = [
+        {"variant": name, **values}
+        for name, values in metrics["variants"].items()
+        if name in trained and values["train_s"] is not None
+    ]
+    return Table("Cost to train", COST_COLUMNS, rows)
+
+
 def format_cells(row: Row, columns: Sequence[Column]) -> list[str]:
     """The display text of each column for one row."""
     return [column.cell(row) for column in columns]
@@ -195,12 +233,13 @@ def _drops(drops: Mapping[str, float]) -> str:
 
 
 def recommendation_text(recommendation: Mapping[str, Any]) -> str:
-    """One sentence naming the recommended variant, its ratios against the baseline and its
-    change on every guarded metric."""
+    """One sentence naming the recommended variant, what it was chosen on (report.objective),
+    its ratios against the baseline and its change on every guarded metric."""
     *others, last = [METRIC_LABELS[metric] for metric in recommendation["guards"]]
     guards = f"{', '.join(others)} and {last}" if others else last
     return (
-        f"Recommended: {recommendation['variant']}, the fastest variant within "
+        f"Recommended: {recommendation['variant']}, "
+        f"{OBJECTIVE_PHRASES[recommendation['objective']]} within "
         f"{recommendation['max_drop_pts']:.1f} points of {recommendation['baseline']} on "
         f"{guards}: {recommendation['speedup']:.2f}x faster at batch 1, "
         f"{recommendation['size_ratio']:.2f}x smaller on disk, "

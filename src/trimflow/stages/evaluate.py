@@ -1,4 +1,5 @@
-"""evaluate: quality, latency, throughput and size of every variant on the same test inputs.
+"""evaluate: quality, latency, throughput and size of every variant on the same test inputs,
+and the cost to train it.
 
 Quality is accuracy for classification, entity F1 (seqeval) for NER, where the majority-tag and
 gazetteer baselines are scored in the same run.
@@ -17,6 +18,7 @@ from trimflow.compress.variants import load_variant
 from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.evaluation.baselines import baseline_scores
 from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, throughput_summary
+from trimflow.evaluation.cost import training_cost
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inputs import TestInputs, build_test_inputs, inference_data
 from trimflow.evaluation.machine import environment
@@ -37,9 +39,10 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     """Measure every variant, summarise the measurements, write them, log them.
 
     1. Build the test inputs and the task's scorer once, from data/tokenized.
-    2. Measure: score each variant (loaded from disk) and its agreement with its source, then
-       time all of them in interleaved rounds; score the NER baselines.
-    3. Summarise: metrics.json's payload, recommendation included (evaluation/summary.py).
+    2. Measure: score each variant (loaded from disk) and its agreement with its source, read
+       its cost to train, then time all of them in interleaved rounds; score the NER baselines.
+    3. Summarise: metrics.json's payload, recommendation on `report.objective` included
+       (evaluation/summary.py).
     4. Write a detail file per variant, baselines.json (NER), environment.json, metrics.json.
     5. Log a run per variant, the baselines and metrics.json to MLflow.
     """
@@ -60,6 +63,7 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             baseline=cfg.report.baseline,
             max_drop_pts=cfg.report.max_drop_pts,
             guards=cfg.guard_metrics(),
+            objective=cfg.report.objective,
         )
         _log_results(summary)
         # The details folder is the stage's completion marker: it appears only once every file
@@ -85,13 +89,14 @@ def _variant_sources(cfg: TrimflowConfig) -> dict[str, str]:
 def _measure_variants(
     cfg: TrimflowConfig, layout: Layout, inputs: TestInputs, scorer: LabelScorer | EntityScorer
 ) -> dict[str, dict]:
-    """Score every variant (each loaded from disk), then time them all together."""
+    """Score every variant (each loaded from disk) and read its cost to train, then time them
+    all together."""
     models, details = {}, {}
     for variant, source in progress(_variant_sources(cfg).items(), "score", log, unit="variant"):
         directory = layout.model_dir(variant)
         models[variant] = load_variant(directory, num_threads=cfg.evaluate.num_threads)
         details[variant] = _score_variant(models[variant], directory, inputs, scorer)
-        details[variant]["source"] = source
+        details[variant].update(training_cost(directory), source=source)
         details[variant]["agreement"] = agreement(
             details[variant]["predictions"], details[source]["predictions"]
         )

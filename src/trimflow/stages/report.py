@@ -10,7 +10,7 @@ import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import HISTORY_FILE, Layout, read_label_map
-from trimflow.report.pareto import quality_metric
+from trimflow.report.pareto import quality_metric, quality_points
 from trimflow.report.plots import (
     confusion_figure,
     save_figure,
@@ -23,6 +23,7 @@ from trimflow.report.tables import (
     METRIC_LABELS,
     Table,
     baseline_table,
+    cost_table,
     exclusion_lines,
     per_type_table,
     recommendation_text,
@@ -58,6 +59,12 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         "Agreement is the share of test predictions (labels; for NER, word tags) equal to the "
         "source model's (the quantized model's input, or the fine-tuned model).",
         "bf16/fp16 variants target GPU inference; here they were timed on the CPU.",
+        "Peak training memory is the training loop's peak: on CUDA the tensors allocated "
+        "(max_memory_allocated), on the CPU the process's peak resident set (VmHWM, reset at "
+        "the start of training; the lifetime peak where Linux's clear_refs cannot be written), "
+        "so it includes the model, optimizer state and data loaded before the loop; the "
+        "largest of the processes' in data-parallel training. A quantized variant carries its "
+        "source's training figures.",
     ]
     label_map = read_label_map(layout.finetuned)
     tracker = Tracker(cfg)
@@ -81,12 +88,17 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     log.info("wrote %s", layout.report_file)
 
 
+def _trained_variants(cfg: TrimflowConfig) -> list[str]:
+    """The variants a stage may have trained: every kind but quantize (which copies its
+    source's training files)."""
+    return [name for name, kind in cfg.variant_kinds().items() if kind != "quantize"]
+
+
 def _histories(cfg: TrimflowConfig, layout: Layout) -> dict[str, pd.DataFrame]:
     """Training curves of every trained variant: fine-tune, pruning recoveries, students."""
-    trained = [name for name, kind in cfg.variant_kinds().items() if kind != "quantize"]
     return {
         name: pd.read_csv(layout.model_dir(name) / HISTORY_FILE)
-        for name in trained
+        for name in _trained_variants(cfg)
         if (layout.model_dir(name) / HISTORY_FILE).exists()
     }
 
@@ -125,6 +137,11 @@ def _draw_plots(
             tradeoff_figure(metrics, "size_mb", "weights on disk (MB)"),
         ),
     }
+    if quality_points(metrics, "peak_train_mem_mb"):
+        figures[f"{label} vs peak training memory"] = (
+            "quality_vs_train_memory.png",
+            tradeoff_figure(metrics, "peak_train_mem_mb", "peak training memory (MB)"),
+        )
     if cfg.task.type == "ner":
         table = per_type_table(details)
         types = [column.header for column in table.columns[1:]]
@@ -156,10 +173,14 @@ def _draw_plots(
 
 
 def _report_tables(cfg: TrimflowConfig, metrics: dict, details: dict[str, dict]) -> list[Table]:
-    """The variant table; for NER also per-type entity F1 and the baselines."""
+    """The variant table, the cost to train the trained variants; for NER also per-type entity
+    F1 and the baselines."""
     metric = quality_metric(metrics)
     rows = variant_rows(metrics, baseline=cfg.report.baseline)
     tables = [Table("", variant_columns(metric), rows)]
+    costs = cost_table(metrics, _trained_variants(cfg))
+    if costs.rows:
+        tables.append(costs)
     if cfg.task.type == "ner":
         tables += [per_type_table(details), baseline_table(metrics, cfg.report.baseline)]
     return tables

@@ -8,11 +8,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX
+from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX, TRAINING_PREFIX
 
 # Metrics where smaller is better: their ratio is baseline/run (a speedup), others run/baseline.
-SMALLER_IS_BETTER = (f"{BENCH_PREFIX}latency", f"{MODEL_PREFIX}size")
-METRIC_ORDER = (TEST_PREFIX, BENCH_PREFIX, MODEL_PREFIX)
+SMALLER_IS_BETTER = (
+    f"{BENCH_PREFIX}latency",
+    f"{MODEL_PREFIX}size",
+    f"{TRAINING_PREFIX}seconds",
+    f"{TRAINING_PREFIX}peak_mem_mb",
+    f"{TRAINING_PREFIX}adapter_mb",
+)
+METRIC_ORDER = (TEST_PREFIX, BENCH_PREFIX, MODEL_PREFIX, TRAINING_PREFIX)
 
 
 class CompareError(Exception):
@@ -129,7 +135,7 @@ def choose_metrics(runs: list[ComparedRun], wanted: list[str] | None) -> list[st
 
 
 def _metric_rank(name: str) -> tuple[int, str]:
-    """Sort key: test/, bench/, model/, then the rest, alphabetically within each."""
+    """Sort key: test/, bench/, model/, training/, then the rest, alphabetically within each."""
     rank = next((i for i, prefix in enumerate(METRIC_ORDER) if name.startswith(prefix)), None)
     return (len(METRIC_ORDER) if rank is None else rank, name)
 
@@ -142,12 +148,14 @@ def differing_params(runs: list[ComparedRun]) -> dict[str, dict[str, str | None]
 
 
 def smaller_is_better(metric: str) -> bool:
-    """Latency and size metrics, also as `<variant>/bench/latency...` in sweeps."""
+    """Latency, size and training-cost metrics, also as `<variant>/bench/latency...` in
+    sweeps."""
     return any(metric.startswith(p) or f"/{p}" in metric for p in SMALLER_IS_BETTER)
 
 
 def ratio_direction(metric: str) -> str:
-    """'baseline/run' for latency and size metrics, 'run/baseline' for the others."""
+    """'baseline/run' for latency, size and training-cost metrics, 'run/baseline' for the
+    others."""
     return "baseline/run" if smaller_is_better(metric) else "run/baseline"
 
 

@@ -47,12 +47,14 @@ COMMIT_TAG = "git.commit"
 DIRTY_TAG = "git.dirty"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
-# Metric names are `<prefix><name>`. evaluate's variant runs share TEST_, BENCH_ and
-# MODEL_PREFIX (quality on the test split, timings, footprint) and its stage run logs the NER
-# baselines as baseline/<baseline>/<metric>; prepare and tokenize log data/, prune prune/.
+# Metric names are `<prefix><name>`. evaluate's variant runs share TEST_, BENCH_, MODEL_ and
+# TRAINING_PREFIX (quality on the test split, timings, footprint, cost to train) and its stage
+# run logs the NER baselines as baseline/<baseline>/<metric>; prepare and tokenize log data/,
+# prune prune/.
 TEST_PREFIX = "test/"
 BENCH_PREFIX = "bench/"
 MODEL_PREFIX = "model/"
+TRAINING_PREFIX = "training/"
 BASELINE_PREFIX = "baseline/"
 DATA_PREFIX = "data/"
 PRUNE_PREFIX = "prune/"
@@ -464,9 +466,14 @@ def _active_run_id() -> str:
 
 
 def log_variant_run(
-    tracker: Tracker, variant: str, metrics: dict[str, float], stage_run: Any, artifacts: list[str]
+    tracker: Tracker,
+    variant: str,
+    metrics: dict[str, float | None],
+    stage_run: Any,
+    artifacts: list[str],
 ) -> None:
-    """A run per evaluated variant, sibling of the stage runs, with shared metric names."""
+    """A run per evaluated variant, sibling of the stage runs, with shared metric names; a None
+    value (a figure the variant lacks) is not logged."""
     if stage_run is None:
         return
     from mlflow.entities import Metric, Param
@@ -488,7 +495,11 @@ def log_variant_run(
     try:
         client.log_batch(
             run.info.run_id,
-            metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+            metrics=[
+                Metric(key, float(value), now, 0)
+                for key, value in metrics.items()
+                if value is not None
+            ],
             params=[
                 Param(key, str(value))
                 for key, value in flatten(tracker.cfg.model_dump(mode="json")).items()
