@@ -64,29 +64,12 @@ TEXTS = [
 ]
 # A prefix-tuned NER variant is written with the encoder's config (architectures: BertModel),
 # and load_unmerged picks the task from that config: it rebuilds a sequence classifier.
-NER_PREFIX_BUG = (
-    "adapters.save_adapted writes the base encoder's config.json for prefix tuning "
-    "(architectures [BertModel]); load_unmerged infers the task from it and rebuilds a "
-    "sequence classifier under a TOKEN_CLS adapter"
-)
 
 
-def cases(methods=METHODS, reloaded: bool = False):
-    """(task, method) parameters; with `reloaded`, NER prefix tuning is expected to fail
-    (NER_PREFIX_BUG)."""
+def cases(methods=METHODS):
+    """(task, method) parameters."""
     return [
-        pytest.param(
-            task,
-            method,
-            id=f"{task}-{method}",
-            marks=(
-                [pytest.mark.xfail(strict=True, reason=NER_PREFIX_BUG)]
-                if reloaded and (task, method) == ("ner", "prefix")
-                else []
-            ),
-        )
-        for task in TASKS
-        for method in methods
+        pytest.param(task, method, id=f"{task}-{method}") for task in TASKS for method in methods
     ]
 
 
@@ -287,7 +270,7 @@ def inner(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-@pytest.mark.parametrize(("task", "method"), cases(reloaded=True))
+@pytest.mark.parametrize(("task", "method"), cases())
 def test_saved_variant_reloads_to_the_trained_logits(task, method, adapted, batches, encoder_dir):
     """load_unmerged rebuilds base + adapter; load_variant reads the merged model where the
     method merges, else base + adapter; both compute what the trained model did."""
@@ -601,14 +584,6 @@ def test_allocated_adalora_saves_its_kept_ranks_and_reloads(
             torch.testing.assert_close(logits(reloaded, batch), trained, atol=1e-5, rtol=0)
 
 
-VAL_LOSS_BUG = (
-    "ClassifierModule.validation_step logs the wrapped model's output.loss; peft's "
-    "AdaLoraModel.forward adds orth_reg_weight x the orthogonality penalty to it when labels "
-    "are passed, so AdaLoRA's val/loss (a monitor, history and early-stopping figure) is not "
-    "the task loss other variants log"
-)
-
-
 def test_orthogonality_penalty_is_the_term_peft_adds_to_the_loss(zoo, encoder_dir, batches):
     spec = zoo.adapt.variants["adalora"]
     model = adapt_model(base_classifier(encoder_dir, "classification"), spec, "adalora").eval()
@@ -623,7 +598,6 @@ def test_orthogonality_penalty_is_the_term_peft_adds_to_the_loss(zoo, encoder_di
     )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=VAL_LOSS_BUG)
 def test_adalora_validation_loss_is_the_task_loss(zoo, encoder_dir, batches):
     spec = zoo.adapt.variants["adalora"]
     model = adapt_model(base_classifier(encoder_dir, "classification"), spec, "adalora")
@@ -636,7 +610,8 @@ def test_adalora_validation_loss_is_the_task_loss(zoo, encoder_dir, batches):
     (logged,) = quiet_trainer().validate(
         module, dataloaders=DataLoader(batches["classification"], batch_size=None), verbose=False
     )
-    with torch.no_grad():
+    model.eval()  # validate() hands the module back in training mode
+    with torch.no_grad():  # batches of equal size: the epoch's loss is the mean of theirs
         losses = [
             torch.nn.functional.cross_entropy(logits(model, batch), batch["labels"])
             for batch in batches["classification"]

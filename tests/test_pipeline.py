@@ -93,6 +93,23 @@ def test_trained_variants_carry_their_cost_to_train_and_quantized_their_sources(
         }, name
 
 
+def test_adapted_variants_train_a_sliver_and_their_merged_model_equals_the_adapter(finished):
+    cfg, layout, metrics = finished
+    variants = metrics["variants"]
+    for name, spec in cfg.adapt.variants.items():
+        values = variants[name]
+        assert 0 < values["trainable_params"] < values["train_total_params"] / 100, name
+        assert 0 < values["adapter_mb"] < variants["finetuned"]["size_mb"] / 10, name
+        assert (layout.model_dir(name) / "adapter").is_dir()
+        if spec.method == "prefix":  # not mergeable: base model + adapter
+            assert values["merge_agreement"] is None
+            assert values["size_mb"] > variants["finetuned"]["size_mb"]
+        else:
+            assert values["merge_agreement"] == 1.0 and values["merge_max_abs_diff"] < 1e-4, name
+    assert variants["lora_int8"]["adapter_mb"] is None  # a quantized copy is no adapter
+    assert variants["lora_onnx_int8"]["agreement"] >= 0.8
+
+
 def test_quantized_variants_agree_with_their_source(finished):
     _, _, metrics = finished
     variants = metrics["variants"]
@@ -162,7 +179,8 @@ def test_every_mlflow_run_has_metrics_and_tags(finished):
         values = metrics["variants"][run.data.tags["trimflow.variant"]]
         logged = {MLFLOW_NAMES[key] for key, value in values.items() if value is not None}
         assert logged <= set(run.data.metrics)
-        assert "training/adapter_mb" not in run.data.metrics  # no adapted variant here
+        adapted = cfg.variant_kinds()[run.data.tags["trimflow.variant"]] == "adapt"
+        assert ("training/adapter_mb" in run.data.metrics) == adapted
     finetune_run = next(r for r in runs if r.data.tags["trimflow.stage"] == "finetune")
     assert "train/loss" in finetune_run.data.metrics
 

@@ -36,6 +36,8 @@ def _detail(accuracy: float, latency: float, size: float, train_s: float | None 
         "train_samples_per_s": 500 / train_s if trained else None,
         "peak_train_mem_mb": 4 * train_s if trained else None,
         "adapter_mb": None,
+        "merge_max_abs_diff": None,
+        "merge_agreement": None,
     }
 
 

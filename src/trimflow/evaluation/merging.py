@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from trimflow.data.token_labels import IGNORE_INDEX
 from trimflow.evaluation.inference import model_inputs
 
+MERGE_FIELDS = ("merge_max_abs_diff", "merge_agreement")
+
 
 def merge_agreement(
     merged: nn.Module, unmerged: nn.Module, batches: Iterable[dict[str, Tensor]]
@@ -27,4 +29,4 @@ def merge_agreement(
             largest = max(largest, float((left - right).abs().max()) if left.numel() else 0.0)
             same += int((left.argmax(-1) == right.argmax(-1)).sum())
             count += left.shape[0]
-    return {"merge_max_abs_diff": largest, "merge_agreement": same / count if count else 1.0}
+    return dict(zip(MERGE_FIELDS, (largest, same / count if count else 1.0), strict=True))

@@ -28,6 +28,9 @@ MEASURE_NAMES = {
     "train_samples_per_s": f"{TRAINING_PREFIX}samples_per_s",
     "peak_train_mem_mb": f"{TRAINING_PREFIX}peak_mem_mb",
     "adapter_mb": f"{TRAINING_PREFIX}adapter_mb",
+    # Adapted variants with a merged model: merged against base model + adapter (else None).
+    "merge_max_abs_diff": f"{TEST_PREFIX}merge_max_abs_diff",
+    "merge_agreement": f"{TEST_PREFIX}merge_agreement",
 }
 
 

@@ -74,3 +74,14 @@ class AdaLoraBudget(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Hold a checkpoint's state until training starts."""
         self.pending = state_dict
+
+
+def enforce_final_budget(model: PeftModel) -> None:
+    """Zero the singular values the final rank pattern drops (weights loaded back from a best
+    checkpoint saved before the final allocation still hold them), so that the merged model
+    and the saved adapter, cut to the pattern, compute the same."""
+    config = model.peft_config[model.active_adapter]
+    if config.rank_pattern:
+        model.base_model.rankallocator.mask_using_rank_pattern(
+            model.base_model.model, config.rank_pattern
+        )

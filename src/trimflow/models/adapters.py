@@ -172,7 +172,9 @@ def save_adapted(
         merged = model if isinstance(spec, BitFitAdapter) else model.merge_and_unload()
         save_model_dir(merged.eval(), tokenizer, label_map, out_dir)
     else:
-        model.get_base_model().config.save_pretrained(out_dir)
+        base = model.get_base_model()
+        base.config.architectures = [type(base).__name__]  # the head: per text or per token
+        base.config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / LABEL_MAP_FILE, label_map)
     frozen = [p for p in model.parameters() if not p.requires_grad]

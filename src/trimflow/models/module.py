@@ -122,10 +122,14 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Log val/loss and update the validation metrics with a batch."""
-        output = self.model(**batch)
-        predictions = output.logits.argmax(dim=-1)
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits = self.model(**inputs).logits
+        predictions = logits.argmax(dim=-1)
         size = batch["labels"].shape[0]
-        self.log("val/loss", output.loss, batch_size=size, sync_dist=True)
+        # The task loss alone (a peft wrapper adds its regularisers to the model's own loss).
+        self.log(
+            "val/loss", cross_entropy(logits, batch["labels"]), batch_size=size, sync_dist=True
+        )
         for name, metric in self.val_metrics.items():
             metric.update(predictions, batch["labels"])
             self.log(f"val/{name}", metric, prog_bar=name == self.main_metric, batch_size=size)

@@ -10,7 +10,11 @@ import lightning as L
 
 from trimflow.config.schema import AdaLoraAdapter, TrimflowConfig
 from trimflow.layout import Layout, keyed_work_dir, read_label_map
-from trimflow.models.adapter_training import AdaLoraBudget, orthogonality_penalty
+from trimflow.models.adapter_training import (
+    AdaLoraBudget,
+    enforce_final_budget,
+    orthogonality_penalty,
+)
 from trimflow.models.adapters import adapt_model, count_trainable, save_adapted
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule
@@ -68,6 +72,8 @@ def _adapt_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
             monitor=cfg.finetune.monitor,
             max_epochs=cfg.adapt.max_epochs,
         )
+        if adalora:
+            enforce_final_budget(model)
         with atomic_dir(layout.model_dir(name)) as out:
             save_adapted(model.eval(), spec, cfg.model.name, tokenizer, label_map, out)
             write_training_outputs(

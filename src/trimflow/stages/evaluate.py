@@ -22,7 +22,7 @@ from trimflow.evaluation.cost import training_cost
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inputs import TestInputs, build_test_inputs, inference_data
 from trimflow.evaluation.machine import environment
-from trimflow.evaluation.merging import merge_agreement
+from trimflow.evaluation.merging import MERGE_FIELDS, merge_agreement
 from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement, make_scorer
 from trimflow.evaluation.summary import Measurements, mlflow_names, summarise
 from trimflow.layout import ADAPTATION_FILE, ADAPTER_DIR, Layout, read_label_map
@@ -100,17 +100,19 @@ def _measure_variants(
         details[variant]["agreement"] = agreement(
             details[variant]["predictions"], details[source]["predictions"]
         )
-        adaptation = directory / ADAPTATION_FILE
-        if adaptation.is_file() and read_json(adaptation)["merged"]:
-            details[variant].update(_check_merge(models[variant], directory, inputs))
+        details[variant].update(_check_merge(models[variant], directory, inputs))
     log.info("timing %d variants in %d interleaved rounds", len(models), cfg.evaluate.rounds)
     for variant, timing in _time_variants(models, inputs, cfg).items():
         details[variant].update(timing)
     return details
 
 
-def _check_merge(merged, directory: Path, inputs: TestInputs) -> dict[str, float]:
-    """Compare a merged adapted variant with its base model + adapter on the test inputs."""
+def _check_merge(merged, directory: Path, inputs: TestInputs) -> dict[str, float | None]:
+    """Compare a merged adapted variant with its base model + adapter on the test inputs
+    (None for every other variant)."""
+    adaptation = directory / ADAPTATION_FILE
+    if not (adaptation.is_file() and read_json(adaptation)["merged"]):
+        return dict.fromkeys(MERGE_FIELDS)
     from trimflow.models.adapters import load_unmerged  # peft takes ~2 s to import
 
     check = merge_agreement(merged, load_unmerged(directory), inputs.sorted_batches)
