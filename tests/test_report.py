@@ -199,7 +199,7 @@ def test_cost_table_lists_trained_variants_with_figures(costed):
     )
     assert lines[2] == "| finetuned | 100 | 100.00% | 120.0 | 8.3 | 900 | 90.0 |"
     assert lines[3].startswith("| pruned | 100 | 100.00% | 30.0 | 33.3 | 850 |")
-    assert lines[4] == "| adapted | 5 | 5.00% | 60.0 | 16.7 | 500 | 1.2 (adapter) |"
+    assert lines[4] == "| adapted | 5 | 5.00% | 60.0 | 16.7 | 500 | 1.25 (adapter) |"
 
 
 def test_tradeoff_figure_leaves_out_variants_without_the_cost(costed):

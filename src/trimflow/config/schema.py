@@ -160,9 +160,11 @@ class DistillConfig(Section):
 
 
 class AdapterSpec(Section):
-    """What every adapted variant may set: its own learning rate (None: `adapt.lr`)."""
+    """What every adapted variant may set: its own learning rate and epochs (None: `adapt.lr`,
+    `adapt.max_epochs`)."""
 
     lr: float | None = Field(default=None, gt=0.0, lt=1.0)
+    max_epochs: int | None = Field(default=None, ge=1)
 
 
 class LoraAdapter(AdapterSpec):

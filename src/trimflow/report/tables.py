@@ -170,7 +170,7 @@ def _saved_size(row: Row) -> str:
     """The adapter's MB where training saved one, else the weight files' MB."""
     if row["adapter_mb"] is None:
         return f"{row['size_mb']:.1f}"
-    return f"{row['adapter_mb']:.1f} (adapter)"
+    return f"{row['adapter_mb']:.2f} (adapter)"  # a few hundred KB
 
 
 COST_COLUMNS: tuple[Column, ...] = (

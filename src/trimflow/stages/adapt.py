@@ -70,7 +70,7 @@ def _adapt_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
             mlflow_logger(tracker, active),
             callbacks=[AdaLoraBudget(model, spec)] if adalora else [],
             monitor=cfg.finetune.monitor,
-            max_epochs=cfg.adapt.max_epochs,
+            max_epochs=spec.max_epochs or cfg.adapt.max_epochs,
         )
         if adalora:
             enforce_final_budget(model)
