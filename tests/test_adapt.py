@@ -325,7 +325,7 @@ def scored_logits(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", ["dynamic_int8_embeddings", "onnx_fp32", "onnx_dynamic_int8"])
 @pytest.mark.parametrize("task", TASKS)
 def test_merged_lora_quantizes_like_any_variant(task, scheme, adapted, batches, tmp_path):
-    """What the quantize stage does to a `lora` source (zoo's lora_int8, the default's lora_onnx_int8)."""
+    """What the quantize stage does to a `lora` source (lora_int8, lora_onnx_int8)."""
     source, _ = adapted(task, "lora")
     merged = load_variant(source)
     target = tmp_path / scheme
