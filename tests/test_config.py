@@ -44,13 +44,16 @@ def test_default_is_lean_and_zoo_adds_every_other_scheme():
     default, zoo = compose_config([]), compose_config(["experiment=zoo"])
     assert list(default.prune.variants) == ["pruned"]
     assert list(default.distill.students) == ["distilled"]
-    # One int8 form of each trained variant: what the recommendation weighs.
+    assert list(default.adapt.variants) == ["lora", "bitfit"]
+    # One int8 form of each trained variant but BitFit's: what the recommendation weighs.
     assert {v.source for v in default.quantize.variants.values()} == {
         "finetuned",
         "pruned",
         "distilled",
+        "lora",
     }
     assert set(zoo.prune.variants) == {"pruned", "sparse80"}
+    assert set(zoo.adapt.variants) == {"lora", "bitfit", "adalora", "ia3", "prefix"}
     assert set(zoo.quantize.variants) > set(default.quantize.variants)
     assert {v.scheme for v in zoo.quantize.variants.values()} == set(QUANTIZE_SCHEMES) - {"fp16"}
 
