@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-serving ui ui-test clean
+.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -56,6 +56,9 @@ bench: install  ## fine-tune / tokenize / int8 ratios against peers, into report
 
 bench-ddp: install  ## data-parallel (2 processes, gloo) vs one process fine-tuning samples/s, into reports/bench_ddp.json
 	$(PY) bench/ddp_bench.py
+
+bench-peft: install  ## LoRA, BitFit, IA3 vs the full fine-tune: samples/s, peak training memory, trainable weights, into reports/bench_peft.json
+	$(PY) bench/peft_bench.py
 
 bench-serving: install  ## served (mlflow models serve) vs in-process throughput at batch 32, after the pipeline
 	$(PY) bench/serving_bench.py

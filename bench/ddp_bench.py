@@ -16,33 +16,17 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
+from stage_runs import run_stage
 
 from trimflow.config.loading import compose_config
 from trimflow.evaluation.machine import environment
 from trimflow.layout import dvc_layout
 from trimflow.utils.atomic import write_json
-
-
-def run_stage(root: Path, stage: str, overrides: list[str]) -> float:
-    """`trimflow <stage>` in `root` with params.yaml composed from `overrides`; its wall time."""
-    params = compose_config(overrides).model_dump(mode="json")
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "trimflow.cli", stage], cwd=root, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"trimflow {stage} {' '.join(overrides)} failed:\n{done.stderr[-4000:]}")
-    return time.perf_counter() - started
 
 
 def finetune_once(root: Path, overrides: list[str]) -> dict:

@@ -49,6 +49,7 @@ RUNTIME_PACKAGES = (
     "onnxruntime",
     "seqeval",
     "pandas",
+    "peft",  # a prefix-tuned variant runs as base model + adapter
 )
 OUTPUT_EXAMPLES = {
     "classification": [{"label": "earn", "score": 0.9, "truncated": False}],
