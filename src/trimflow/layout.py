@@ -21,18 +21,32 @@ from trimflow.utils.hashing import digest_json
 # The label map that travels with data and every model directory.
 LABEL_MAP_FILE = "label_map.json"
 VARIANT = "{variant}"
+# The finetune keys every training stage follows: batches, optimizer, loss, monitor, checkpoints.
+FINETUNE_RECIPE = (
+    "weight_decay",
+    "warmup_ratio",
+    "class_balance",
+    "batch_size",
+    "eval_batch_size",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "group_by_length",
+    "monitor",
+    "early_stopping_patience",
+    "checkpoint_every_n_steps",
+)
 # The params each stage reads; `{variant}` stands for the variant a foreach stage builds.
 # dvc.yaml's `params:` lists the same, with ${key} for {variant} (a test holds them equal).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "dataset", "task"),
     "tokenize": ("model", "task"),
     "finetune": ("seed", "model", "task", "finetune", "trainer"),
-    # Trains from the base model with the finetune recipe (finetune.lr/max_epochs unused).
+    # Trains from the base model with the finetune recipe (not finetune's lr and length).
     "adapt": (
         "seed",
         "model",
         "task",
-        "finetune",
+        *(f"finetune.{key}" for key in FINETUNE_RECIPE),
         "trainer",
         "adapt.lr",
         "adapt.max_epochs",
