@@ -44,6 +44,8 @@ WARNING_MESSAGES = (
     (UserWarning, "Checkpoint directory .* exists and is not empty"),
     # On resuming mid-epoch: models.training.ExactResume restores the loader's position.
     (UserWarning, "You're resuming from a checkpoint that ended before the epoch ended"),
+    # peft asks every model it wraps, once per adapt stage (transformers 5 renamed the method).
+    (FutureWarning, re.escape("`is_gradient_checkpointing` is deprecated")),
     # On a machine with Slurm's client programs: a job that is not a Slurm step is not one.
     (UserWarning, re.escape("The `srun` command is available on your system but is not used")),
 )
