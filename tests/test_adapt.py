@@ -33,13 +33,13 @@ from trimflow.compress.variants import load_variant, save_onnx_variant
 from trimflow.config.loading import ConfigError, compose_config
 from trimflow.config.schema import MERGEABLE_METHODS
 from trimflow.data.token_labels import IGNORE_INDEX
+from trimflow.evaluation.footprint import count_trainable
 from trimflow.evaluation.inference import model_inputs
 from trimflow.evaluation.merging import merge_agreement
 from trimflow.layout import ADAPTATION_FILE, ADAPTER_DIR, dvc_layout, read_label_map
 from trimflow.models.adapter_training import AdaLoraBudget, orthogonality_penalty
 from trimflow.models.adapters import (
     adapt_model,
-    count_trainable,
     load_unmerged,
     save_adapted,
 )

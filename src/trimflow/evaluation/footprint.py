@@ -39,3 +39,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             total += tensor.numel()
             nonzero += int(torch.count_nonzero(tensor))
     return total, nonzero
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts: those that take gradients, and all of them."""
+    parameters = list(model.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)

@@ -136,12 +136,6 @@ def adapt_model(model: PreTrainedModel, spec: AdaptVariant, config_key: str) -> 
     return get_peft_model(model, _peft_config(spec, task_type, heads))
 
 
-def count_trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
 def save_adapter(model: nn.Module, spec: AdaptVariant, adapter_dir: Path) -> None:
     """The adapter alone: peft's adapter files, or BitFit's trained tensors."""
     if isinstance(spec, BitFitAdapter):

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trimflow.config.schema import TrainerConfig
+from trimflow.evaluation.footprint import count_trainable
 from trimflow.models.parallel import end_other_processes, gathered, world
 from trimflow.models.progress import PlainProgress
 from trimflow.utils.distributed import is_main_process
@@ -222,9 +223,7 @@ class TrainingPace(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Count the parameters, reset the memory peak and start the clock."""
-        parameters = list(pl_module.parameters())
-        self.trainable_params = sum(p.numel() for p in parameters if p.requires_grad)
-        self.total_params = sum(p.numel() for p in parameters)
+        self.trainable_params, self.total_params = count_trainable(pl_module)
         self.memory = PeakMemory(pl_module.device)
         self.memory.reset()
         self.started = time.perf_counter()

@@ -9,13 +9,14 @@ import logging
 import lightning as L
 
 from trimflow.config.schema import AdaLoraAdapter, TrimflowConfig
+from trimflow.evaluation.footprint import count_trainable
 from trimflow.layout import Layout, keyed_work_dir, read_label_map
 from trimflow.models.adapter_training import (
     AdaLoraBudget,
     enforce_final_budget,
     orthogonality_penalty,
 )
-from trimflow.models.adapters import adapt_model, count_trainable, save_adapted
+from trimflow.models.adapters import adapt_model, save_adapted
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule
 from trimflow.models.recipe import (
