@@ -203,7 +203,7 @@ def bench_torchao(model: torch.nn.Module, inputs: list[dict], num_threads: int) 
     torchao_model = copy.deepcopy(model).eval()
     quantize_(torchao_model, Int8DynamicActivationInt8WeightConfig())
     models = {"torch_ao": quantize_dynamic_int8(model), "torchao": torchao_model}
-    timings = interleaved_timings(
+    timings, _ = interleaved_timings(
         models, inputs, warmup=10, repeats=TORCHAO_REPEATS, rounds=4, num_threads=num_threads
     )
     p50 = {name: latency_summary(timings[name])["latency_ms_p50"] for name in models}

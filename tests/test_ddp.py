@@ -269,3 +269,22 @@ def test_torchrun_across_two_hosts_trains_what_one_process_trains(
     )
     (run,) = stage_runs(settings, root, "finetune")
     assert run.info.status == FINISHED
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_ddp_trains_on_every_visible_gpu(tokenized, settings, tmp_path):
+    """NCCL data parallelism over all the GPUs torch sees, in bf16-mixed."""
+    gpus = torch.cuda.device_count()
+    root = project(
+        tokenized,
+        tmp_path,
+        settings,
+        "finetune.batch_size=8",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=gpu",
+        f"trainer.devices={gpus}",
+    )
+    output = trimflow(root, "finetune")
+    assert "bf16-mixed" in output
+    summary = training_summary(root / "models" / "finetuned")
+    assert summary["global_step"] > 0 and 0 < summary["train_mfu"] < 1

@@ -139,7 +139,10 @@ def test_interleaved_timings_warm_up_once_then_alternate_models():
     calls: list[str] = []
     models = {name: CallLog(name, calls) for name in ("a", "b")}
     batches = [{"input_ids": torch.zeros(3, 4, dtype=torch.long)}]
-    timings = interleaved_timings(models, batches, warmup=4, repeats=6, rounds=3, num_threads=1)
+    timings, peaks = interleaved_timings(
+        models, batches, warmup=4, repeats=6, rounds=3, num_threads=1
+    )
+    assert peaks == {}  # GPU memory is measured on a GPU only
     # 2 timed forwards per round; 4 warm-up forwards in round 1, then 1 per round.
     assert {name: len(t) for name, t in timings.items()} == {"a": 6, "b": 6}
     assert all(size == 3 and seconds >= 0 for t in timings.values() for seconds, size in t)
@@ -151,7 +154,7 @@ def test_interleaved_timings_round_repeats_up_and_restart_the_batch_cycle_each_r
     calls: list[str] = []
     models = {name: CallLog(name, calls) for name in ("a", "b")}
     batches = [{"input_ids": torch.zeros(size, 4, dtype=torch.long)} for size in (1, 2, 3)]
-    timings = interleaved_timings(models, batches, warmup=0, repeats=5, rounds=2, num_threads=1)
+    timings, _ = interleaved_timings(models, batches, warmup=0, repeats=5, rounds=2, num_threads=1)
     # ceil(5 / 2) = 3 timed forwards per round and no warm-up at all.
     assert calls == (["a"] * 3 + ["b"] * 3) * 2
     assert {name: [size for _, size in t] for name, t in timings.items()} == {

@@ -12,6 +12,7 @@ from helpers import mlflow_runs, smoke_pipeline_command
 
 from trimflow.compress.variants import load_variant
 from trimflow.evaluation.cost import TRAINING_FIELDS
+from trimflow.evaluation.devices import variant_devices
 from trimflow.evaluation.scoring import LabelScorer
 from trimflow.evaluation.summary import mlflow_names
 from trimflow.layout import dvc_layout
@@ -70,8 +71,11 @@ def test_metrics_file_has_every_declared_variant_and_field(finished):
     cfg, _, metrics = finished
     assert list(metrics["variants"]) == list(cfg.variant_kinds())
     assert len(metrics["variants"]) == 22
-    for values in metrics["variants"].values():
-        assert set(values) == set(MLFLOW_NAMES)
+    devices = variant_devices(cfg)
+    for name, values in metrics["variants"].items():
+        assert set(values) == {*MLFLOW_NAMES, "device"}
+        assert values["device"] == devices[name]
+        assert (values["peak_gpu_mem_mb"] is None) == (devices[name] == "cpu")
         assert 0.0 <= values["accuracy"] <= 1.0
         assert values["latency_ms_p95"] >= values["latency_ms_p50"] > 0
         assert values["throughput_sps"] > 0 and values["size_mb"] > 0

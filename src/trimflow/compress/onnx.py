@@ -175,15 +175,19 @@ ONNX_QUANTIZERS: dict[str, Callable[[Path, Path, list[dict[str, Tensor]]], None]
 
 
 class OnnxClassifier:
-    """An ONNX sequence or token classifier on the CPU (ORT), called like the torch model."""
+    """An ONNX sequence or token classifier run by ONNX Runtime, called like the torch model;
+    on the CPU, or on a GPU through the CUDA execution provider (onnxruntime-gpu)."""
 
-    def __init__(self, path: str | Path, num_threads: int) -> None:
+    def __init__(self, path: str | Path, num_threads: int, device: str = "cpu") -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = [value.name for value in self.session.get_inputs()]
 
     def __call__(self, **inputs: Tensor) -> SequenceClassifierOutput:

@@ -26,24 +26,27 @@ ONNX_FILE = "model.onnx"
 ONNX_SCHEME_FILE = "onnx.json"
 
 
-def load_variant(path: str | Path, num_threads: int = 1) -> nn.Module | OnnxClassifier:
-    """Load any saved variant in eval mode; ONNX sessions use `num_threads` threads."""
+def load_variant(
+    path: str | Path, num_threads: int = 1, device: str = "cpu"
+) -> nn.Module | OnnxClassifier:
+    """Load any saved variant in eval mode on `device`; ONNX sessions use `num_threads` CPU
+    threads (a torch dynamic int8 variant runs on the CPU only)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model variant directory (no config.json)")
     if (path / ADAPTATION_FILE).is_file() and not any(path.glob("*.safetensors")):
         from trimflow.models.adapters import load_unmerged  # peft takes ~2 s to import
 
-        return load_unmerged(path)
+        return load_unmerged(path).to(device)
     if (path / ONNX_FILE).is_file():
-        return OnnxClassifier(path / ONNX_FILE, num_threads)
+        return OnnxClassifier(path / ONNX_FILE, num_threads, device)
     if (path / SCHEME_FILE).is_file():
-        return load_quantized(path)
+        return load_quantized(path).to(device)
     if (path / SPARSE_FILE).is_file():
         model = model_skeleton(path)
         model.load_state_dict(load_sparse(path / SPARSE_FILE))
-        return model.eval()
-    return load_pruned(path)
+        return model.eval().to(device)
+    return load_pruned(path).to(device)
 
 
 def save_sparse_variant(

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from trimflow.config.schemes import QUANTIZE_SCHEMES
+from trimflow.utils.device import resolve_device
 
 Fraction = Field(ge=0.0, lt=1.0)
 # Variant names become directory names and DVC stage keys (prune@<name>).
@@ -267,19 +275,36 @@ class LatencyConfig(Section):
 
 
 class ThroughputConfig(Section):
-    batch_size: int = Field(gt=0)
+    # None: 32 on the CPU, 64 on a GPU (which a small batch leaves idle).
+    batch_size: int | None = Field(default=None, gt=0)
     warmup: int = Field(ge=0)
     repeats: int = Field(gt=0)
 
 
 class EvaluateConfig(Section):
-    # Only CPU evaluation is implemented: dynamic int8 kernels are CPU-only.
-    device: Literal["cpu"]
+    # auto: CUDA when torch sees a GPU. Torch dynamic int8 variants run on the CPU whatever
+    # the device (their kernels are CPU-only), and so do ONNX variants without onnxruntime-gpu.
+    device: Literal["auto", "cpu", "cuda"]
     num_threads: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     rounds: int = Field(ge=1)
     latency: LatencyConfig
     throughput: ThroughputConfig
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, device: str) -> str:
+        try:
+            resolve_device(device)
+        except ValueError as missing:
+            raise ValueError(f"{missing}: use auto or cpu") from None
+        return device
+
+    def throughput_batch_size(self) -> int:
+        """`throughput.batch_size`, or its default for the device evaluation runs on."""
+        if self.throughput.batch_size:
+            return self.throughput.batch_size
+        return 64 if resolve_device(self.device) == "cuda" else 32
 
 
 class ReportConfig(Section):
@@ -305,6 +330,9 @@ class TrainerConfig(Section):
     deterministic: bool
     log_every_n_steps: int = Field(gt=0)
     enable_progress_bar: bool
+    # torch.compile the model before training (worth it on a GPU for long runs: compiling
+    # takes tens of seconds; bench/gpu_check.py measures both).
+    compile: bool = False
 
     def data_parallel(self) -> bool:
         """Whether training asks for several processes (devices > 1 or several nodes)."""

@@ -21,12 +21,14 @@ class QuantizeScheme:
     onnx: bool
     # Activation ranges calibrated on `quantize.calibration_batches` validation batches.
     calibrated: bool = False
+    # Its kernels exist for the CPU only: evaluated there whatever `evaluate.device` says.
+    cpu_only: bool = False
 
 
 QUANTIZE_SCHEMES = {
     # torch eager mode: dynamic int8 for CPUs, half precision for GPUs.
-    "dynamic_int8": QuantizeScheme(onnx=False),
-    "dynamic_int8_embeddings": QuantizeScheme(onnx=False),
+    "dynamic_int8": QuantizeScheme(onnx=False, cpu_only=True),
+    "dynamic_int8_embeddings": QuantizeScheme(onnx=False, cpu_only=True),
     "bf16": QuantizeScheme(onnx=False),
     "fp16": QuantizeScheme(onnx=False),
     # ONNX Runtime: the exported graph as it is, dynamic int8, static (calibrated) int8.

@@ -117,6 +117,7 @@ class TokenizedDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pad_to_multiple_of: int | None = None,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.tokenized_dir = Path(tokenized_dir)
@@ -127,6 +128,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self.seed = seed
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pin_memory = pin_memory  # page-locked batches: faster, asynchronous copies to a GPU
         self.collator: DataCollatorWithPadding | DataCollatorForTokenClassification | None = None
         self.splits: datasets.DatasetDict | None = None
         self.train_lengths: list[int] = []
@@ -163,8 +165,8 @@ class TokenizedDataModule(L.LightningDataModule):
             self.splits["train"],
             batch_sampler=sampler,
             collate_fn=self.collator,
-            num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
+            **self._loader_settings(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -196,7 +198,15 @@ class TokenizedDataModule(L.LightningDataModule):
         return self._loader(self.splits[split], batch_size=batch_size or self.eval_batch_size)
 
     def _loader(self, data: datasets.Dataset, **kwargs) -> DataLoader:
-        return DataLoader(data, collate_fn=self.collator, num_workers=self.num_workers, **kwargs)
+        return DataLoader(data, collate_fn=self.collator, **self._loader_settings(), **kwargs)
+
+    def _loader_settings(self) -> dict:
+        """Worker processes (kept across epochs) and pinned memory, as configured."""
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
+        }
 
 
 def make_collator(

@@ -1,4 +1,5 @@
-"""Latency and throughput of a model's forward pass on CPU, under a fixed thread count."""
+"""Latency and throughput of a model's forward pass on the device it lives on: wall clock on the
+CPU under a fixed thread count, CUDA events on a GPU (after the queued work has finished)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trimflow.evaluation.inference import model_inputs
+from trimflow.evaluation.inference import input_device, model_inputs
 from trimflow.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,42 @@ def timed_forwards(
     """(seconds, batch size) of `repeats` forwards cycling through `batches`, after `warmup`."""
     if not batches or repeats < 1 or warmup < 0:
         raise ValueError("need at least one batch, repeats >= 1 and warmup >= 0")
-    prepared = [model_inputs(batch) for batch in batches]
+    device = input_device(model)
+    prepared = [model_inputs(batch, device) for batch in batches]
+    clock = _cuda_seconds if device.type == "cuda" else _wall_seconds
     timings = []
     with torch_threads(num_threads), torch.inference_mode():
         for step in range(warmup + repeats):
             inputs = prepared[step % len(prepared)]
-            start = time.perf_counter()
-            model(**inputs)
-            elapsed = time.perf_counter() - start
+            elapsed = clock(model, inputs)
             if step >= warmup:
                 timings.append((elapsed, len(inputs["input_ids"])))
     return timings
+
+
+def _wall_seconds(model: nn.Module, inputs: dict[str, Tensor]) -> float:
+    start = time.perf_counter()
+    model(**inputs)
+    return time.perf_counter() - start
+
+
+def _cuda_seconds(model: nn.Module, inputs: dict[str, Tensor]) -> float:
+    """One forward timed by CUDA events, started once the GPU's earlier work has finished."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    model(**inputs)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def weights_mb(model) -> float:
+    """MiB of a torch model's parameters and buffers (0 for an ONNX Runtime session)."""
+    if not isinstance(model, nn.Module):
+        return 0.0
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def latency_summary(timings: Sequence[Timing]) -> dict[str, float]:
@@ -93,20 +119,31 @@ def interleaved_timings(
     rounds: int,
     num_threads: int,
     desc: str = "timing",
-) -> dict[str, list[Timing]]:
+) -> tuple[dict[str, list[Timing]], dict[str, float]]:
     """Time every model in round-robin rounds, so that drift in the machine's speed during the
-    measurement affects every model alike; `desc` names the progress.
+    measurement affects every model alike; `desc` names the progress. Returns the timings and,
+    for each model on a GPU, its peak GPU memory in MiB (weights + the largest forward's
+    activations).
 
     A model gets its `warmup` forwards in the first round only; later rounds start with one
     untimed forward, which refills the caches the other models used meanwhile.
     """
     per_round = -(-repeats // rounds)
     timings: dict[str, list[Timing]] = {name: [] for name in models}
+    peaks: dict[str, float] = {}
     runs = [
         (name, model, warmup if round_ == 0 else min(warmup, 1))
         for round_ in range(rounds)
         for name, model in models.items()
     ]
     for name, model, warm in progress(runs, desc, log, unit="run"):
+        on_gpu = input_device(model).type == "cuda"
+        if on_gpu:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         timings[name] += timed_forwards(model, batches, warm, per_round, num_threads)
-    return timings
+        if on_gpu:
+            activations = (torch.cuda.max_memory_allocated() - before) / 2**20
+            peaks[name] = max(peaks.get(name, 0.0), weights_mb(model) + activations)
+    return timings, peaks

@@ -18,6 +18,8 @@ TRAINING_FIELDS = {
     "train_s": "train_s",
     "train_samples_per_s": "train_samples_per_s",
     "peak_train_mem_mb": "peak_train_mem_mb",
+    "train_tokens_per_s": "train_tokens_per_s",
+    "train_mfu": "train_mfu",
 }
 
 

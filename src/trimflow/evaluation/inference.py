@@ -1,4 +1,4 @@
-"""Batched arg-max prediction with a sequence or token classifier."""
+"""Batched arg-max prediction with a sequence or token classifier, on the device it lives on."""
 
 from __future__ import annotations
 
@@ -9,17 +9,34 @@ import torch
 from torch import Tensor, nn
 
 
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch without its `labels`, ready to be passed as model keyword arguments."""
-    return {key: value for key, value in batch.items() if key != "labels"}
+def input_device(model) -> torch.device:
+    """Where `model` takes its inputs: its first parameter's device (the CPU for an ONNX
+    Runtime session, which copies its inputs itself, or a model without parameters)."""
+    if isinstance(model, nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return torch.device("cpu")
+
+
+def model_inputs(
+    batch: dict[str, Tensor], device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    """The batch without its `labels`, on `device` if given, ready to be passed as model
+    keyword arguments."""
+    return {
+        key: value if device is None else value.to(device, non_blocking=True)
+        for key, value in batch.items()
+        if key != "labels"
+    }
 
 
 def predict(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> np.ndarray:
     """Arg-max label ids for every example in `batches`, in order (sequence classifiers)."""
+    device = input_device(model)
     predictions = []
     with torch.inference_mode():
         for batch in batches:
-            predictions.append(model(**model_inputs(batch)).logits.argmax(dim=-1))
+            predictions.append(model(**model_inputs(batch, device)).logits.argmax(dim=-1).cpu())
     if not predictions:
         return np.empty(0, dtype=np.int64)
     return torch.cat(predictions).numpy()
@@ -27,10 +44,11 @@ def predict(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> np.ndarra
 
 def predict_tokens(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[np.ndarray]:
     """Arg-max label ids of every token of every example, padding removed (token classifiers)."""
+    device = input_device(model)
     predictions = []
     with torch.inference_mode():
         for batch in batches:
-            best = model(**model_inputs(batch)).logits.argmax(dim=-1)
+            best = model(**model_inputs(batch, device)).logits.argmax(dim=-1).cpu()
             lengths = batch["attention_mask"].sum(dim=-1).tolist()
             predictions += [row[:length].numpy() for row, length in zip(best, lengths, strict=True)]
     return predictions

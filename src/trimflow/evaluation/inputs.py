@@ -51,7 +51,7 @@ def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInp
     def collate(rows) -> dict[str, torch.Tensor]:
         return data.collator([test[int(i)] for i in rows])
 
-    throughput_rows = chunks(np.arange(len(test)), ev.throughput.batch_size)
+    throughput_rows = chunks(np.arange(len(test)), ev.throughput_batch_size())
     return TestInputs(
         sorted_batches=[collate(rows) for rows in chunks(order, ev.batch_size)],
         order=order,

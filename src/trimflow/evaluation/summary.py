@@ -1,5 +1,6 @@
-"""reports/metrics.json from evaluate's measurements: each variant's headline numbers, the NER
-baselines' and the recommendation. Pure: no model, file or tracking server."""
+"""reports/metrics.json from evaluate's measurements: each variant's headline numbers and the
+device it was measured on, the NER baselines' and the recommendation. Pure: no model, file or
+tracking server."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ MEASURE_NAMES = {
     "train_samples_per_s": f"{TRAINING_PREFIX}samples_per_s",
     "peak_train_mem_mb": f"{TRAINING_PREFIX}peak_mem_mb",
     "adapter_mb": f"{TRAINING_PREFIX}adapter_mb",
+    "train_tokens_per_s": f"{TRAINING_PREFIX}tokens_per_s",
+    "train_mfu": f"{TRAINING_PREFIX}mfu",
+    # Evaluated on a GPU: weights + the largest forward's activations (else None).
+    "peak_gpu_mem_mb": f"{BENCH_PREFIX}peak_gpu_mem_mb",
     # Adapted variants with a merged model: merged against base model + adapter (else None).
     "merge_max_abs_diff": f"{TEST_PREFIX}merge_max_abs_diff",
     "merge_agreement": f"{TEST_PREFIX}merge_agreement",
@@ -62,7 +67,7 @@ def summarise(
     """The metrics.json payload: the `measured.names` fields of every variant and baseline,
     and the variant recommended on `objective` against `baseline` (see `recommend`)."""
     variants = {
-        variant: {key: detail[key] for key in measured.names}
+        variant: {key: detail[key] for key in (*measured.names, "device")}
         for variant, detail in measured.details.items()
     }
     baselines = {

@@ -14,14 +14,14 @@ from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.layout import HISTORY_FILE, TRAINING_FILE, Layout
 from trimflow.models.module import ClassifierModule, class_weights
-from trimflow.models.training import FitResult, fit_resumable, resolve_precision
+from trimflow.models.training import FitResult, fit_resumable, trains_on_gpu
 from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import write_json
 
 
 def build_datamodule(cfg: TrimflowConfig, layout: Layout) -> TokenizedDataModule:
     """The data module over data/tokenized/ with the finetune batch settings."""
-    on_gpu = resolve_precision(cfg.trainer) != "32-true"
+    on_gpu = trains_on_gpu(cfg.trainer)
     return TokenizedDataModule(
         layout.tokenized_splits,
         layout.tokenizer_dir,
@@ -30,7 +30,8 @@ def build_datamodule(cfg: TrimflowConfig, layout: Layout) -> TokenizedDataModule
         group_by_length=cfg.finetune.group_by_length,
         num_workers=cfg.trainer.num_workers,
         seed=cfg.seed,
-        pad_to_multiple_of=8 if on_gpu else None,
+        pad_to_multiple_of=8 if on_gpu else None,  # tensor cores work on multiples of 8
+        pin_memory=on_gpu,
     )
 
 
@@ -64,6 +65,9 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
             "total_params": result.pace.total_params,
             # The largest process's peak: allocated CUDA memory, or RSS on the CPU.
             "peak_train_mem_mb": round(result.pace.peak_mem_mb, 1),
+            # Real tokens of every process per second, and model FLOPs utilisation (flops.py).
+            "train_tokens_per_s": round(result.pace.tokens_per_s, 1),
+            "train_mfu": round(result.pace.mfu, 5),
             **extra,
         },
     )

@@ -20,8 +20,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from trimflow.config.schema import TrainerConfig
 from trimflow.evaluation.footprint import count_trainable
+from trimflow.models.flops import device_peak_flops, non_embedding_counts, training_flops
 from trimflow.models.parallel import end_other_processes, gathered, world
 from trimflow.models.progress import PlainProgress
+from trimflow.utils.device import enable_tf32, supports_bf16
 from trimflow.utils.distributed import is_main_process
 from trimflow.utils.interrupt import (
     StageInterrupted,
@@ -37,12 +39,19 @@ LAST_CHECKPOINT = "last.ckpt"
 BEST_CHECKPOINT = "best"
 
 
+def trains_on_gpu(cfg: TrainerConfig) -> bool:
+    """Whether the trainer will put the model on a CUDA device."""
+    return cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def resolve_precision(cfg: TrainerConfig) -> str:
-    """`trainer.precision`, or bf16-mixed on CUDA and 32-true on CPU when it is null."""
+    """`trainer.precision`, or when it is null: bf16-mixed on GPUs that compute in bf16
+    (Ampere and later), 16-mixed with a gradient scaler on older GPUs, 32-true on the CPU."""
     if cfg.precision:
         return cfg.precision
-    on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu else "32-true"
+    if not trains_on_gpu(cfg):
+        return "32-true"
+    return "bf16-mixed" if supports_bf16() else "16-mixed"
 
 
 class HistoryRecorder(Callback):
@@ -204,45 +213,88 @@ class StopOnSignal(Callback):
 
 class TrainingPace(Callback):
     """Wall time of the training loop (set-up excluded: model, data and, in data-parallel
-    training, process start), the samples every process trained on in it, the module's
-    trainable and total parameters, and the loop's peak memory (see `PeakMemory`).
+    training, process start), the samples and real tokens every process trained on in it, the
+    model FLOPs they took (`models.flops`), the module's trainable and total parameters, and
+    the loop's peak memory (see `PeakMemory`).
 
     In data-parallel training the peak is the largest of the processes' peaks (each process
-    holds a copy of the model), so it reads as the memory one device or process needs.
+    holds a copy of the model), so it reads as the memory one device or process needs; the MFU
+    divides by the peak of every process's device together. Each epoch logs `train/tokens_per_s`
+    and `train/mfu` so far.
     """
 
     def __init__(self) -> None:
         self.started = 0.0
-        self.samples = 0
+        self.samples = self.tokens = self.flops = 0
         self.seconds = 0.0
-        self.total_samples = 0
+        self.total_samples = self.total_tokens = self.total_flops = 0
         self.trainable_params = 0
         self.total_params = 0
         self.peak_mem_mb = 0.0
+        self.peak_flops = 0.0
+        self.world_size = 1
         self.memory: PeakMemory | None = None
+        self.shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # N, N_t, layers, width
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Count the parameters, reset the memory peak and start the clock."""
+        """Count the parameters, look up the device's peak, reset the memory peak and start
+        the clock."""
         self.trainable_params, self.total_params = count_trainable(pl_module)
+        config = pl_module.model.config
+        self.shape = (
+            *non_embedding_counts(pl_module),
+            config.num_hidden_layers,
+            config.hidden_size,
+        )
+        self.peak_flops, source = device_peak_flops(pl_module.device.type)
+        log.info("MFU against %.1f TFLOP/s (%s)", self.peak_flops / 1e12, source)
         self.memory = PeakMemory(pl_module.device)
         self.memory.reset()
         self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Count the batch's samples."""
-        self.samples += len(batch["labels"])
+        """Count the batch's samples, real tokens and model FLOPs."""
+        lengths = batch["attention_mask"].sum(dim=-1).tolist()
+        self.samples += len(lengths)
+        self.tokens += sum(lengths)
+        self.flops += training_flops(lengths, *self.shape)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the tokens/s and MFU of every process so far (train/tokens_per_s, train/mfu)."""
+        self._add_up(trainer)
+        pl_module.log("train/tokens_per_s", self.tokens_per_s, rank_zero_only=True)
+        pl_module.log("train/mfu", self.mfu, rank_zero_only=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Stop the clock, add up every process's samples and take the largest memory peak."""
-        self.seconds = time.perf_counter() - self.started
-        samples, peaks = zip(*gathered((self.samples, self.memory.peak_mb())), strict=True)
-        self.total_samples = sum(samples)
+        """Stop the clock, add up every process's counts and take the largest memory peak."""
+        self._add_up(trainer)
+        peaks = gathered(self.memory.peak_mb())
         self.peak_mem_mb = max(peaks)
+
+    def _add_up(self, trainer: L.Trainer) -> None:
+        """Time so far, and every process's samples, tokens and FLOPs (collective)."""
+        self.seconds = time.perf_counter() - self.started
+        counts = gathered((self.samples, self.tokens, self.flops))
+        self.total_samples, self.total_tokens, self.total_flops = map(
+            sum, zip(*counts, strict=True)
+        )
+        self.world_size = len(counts)
 
     @property
     def samples_per_s(self) -> float:
         """Samples of every process per second of the training loop."""
         return self.total_samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Real (unpadded) tokens of every process per second of the training loop."""
+        return self.total_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs per second over the peak of every process's device."""
+        peak = self.peak_flops * self.world_size
+        return self.total_flops / self.seconds / peak if self.seconds and peak else 0.0
 
 
 @dataclass
@@ -339,6 +391,10 @@ def fit_resumable(
         default_root_dir=work_dir,
         num_sanity_val_steps=0,
     )
+    if trains_on_gpu(trainer_cfg):
+        enable_tf32()
+    if trainer_cfg.compile:
+        module.model.compile()  # in place: state-dict keys and checkpoints stay as they are
     resumed_from = None
     if last.exists():
         resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])

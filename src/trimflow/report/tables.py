@@ -119,11 +119,29 @@ MEASURE_COLUMNS: tuple[Column, ...] = (
 )
 
 
-def variant_columns(metric: str = "accuracy") -> tuple[Column, ...]:
-    """Columns of the main variant table for a task ranked on `metric`."""
+def _optional(value: float | None, template: str) -> str:
+    return "–" if value is None else template.format(value)
+
+
+# A run on a GPU: where each variant ran (CPU-only kernels stay on the CPU) and its GPU memory.
+GPU_COLUMNS: tuple[Column, ...] = (
+    Column("Device", lambda row: row["device"], numeric=False),
+    Column("GPU memory (MB)", lambda row: _optional(row["peak_gpu_mem_mb"], "{:.0f}")),
+)
+
+
+def ran_on_gpu(metrics: Mapping[str, Any]) -> bool:
+    """Whether any variant was evaluated on a GPU."""
+    return any(values.get("device") == "cuda" for values in metrics["variants"].values())
+
+
+def variant_columns(metric: str = "accuracy", gpu: bool = False) -> tuple[Column, ...]:
+    """Columns of the main variant table for a task ranked on `metric` (`gpu`: with the
+    device and GPU memory of each variant)."""
     return (
         Column("Variant", _variant_cell, numeric=False),
         *_quality_columns(metric),
+        *(GPU_COLUMNS if gpu else ()),
         *MEASURE_COLUMNS,
     )
 
@@ -183,6 +201,7 @@ COST_COLUMNS: tuple[Column, ...] = (
     Column("Train time (s)", lambda row: f"{row['train_s']:.1f}"),
     Column("Samples/s", lambda row: f"{row['train_samples_per_s']:.1f}"),
     Column("Peak train memory (MB)", lambda row: f"{row['peak_train_mem_mb']:.0f}"),
+    Column("MFU", lambda row: _optional(row.get("train_mfu"), "{:.1%}")),
     Column("Saved (MB)", _saved_size),
 )
 

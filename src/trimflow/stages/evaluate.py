@@ -1,5 +1,6 @@
 """evaluate: quality, latency, throughput and size of every variant on the same test inputs,
-and the cost to train it.
+and the cost to train it, on `evaluate.device` (variants whose kernels are CPU-only on the CPU,
+marked so).
 
 Quality is accuracy for classification, entity F1 (seqeval) for NER, where the majority-tag and
 gazetteer baselines are scored in the same run.
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from trimflow.compress.onnx import OnnxClassifier
 from trimflow.compress.variants import load_variant
@@ -19,7 +21,9 @@ from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.evaluation.baselines import baseline_scores
 from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, throughput_summary
 from trimflow.evaluation.cost import training_cost
+from trimflow.evaluation.devices import variant_devices
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
+from trimflow.evaluation.inference import input_device
 from trimflow.evaluation.inputs import TestInputs, build_test_inputs, inference_data
 from trimflow.evaluation.machine import environment
 from trimflow.evaluation.merging import MERGE_FIELDS, merge_agreement
@@ -29,6 +33,7 @@ from trimflow.layout import ADAPTATION_FILE, ADAPTER_DIR, Layout, read_label_map
 from trimflow.models.loading import WEIGHT_SUFFIXES
 from trimflow.tracking.runs import BASELINE_PREFIX, Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, read_json, write_json
+from trimflow.utils.device import resolve_device
 from trimflow.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -92,11 +97,12 @@ def _measure_variants(
     """Score every variant (each loaded from disk) and read its cost to train, then time them
     all together."""
     models, details = {}, {}
+    devices = variant_devices(cfg)
     for variant, source in progress(_variant_sources(cfg).items(), "score", log, unit="variant"):
         directory = layout.model_dir(variant)
-        models[variant] = load_variant(directory, num_threads=cfg.evaluate.num_threads)
+        models[variant] = load_variant(directory, cfg.evaluate.num_threads, devices[variant])
         details[variant] = _score_variant(models[variant], directory, inputs, scorer)
-        details[variant].update(training_cost(directory), source=source)
+        details[variant].update(training_cost(directory), source=source, device=devices[variant])
         details[variant]["agreement"] = agreement(
             details[variant]["predictions"], details[source]["predictions"]
         )
@@ -115,7 +121,8 @@ def _check_merge(merged, directory: Path, inputs: TestInputs) -> dict[str, float
         return dict.fromkeys(MERGE_FIELDS)
     from trimflow.models.adapters import load_unmerged  # peft takes ~2 s to import
 
-    check = merge_agreement(merged, load_unmerged(directory), inputs.sorted_batches)
+    unmerged = load_unmerged(directory).to(input_device(merged))
+    check = merge_agreement(merged, unmerged, inputs.sorted_batches)
     log.info(
         "%s: merged vs unmerged: max |logit diff| %.2e, agreement %.4f",
         directory.name,
@@ -158,9 +165,10 @@ def _weights_size_mb(directory: Path) -> float:
 
 
 def _time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dict[str, dict]:
-    """Latency (batch 1) and throughput of every model, measured in interleaved rounds."""
+    """Latency (batch 1), throughput and, on a GPU, peak GPU memory of every model, measured
+    in interleaved rounds."""
     ev = cfg.evaluate
-    latency = interleaved_timings(
+    latency, latency_peaks = interleaved_timings(
         models,
         inputs.latency_inputs,
         ev.latency.warmup,
@@ -169,7 +177,7 @@ def _time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dic
         ev.num_threads,
         desc="latency",
     )
-    throughput = interleaved_timings(
+    throughput, throughput_peaks = interleaved_timings(
         models,
         inputs.throughput_batches,
         ev.throughput.warmup,
@@ -179,7 +187,13 @@ def _time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dic
         desc="throughput",
     )
     return {
-        name: {**latency_summary(latency[name]), **throughput_summary(throughput[name])}
+        name: {
+            **latency_summary(latency[name]),
+            **throughput_summary(throughput[name]),
+            "peak_gpu_mem_mb": (
+                max(latency_peaks[name], throughput_peaks[name]) if name in latency_peaks else None
+            ),
+        }
         for name in models
     }
 
@@ -230,7 +244,8 @@ def _write_details(
         {
             **environment(),
             "num_threads": cfg.evaluate.num_threads,
-            "device": cfg.evaluate.device,
+            "device": resolve_device(cfg.evaluate.device),
+            **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
             "rounds": cfg.evaluate.rounds,
         },
     )
@@ -251,7 +266,7 @@ def _log(
         log_variant_run(
             tracker,
             variant,
-            {names[key]: value for key, value in values.items()},
+            {names[key]: value for key, value in values.items() if key in names},
             active,
             [str(detail_files[variant])],
         )

@@ -26,6 +26,7 @@ from trimflow.report.tables import (
     cost_table,
     exclusion_lines,
     per_type_table,
+    ran_on_gpu,
     recommendation_text,
     variant_columns,
     variant_rows,
@@ -177,7 +178,7 @@ def _report_tables(cfg: TrimflowConfig, metrics: dict, details: dict[str, dict])
     F1 and the baselines."""
     metric = quality_metric(metrics)
     rows = variant_rows(metrics, baseline=cfg.report.baseline)
-    tables = [Table("", variant_columns(metric), rows)]
+    tables = [Table("", variant_columns(metric, ran_on_gpu(metrics)), rows)]
     costs = cost_table(metrics, _trained_variants(cfg))
     if costs.rows:
         tables.append(costs)
