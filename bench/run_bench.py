@@ -39,7 +39,9 @@ from trimflow.evaluation.benchmark import (
 from trimflow.evaluation.machine import environment
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule
+from trimflow.models.training import resolve_precision
 from trimflow.utils.atomic import write_json
+from trimflow.utils.device import enable_tf32
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -86,8 +88,12 @@ def bench_tokenize(data: datasets.Dataset, tokenizer, max_length: int) -> dict:
     }
 
 
-def trimflow_fit(cfg, labels, splits_dir: Path, tokenizer_dir: Path) -> None:
-    """One epoch of trimflow's LightningModule and data module (no validation, no logging)."""
+def trimflow_fit(
+    cfg, labels, splits_dir: Path, tokenizer_dir: Path, callbacks=(), device: str = "cpu"
+) -> None:
+    """One epoch of trimflow's LightningModule and data module (no validation, no logging)
+    on `device`, with the trainer settings the pipeline takes there (bf16-mixed, fused AdamW,
+    padding to multiples of 8 and pinned memory on a GPU; `trainer.compile`)."""
     import lightning as L
 
     torch.manual_seed(0)
@@ -97,30 +103,52 @@ def trimflow_fit(cfg, labels, splits_dir: Path, tokenizer_dir: Path) -> None:
         weight_decay=cfg.finetune.weight_decay,
         warmup_ratio=cfg.finetune.warmup_ratio,
     )
+    on_gpu = device == "cuda"
     data = TokenizedDataModule(
         splits_dir,
         tokenizer_dir,
         batch_size=cfg.finetune.batch_size,
         eval_batch_size=cfg.finetune.batch_size,
         group_by_length=True,
+        num_workers=cfg.trainer.num_workers,
+        pad_to_multiple_of=8 if on_gpu else None,
+        pin_memory=on_gpu,
     )
+    if on_gpu:
+        enable_tf32()
+    if cfg.trainer.compile:
+        module.model.compile()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=1,
+        precision=resolve_precision(cfg.trainer) if on_gpu else "32-true",
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        callbacks=list(callbacks),
     )
     trainer.fit(module, datamodule=data)
 
 
-def hf_trainer_fit(cfg, labels, train: datasets.Dataset, tokenizer, output_dir: Path) -> None:
-    """One epoch of a plain Hugging Face Trainer with the same settings."""
+def hf_trainer_fit(
+    cfg,
+    labels,
+    train: datasets.Dataset,
+    tokenizer,
+    output_dir: Path,
+    callbacks=(),
+    device: str = "cpu",
+    defaults: bool = False,
+) -> None:
+    """One epoch of a Hugging Face Trainer: with trimflow's settings (length grouping), or
+    with `defaults` its own (random order, fp32), on `device`."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     torch.manual_seed(0)
+    settings = {} if defaults else {"train_sampling_strategy": "group_by_length"}
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.finetune.batch_size,
@@ -128,19 +156,20 @@ def hf_trainer_fit(cfg, labels, train: datasets.Dataset, tokenizer, output_dir: 
         learning_rate=cfg.finetune.lr,
         weight_decay=cfg.finetune.weight_decay,
         warmup_steps=cfg.finetune.warmup_ratio,
-        train_sampling_strategy="group_by_length",
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **settings,
     )
     Trainer(
         model=load_base_classifier(cfg.model.name, labels),
         args=args,
         train_dataset=train,
         data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=list(callbacks),
     ).train()
 
 

@@ -17,6 +17,7 @@ from trimflow.config.loading import ConfigError, compose_config
 from trimflow.config.schema import TrainerConfig
 from trimflow.evaluation.devices import cpu_reason, onnx_runs_on_cuda, variant_devices
 from trimflow.models.flops import gpu_peak_flops, non_embedding_counts, training_flops
+from trimflow.models.loading import load_base_classifier
 from trimflow.models.module import ClassifierModule
 from trimflow.models.training import TrainingPace, resolve_precision
 
@@ -68,6 +69,16 @@ def test_precision_is_fp32_on_the_cpu_and_explicit_settings_win():
     )
     assert resolve_precision(cpu) == "32-true"
     assert resolve_precision(cpu.model_copy(update={"precision": "bf16-mixed"})) == "bf16-mixed"
+
+
+def test_a_base_model_saved_in_bf16_trains_from_fp32_master_weights(tmp_path):
+    """Hub checkpoints often hold bf16 weights: the base model still loads in fp32, and mixed
+    precision stays the trainer's choice."""
+    from transformers import BertModel
+
+    BertModel(build_tiny_bert().config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = load_base_classifier(str(tmp_path), ["a", "b"])
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
 
 
 # --- FLOPs and MFU -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from pydantic import (
 )
 
 from trimflow.config.schemes import QUANTIZE_SCHEMES
-from trimflow.utils.device import resolve_device
 
 Fraction = Field(ge=0.0, lt=1.0)
 # Variant names become directory names and DVC stage keys (prune@<name>).
@@ -275,7 +274,7 @@ class LatencyConfig(Section):
 
 
 class ThroughputConfig(Section):
-    # None: 32 on the CPU, 64 on a GPU (which a small batch leaves idle).
+    # None: 32 on the CPU, 64 on a GPU (evaluation.inputs.throughput_batch_size).
     batch_size: int | None = Field(default=None, gt=0)
     warmup: int = Field(ge=0)
     repeats: int = Field(gt=0)
@@ -294,17 +293,14 @@ class EvaluateConfig(Section):
     @field_validator("device")
     @classmethod
     def _device_exists(cls, device: str) -> str:
-        try:
-            resolve_device(device)
-        except ValueError as missing:
-            raise ValueError(f"{missing}: use auto or cpu") from None
-        return device
+        if device == "cuda":
+            import torch  # only here: every stage loads the schema
 
-    def throughput_batch_size(self) -> int:
-        """`throughput.batch_size`, or its default for the device evaluation runs on."""
-        if self.throughput.batch_size:
-            return self.throughput.batch_size
-        return 64 if resolve_device(self.device) == "cuda" else 32
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    "cuda was asked for, but torch sees no CUDA device: use auto or cpu"
+                )
+        return device
 
 
 class ReportConfig(Section):

@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -63,7 +64,11 @@ def load_classifier(path: str | Path) -> PreTrainedModel:
 def load_base_classifier(
     name: str, labels: list[str], task: str = "classification"
 ) -> PreTrainedModel:
-    """A pretrained encoder with a fresh head for `labels`: per text, or per token for NER."""
+    """A pretrained encoder with a fresh head for `labels`: per text, or per token for NER.
+
+    In fp32 whatever the checkpoint's dtype (hub models often ship bf16 or fp16 weights): these
+    are the master weights training updates; mixed precision is the trainer's business.
+    """
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
     try:
@@ -72,6 +77,7 @@ def load_base_classifier(
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            dtype=torch.float32,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
