@@ -16,7 +16,12 @@ from transformers import BertForTokenClassification
 from trimflow.config.loading import ConfigError, compose_config
 from trimflow.config.schema import TrainerConfig
 from trimflow.evaluation.devices import cpu_reason, onnx_runs_on_cuda, variant_devices
-from trimflow.models.flops import gpu_peak_flops, non_embedding_counts, training_flops
+from trimflow.models.flops import (
+    gpu_peak_flops,
+    measured_matmul_flops,
+    non_embedding_counts,
+    training_flops,
+)
 from trimflow.models.loading import load_base_classifier
 from trimflow.models.module import ClassifierModule
 from trimflow.models.training import TrainingPace, resolve_precision
@@ -118,6 +123,13 @@ def test_training_flops_agree_with_torch_flop_counter(head, trained):
             model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
     predicted = training_flops(lengths, *non_embedding_counts(model), 2, 32)
     assert predicted == pytest.approx(counter.get_total_flops(), rel=0.11)
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    """Dropout draws from the global RNG: measuring at train start must not move it."""
+    state = torch.get_rng_state()
+    assert measured_matmul_flops("cpu", torch.float32, size=64, repeats=2) > 0
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_gpu_peaks_match_the_most_specific_name():

@@ -77,9 +77,13 @@ def gpu_peak_flops(name: str) -> float | None:
 def measured_matmul_flops(
     device: str, dtype: torch.dtype, size: int = 1024, repeats: int = 10
 ) -> float:
-    """The best FLOP/s of `repeats` size x size matrix products on `device` in `dtype`."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    """The best FLOP/s of `repeats` size x size matrix products on `device` in `dtype`.
+
+    The operands come from a generator of their own: measuring must not move the global RNG
+    that dropout draws from (a resumed run must train as an uninterrupted one).
+    """
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in "ab")
     best = float("inf")
     for _ in range(repeats + 1):  # the first product warms up
         if device == "cuda":
