@@ -65,6 +65,8 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
             "total_params": result.pace.total_params,
             # The largest process's peak: allocated CUDA memory, or RSS on the CPU.
             "peak_train_mem_mb": round(result.pace.peak_mem_mb, 1),
+            # Rank 0's memory when the loop started (on the CPU: libraries, data and model).
+            "start_train_mem_mb": round(result.pace.start_mem_mb, 1),
             # Real tokens of every process per second, and model FLOPs utilisation (flops.py).
             "train_tokens_per_s": round(result.pace.tokens_per_s, 1),
             "train_mfu": round(result.pace.mfu, 5),

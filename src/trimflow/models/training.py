@@ -231,6 +231,7 @@ class TrainingPace(Callback):
         self.trainable_params = 0
         self.total_params = 0
         self.peak_mem_mb = 0.0
+        self.start_mem_mb = 0.0  # held when the loop starts: libraries, data, model
         self.peak_flops = 0.0
         self.world_size = 1
         self.memory: PeakMemory | None = None
@@ -250,6 +251,7 @@ class TrainingPace(Callback):
         log.info("MFU against %.1f TFLOP/s (%s)", self.peak_flops / 1e12, source)
         self.memory = PeakMemory(pl_module.device)
         self.memory.reset()
+        self.start_mem_mb = self.memory.current_mb()
         self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -40,6 +40,12 @@ class PeakMemory:
         except OSError:
             self.rss_reset = False
 
+    def current_mb(self) -> float:
+        """The memory held now: allocated CUDA tensors, or the process's RSS, in MiB."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / MIB
+        return _status_kib("VmRSS") * 1024 / MIB
+
     def peak_mb(self) -> float:
         """The peak since `reset` (see the class) in MiB."""
         if self.device.type == "cuda":
