@@ -53,7 +53,7 @@ from trimflow.evaluation.machine import environment
 from trimflow.evaluation.scoring import make_scorer
 from trimflow.layout import Layout, dvc_layout, read_label_map
 from trimflow.serving.pyfunc import log_variant_model
-from trimflow.serving.registry import register_recommended
+from trimflow.serving.registry import champion_uri, register_recommended, registered_model_name
 from trimflow.serving.server import ScoringServer
 from trimflow.utils.atomic import write_json
 
@@ -107,11 +107,11 @@ def log_and_register(
     experiment = mlflow.create_experiment("serving-bench", (store / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
         info = log_variant_model(variant_dir, max_length=cfg.model.max_length)
-    name = f"trimflow-{cfg.task.type}"
+    name = registered_model_name(cfg.task.type)
     register_recommended(
         MlflowClient(uri), run.info.run_id, info.model_uri, name, objective, variant
     )
-    return uri, f"models:/{name}@champion"
+    return uri, champion_uri(cfg.task.type)
 
 
 def row_scores(row: dict) -> list[float]:

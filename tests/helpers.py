@@ -40,6 +40,15 @@ def build_tiny_bert(num_labels: int = len(TINY_LABELS), seed: int = 0):
     return BertForSequenceClassification(config).eval()
 
 
+def perturbed(model: nn.Module, scale: float) -> nn.Module:
+    """Add seeded noise to every weight so that predictions differ between texts."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 def smoke_pipeline_command(encoder_dir, *overrides: str, multirun: bool = False) -> list[str]:
     """`trimflow pipeline [-m]` (in a subprocess) on the smoke preset, the tiny encoder and a
     few dozen rows, plus `overrides`. (Hydra's parser wants `-m` before the overrides.)"""

@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers import build_tiny_bert
+from helpers import build_tiny_bert, perturbed
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from transformers import BertForTokenClassification
@@ -51,15 +51,6 @@ TEXTS = [
     "shares of the acquired unit jumped",
 ]
 SERVE_MAX_CHARS = 200
-
-
-def perturbed(model: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """Add seeded noise to every weight so that predictions differ between texts."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def build_token_bert() -> BertForTokenClassification:

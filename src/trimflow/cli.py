@@ -113,6 +113,19 @@ def compare_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    """`trimflow serve`: serve until SIGTERM or SIGINT (0); 2 when the model cannot be loaded."""
+    from trimflow.config.loading import load_params
+    from trimflow.serving.service import ServeError, serve
+
+    try:
+        serve(load_params(args.params, args.overrides), args.model, args.variant)
+    except ServeError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
 def report_interruption(err: StageInterrupted, argv: list[str]) -> int:
     """Say which stage a signal stopped and how to continue; the exit status for it.
 
@@ -167,6 +180,16 @@ def run_command(argv: list[str]) -> int:
     team.add_argument("action", choices=["up", "down"])
     team.add_argument("--dir", default=".team", help="state, logs and client settings")
     team.add_argument("--port", type=int, default=5000, help="mlflow server port")
+    serve = commands.add_parser(
+        "serve", help="an HTTP service of a model: micro-batching, metrics, a bearer token"
+    )
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", help="MLflow model URI (default: models:/trimflow-<task>@champion)"
+    )
+    source.add_argument("--variant", help="serve models/VARIANT of this project instead")
+    serve.add_argument("--params", default="params.yaml", help="settings: its serve section")
+    serve.add_argument("overrides", nargs="*", help="settings over --params, e.g. serve.port=9000")
     dag = commands.add_parser("dag", help="dvc.yaml's code deps from the imports of each stage")
     mode = dag.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="list wrong code deps; exit 1 if any")
@@ -196,6 +219,8 @@ def run_command(argv: list[str]) -> int:
             return run_dag(write=args.write)
         elif args.command == "team":
             return team_command(args)
+        elif args.command == "serve":
+            return serve_command(args)
         elif args.command == "repro":
             from trimflow.pipeline import dvc_repro
 

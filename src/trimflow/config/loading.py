@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pydantic import ValidationError
 
 from trimflow.config.schema import TrimflowConfig
@@ -69,13 +71,20 @@ def _problem(error: dict[str, Any], raw: Any) -> str:
     return f"  {key}: {error['msg']} (got {error.get('input')!r})"
 
 
-def load_params(path: str | Path = "params.yaml") -> TrimflowConfig:
-    """Load and validate a params.yaml written by DVC's Hydra composition."""
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> TrimflowConfig:
+    """Load and validate a params.yaml written by DVC's Hydra composition, with `key=value`
+    `overrides` (dotted keys, e.g. `serve.port=9000`) over it."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: not found (run `trimflow params` to compose it from conf/)")
     with open(path) as handle:
-        return validate(yaml.safe_load(handle) or {}, source=str(path))
+        raw = yaml.safe_load(handle) or {}
+    if overrides:
+        try:
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"bad override: {err}") from None
+    return validate(raw, source=str(path))
 
 
 def compose_raw(overrides: list[str] | None = None) -> DictConfig:

@@ -358,6 +358,25 @@ class SearchConfig(Section):
         return self
 
 
+class ServeConfig(Section):
+    """`trimflow serve`: the HTTP service of a variant or a registered model (read by no stage)."""
+
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    # Micro-batching: a forward pass takes up to `max_batch` texts of concurrent requests, and
+    # starts at the latest `max_wait_ms` after its oldest request arrived.
+    max_batch: int = Field(gt=0)
+    max_wait_ms: float = Field(ge=0.0)
+    max_body_bytes: int = Field(gt=0)
+    # Requests per second per token (bursts of one second's worth); None: no limit.
+    rate_limit: float | None = Field(default=None, gt=0.0)
+    # The bearer token: the lines of `token_file` (one token each) if set, else $`token_env`.
+    token_env: str = Field(min_length=1)
+    token_file: str | None = None
+    # On SIGTERM: how long in-flight requests may take to finish before they are cancelled.
+    shutdown_timeout_s: float = Field(gt=0.0)
+
+
 class TrimflowConfig(Section):
     """The whole composed config (conf/config.yaml and its groups)."""
 
@@ -375,6 +394,7 @@ class TrimflowConfig(Section):
     trainer: TrainerConfig
     tracking: TrackingConfig
     search: SearchConfig
+    serve: ServeConfig
 
     def variant_kinds(self) -> dict[str, str]:
         """Every variant the pipeline builds -> the stage that builds it, in report order."""

@@ -1,1 +1,1 @@
-"""Serving: any variant as an MLflow pyfunc, registered with a `champion` alias."""
+"""Serving: any variant as an MLflow pyfunc, its `champion` alias, and `trimflow serve`."""

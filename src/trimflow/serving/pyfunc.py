@@ -140,13 +140,30 @@ class VariantModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         """Load the variant, its tokenizer and labels from the logged artifact."""
-        variant_dir = Path(context.artifacts[VARIANT_ARTIFACT])
+        self.load(
+            context.artifacts[VARIANT_ARTIFACT],
+            max_chars=int(context.model_config["max_chars"]),
+            max_length=int(context.model_config["max_length"]),
+        )
+
+    def load(
+        self,
+        variant_dir: str | Path,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        max_length: int | None = None,
+    ) -> VariantModel:
+        """Load a variant directory itself (`trimflow serve --variant`); `max_length` defaults
+        to the model's limit. Returns this model."""
+        variant_dir = Path(variant_dir)
         self.model = load_variant(variant_dir, num_threads=torch.get_num_threads())
         self.tokenizer = load_tokenizer(str(variant_dir))
         self.labels = read_label_map(variant_dir)["labels"]
         self.token_task = is_token_task(variant_dir)
-        self.max_chars = int(context.model_config["max_chars"])
-        self.max_length = int(context.model_config["max_length"])
+        self.max_chars = max_chars
+        self.max_length = (
+            default_max_length(variant_dir, self.tokenizer) if max_length is None else max_length
+        )
+        return self
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[dict]:
         """Per text `{"label", "score", "truncated"}`, or `{"entities", "truncated"}` for NER.
@@ -155,12 +172,15 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         signature check makes of a list of texts; a list is accepted too. (A DataFrame hint
         leaves validation to the signature, as `{"dataframe_split": ...}` requests need.)
         """
-        texts = validate_texts(input_texts(model_input), self.max_chars)
+        return self.predict_texts(validate_texts(input_texts(model_input), self.max_chars))
+
+    def predict_texts(self, texts: list[str], batch_size: int = BATCH_SIZE) -> list[dict]:
+        """`predict`'s rows for texts `validate_texts` accepted, `batch_size` per forward pass."""
         predict_batch = self._entities if self.token_task else self._labels
         return [
             row
-            for start in range(0, len(texts), BATCH_SIZE)
-            for row in predict_batch(texts[start : start + BATCH_SIZE])
+            for start in range(0, len(texts), batch_size)
+            for row in predict_batch(texts[start : start + batch_size])
         ]
 
     def _probabilities(

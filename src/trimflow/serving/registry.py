@@ -40,6 +40,16 @@ def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
             raise
 
 
+def registered_model_name(task: str) -> str:
+    """The registered model of a task's recommended variants: `trimflow-<task>`."""
+    return f"trimflow-{task}"
+
+
+def champion_uri(task: str) -> str:
+    """The MLflow URI of a task's champion: `models:/trimflow-<task>@champion`."""
+    return f"models:/{registered_model_name(task)}@{CHAMPION}"
+
+
 def current_champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
     """The version the `champion` alias points at, if any."""
     version = client.get_registered_model(model_name).aliases.get(CHAMPION)
@@ -89,7 +99,7 @@ def publish_recommended(
     `trimflow-<task>`, its objective being its task metric in `metrics`."""
     variant = metrics["recommended"]
     objective = metrics["variants"][variant][metrics["metric"]]
-    model_name = f"trimflow-{cfg.task.type}"
+    model_name = registered_model_name(cfg.task.type)
     info = log_variant_model(layout.model_dir(variant), max_length=cfg.model.max_length)
     client = MlflowClient(tracking_uri(cfg.tracking))
     result = register_recommended(client, run_id, info.model_uri, model_name, objective, variant)

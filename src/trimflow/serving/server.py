@@ -1,8 +1,8 @@
-"""Local MLflow servers on 127.0.0.1, started and stopped by their process group.
+"""Local servers on 127.0.0.1, started and stopped by their process group.
 
 `ScoringServer` (`mlflow models serve`) serves the serving test and the serving benchmark:
 `with ScoringServer(uri, store, workdir) as server: server.predict(texts)`. The MLflow UI test
-runs `mlflow ui` through the same `LocalMlflowServer`.
+runs `mlflow ui` through the same `LocalMlflowServer`; `TrimflowServer` runs `trimflow serve`.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class LocalMlflowServer:
-    """An `mlflow` subcommand serving HTTP on a free port of 127.0.0.1 in its own session.
+class LocalServer:
+    """A command serving HTTP on a free port of 127.0.0.1 in its own session.
 
-    Subclasses give `arguments()` (after `python -m mlflow`, without host and port) and the
-    `health_path` that answers 200 once it is ready. Its stdout and stderr go to
-    `workdir/server.{stdout,stderr}`; errors quote the stderr tail.
+    Subclasses give the `command()` that serves on `self.port` and the `health_path` that
+    answers 200 once it is ready. Its stdout and stderr go to `workdir/server.{stdout,stderr}`;
+    errors quote the stderr tail.
     """
 
     health_path = "/health"
@@ -52,8 +52,8 @@ class LocalMlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def arguments(self) -> list[str]:
-        """The `mlflow` subcommand and options of this kind of server."""
+    def command(self) -> list[str]:
+        """The command line of this kind of server, serving on 127.0.0.1:`self.port`."""
         raise NotImplementedError
 
     @property
@@ -68,11 +68,7 @@ class LocalMlflowServer:
     def start(self) -> None:
         """Start the server in a new session (uvicorn runs in a child) and wait until healthy."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        command = [
-            *(sys.executable, "-m", "mlflow", *self.arguments()),
-            *("--host", "127.0.0.1", "--port", str(self.port)),
-        ]
-        # The server execs `uvicorn`: this interpreter's bin must be on PATH, as in a venv.
+        # An MLflow server execs `uvicorn`: this interpreter's bin must be on PATH, as in a venv.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         env = {**os.environ, **self.env, "PATH": path}
         with (
@@ -80,7 +76,12 @@ class LocalMlflowServer:
             open(self.stderr_path, "wb") as err,
         ):
             self.process = subprocess.Popen(
-                command, env=env, cwd=self.workdir, stdout=out, stderr=err, start_new_session=True
+                self.command(),
+                env=env,
+                cwd=self.workdir,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
             )
         self._wait_until_ready()
 
@@ -111,12 +112,43 @@ class LocalMlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def __enter__(self) -> LocalMlflowServer:
+    def __enter__(self) -> LocalServer:
         self.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class LocalMlflowServer(LocalServer):
+    """An `mlflow` subcommand; subclasses give its `arguments()` (without host and port)."""
+
+    def arguments(self) -> list[str]:
+        """The `mlflow` subcommand and options of this kind of server."""
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        """`python -m mlflow <arguments> --host 127.0.0.1 --port <port>`."""
+        return [
+            *(sys.executable, "-m", "mlflow", *self.arguments()),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+        ]
+
+
+class TrimflowServer(LocalServer):
+    """`trimflow serve <arguments> serve.port=<port>` in `workdir`, a project folder (its
+    params.yaml, models/); `env` holds the token (`TRIMFLOW_SERVE_TOKEN` by default)."""
+
+    def __init__(self, workdir: str | Path, arguments: list[str], env: dict[str, str]) -> None:
+        super().__init__(workdir, env)
+        self.arguments = arguments
+
+    def command(self) -> list[str]:
+        """`python -m trimflow.cli serve ...` on this server's port."""
+        return [
+            *(sys.executable, "-m", "trimflow.cli", "serve", *self.arguments),
+            f"serve.port={self.port}",
+        ]
 
 
 class ScoringServer(LocalMlflowServer):
