@@ -324,6 +324,7 @@ def test_rate_limit_per_token_from_a_token_file(project, tmp_path):
         assert {call(server.url, "/health", token=None)[0] for _ in range(6)} == {200}
 
 
+@pytest.mark.slow  # a signal to a real process: make test-all
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(project, tmp_path, expected):
     # A lone request waits max_wait_ms for company: 3 s in flight.
     arguments = ["--variant", "tiny", "serve.max_wait_ms=3000", "serve.rate_limit=null"]
