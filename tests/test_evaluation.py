@@ -208,10 +208,14 @@ def test_training_cost_reads_training_json_and_sizes_the_adapter(tmp_path):
     (adapted / ADAPTER_DIR).mkdir(parents=True)
     (adapted / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"x" * 2**19)
     figures = {"train_s": 2.5, "train_samples_per_s": 40.0}
+    pace = {"train_tokens_per_s": 3000.0, "train_mfu": 0.12}
     counts = {"trainable_params": 5, "total_params": 9, "peak_train_mem_mb": 512.3}
-    (adapted / TRAINING_FILE).write_text(json.dumps({**figures, **counts, "global_step": 7}))
+    (adapted / TRAINING_FILE).write_text(
+        json.dumps({**figures, **pace, **counts, "global_step": 7})
+    )
     assert training_cost(adapted) == {
         **figures,
+        **pace,
         "trainable_params": 5,
         "train_total_params": 9,
         "peak_train_mem_mb": 512.3,
@@ -223,6 +227,7 @@ def test_training_cost_reads_training_json_and_sizes_the_adapter(tmp_path):
     assert training_cost(older) == {
         **figures,
         **dict.fromkeys(["trainable_params", "train_total_params", "peak_train_mem_mb"]),
+        **dict.fromkeys(["train_tokens_per_s", "train_mfu"]),
         "adapter_mb": None,
     }
     assert training_cost(tmp_path) == dict.fromkeys([*TRAINING_FIELDS, "adapter_mb"])  # untrained

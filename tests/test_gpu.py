@@ -15,6 +15,7 @@ from transformers import BertForTokenClassification
 
 from trimflow.config.loading import ConfigError, compose_config
 from trimflow.config.schema import TrainerConfig
+from trimflow.evaluation.inputs import throughput_batch_size
 from trimflow.evaluation.devices import cpu_reason, onnx_runs_on_cuda, variant_devices
 from trimflow.models.flops import (
     gpu_peak_flops,
@@ -43,9 +44,9 @@ def test_evaluate_device_cuda_without_a_gpu_is_a_config_error_naming_the_key():
 def test_auto_evaluates_every_variant_on_the_cpu_with_the_cpu_throughput_batch():
     cfg = compose_config(["evaluate.device=auto"])
     assert set(variant_devices(cfg).values()) == {"cpu"}
-    assert cfg.evaluate.throughput_batch_size() == 32
-    assert (
-        compose_config(["evaluate.throughput.batch_size=16"]).evaluate.throughput_batch_size() == 16
+    assert throughput_batch_size(cfg.evaluate) == 32
+    fixed = compose_config(["evaluate.throughput.batch_size=16"]).evaluate
+    assert throughput_batch_size(fixed) == 16
     )
 
 

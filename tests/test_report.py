@@ -20,6 +20,7 @@ from trimflow.report.tables import (
     Table,
     cost_table,
     markdown_table,
+    ran_on_gpu,
     variant_columns,
     variant_rows,
 )
@@ -167,6 +168,8 @@ def trained(train_s, memory_mb, adapter_mb=None, trainable=100):
         "train_s": train_s,
         "train_samples_per_s": 1000 / train_s,
         "peak_train_mem_mb": memory_mb,
+        "train_tokens_per_s": 30_000 / train_s,
+        "train_mfu": 0.1,
         "adapter_mb": adapter_mb,
     }
 
@@ -195,11 +198,11 @@ def test_cost_table_lists_trained_variants_with_figures(costed):
     lines = markdown_table(table.rows, table.columns).splitlines()
     assert lines[0] == (
         "| Variant | Trainable params | Trainable share | Train time (s) | Samples/s"
-        " | Peak train memory (MB) | Saved (MB) |"
+        " | Peak train memory (MB) | MFU | Saved (MB) |"
     )
-    assert lines[2] == "| finetuned | 100 | 100.00% | 120.0 | 8.3 | 900 | 90.0 |"
-    assert lines[3].startswith("| pruned | 100 | 100.00% | 30.0 | 33.3 | 850 |")
-    assert lines[4] == "| adapted | 5 | 5.00% | 60.0 | 16.7 | 500 | 1.25 (adapter) |"
+    assert lines[2] == "| finetuned | 100 | 100.00% | 120.0 | 8.3 | 900 | 10.0% | 90.0 |"
+    assert lines[3].startswith("| pruned | 100 | 100.00% | 30.0 | 33.3 | 850 | 10.0% |")
+    assert lines[4] == "| adapted | 5 | 5.00% | 60.0 | 16.7 | 500 | 10.0% | 1.25 (adapter) |"
 
 
 def test_tradeoff_figure_leaves_out_variants_without_the_cost(costed):
@@ -282,6 +285,22 @@ def images(metrics, tmp_path):
         paths[caption] = tmp_path / f"{cost_key}.png"
         save_figure(tradeoff_figure(metrics, cost_key, cost_key), paths[caption])
     return paths
+
+
+def test_a_run_on_a_gpu_shows_each_variant_device_and_gpu_memory(metrics):
+    assert not ran_on_gpu(metrics)  # a CPU run keeps the table as it was
+    on_gpu = {"device": "cuda", "peak_gpu_mem_mb": 310.4}
+    on_cpu = {"device": "cpu", "peak_gpu_mem_mb": None}
+    metrics["variants"] = {
+        name: {**values, **(on_cpu if "quantized" in name else on_gpu)}
+        for name, values in metrics["variants"].items()
+    }
+    assert ran_on_gpu(metrics)
+    lines = markdown_table(variant_rows(metrics), variant_columns(gpu=True)).splitlines()
+    assert lines[0].startswith(
+        "| Variant | Accuracy | Δ acc (pts) | Macro-F1 | Device | GPU memory"
+    )
+    assert "| cuda | 310 |" in lines[2] and "| cpu | – |" in lines[4]
 
 
 def test_render_markdown_links_images_and_lists_notes(rows):

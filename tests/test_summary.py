@@ -35,7 +35,11 @@ def _detail(accuracy: float, latency: float, size: float, train_s: float | None 
         "train_s": train_s,
         "train_samples_per_s": 500 / train_s if trained else None,
         "peak_train_mem_mb": 4 * train_s if trained else None,
+        "train_tokens_per_s": 9000 / train_s if trained else None,
+        "train_mfu": 0.25 if trained else None,
         "adapter_mb": None,
+        "device": "cpu",
+        "peak_gpu_mem_mb": None,
         "merge_max_abs_diff": None,
         "merge_agreement": None,
     }
@@ -78,7 +82,7 @@ def test_summary_keeps_the_named_fields_of_every_variant_and_recommends():
     assert (summary["task"], summary["metric"]) == ("classification", "accuracy")
     assert list(summary["variants"]) == ["finetuned", "quantized", "pruned"]
     for values in summary["variants"].values():
-        assert list(values) == list(CLASSIFICATION_NAMES)
+        assert list(values) == [*CLASSIFICATION_NAMES, "device"]
     assert summary["variants"]["quantized"]["latency_ms_p50"] == 8.0
     assert summary["recommended"] == summary["recommendation"]["variant"] == "quantized"
     assert summary["recommendation"]["speedup"] == pytest.approx(20.0 / 8.0)
@@ -138,7 +142,7 @@ def test_ner_summary_adds_the_baselines_named_fields():
         "variants",
         "baselines",
     ]
-    assert list(summary["variants"]["finetuned"]) == list(NER_NAMES)
+    assert list(summary["variants"]["finetuned"]) == [*NER_NAMES, "device"]
     assert summary["baselines"] == {
         name: {**entity_scores, "token_accuracy": 0.8} for name in ("majority_tag", "gazetteer")
     }
