@@ -15,8 +15,8 @@ from transformers import BertForTokenClassification
 
 from trimflow.config.loading import ConfigError, compose_config
 from trimflow.config.schema import TrainerConfig
-from trimflow.evaluation.inputs import throughput_batch_size
 from trimflow.evaluation.devices import cpu_reason, onnx_runs_on_cuda, variant_devices
+from trimflow.evaluation.inputs import throughput_batch_size
 from trimflow.models.flops import (
     gpu_peak_flops,
     measured_matmul_flops,
@@ -47,7 +47,6 @@ def test_auto_evaluates_every_variant_on_the_cpu_with_the_cpu_throughput_batch()
     assert throughput_batch_size(cfg.evaluate) == 32
     fixed = compose_config(["evaluate.throughput.batch_size=16"]).evaluate
     assert throughput_batch_size(fixed) == 16
-    )
 
 
 def test_cpu_only_kernels_are_named_and_gpu_capable_variants_are_not():
