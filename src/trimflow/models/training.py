@@ -233,6 +233,7 @@ class TrainingPace(Callback):
         self.peak_mem_mb = 0.0
         self.start_mem_mb = 0.0  # held when the loop starts: libraries, data, model
         self.peak_flops = 0.0
+        self.peak_source = ""
         self.world_size = 1
         self.memory: PeakMemory | None = None
         self.shape: tuple[int, int, int, int] = (0, 0, 0, 0)  # N, N_t, layers, width
@@ -247,8 +248,7 @@ class TrainingPace(Callback):
             config.num_hidden_layers,
             config.hidden_size,
         )
-        self.peak_flops, source = device_peak_flops(pl_module.device.type)
-        log.info("MFU against %.1f TFLOP/s (%s)", self.peak_flops / 1e12, source)
+        self.peak_flops, self.peak_source = device_peak_flops(pl_module.device.type)
         self.memory = PeakMemory(pl_module.device)
         self.memory.reset()
         self.start_mem_mb = self.memory.current_mb()
@@ -272,6 +272,14 @@ class TrainingPace(Callback):
         self._add_up(trainer)
         peaks = gathered(self.memory.peak_mb())
         self.peak_mem_mb = max(peaks)
+        if is_main_process():
+            log.info(
+                "%.0f tokens/s, model-FLOPs utilisation %.1f%% of %.2f TFLOP/s (%s)",
+                self.tokens_per_s,
+                100 * self.mfu,
+                self.peak_flops * self.world_size / 1e12,
+                self.peak_source,
+            )
 
     def _add_up(self, trainer: L.Trainer) -> None:
         """Time so far, and every process's samples, tokens and FLOPs (collective)."""
