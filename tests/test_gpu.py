@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 from helpers import build_tiny_bert, quiet_trainer
@@ -140,11 +141,15 @@ def test_gpu_peaks_match_the_most_specific_name():
     assert gpu_peak_flops("Some Future GPU") is None
 
 
-def test_training_pace_counts_real_tokens_flops_and_mfu(labelled_batches):
+def test_training_pace_counts_real_tokens_flops_and_mfu(labelled_batches, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
     model = build_tiny_bert()
     pace = TrainingPace()
     loader = torch.utils.data.DataLoader(labelled_batches, batch_size=None)
-    quiet_trainer(max_epochs=2, callbacks=[pace]).fit(ClassifierModule(model, lr=1e-3), loader)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = quiet_trainer(max_epochs=2, callbacks=[pace], logger=logger)
+    trainer.fit(ClassifierModule(model, lr=1e-3), loader)
     lengths = [int(n) for batch in labelled_batches for n in batch["attention_mask"].sum(-1)]
     assert pace.total_tokens == 2 * sum(lengths)
     n, trainable = non_embedding_counts(model)
@@ -152,6 +157,9 @@ def test_training_pace_counts_real_tokens_flops_and_mfu(labelled_batches):
     assert pace.tokens_per_s == pytest.approx(pace.total_tokens / pace.seconds)
     assert pace.mfu == pytest.approx(pace.total_flops / pace.seconds / pace.peak_flops)
     assert 0 < pace.mfu < 1  # against the measured matmul rate of this CPU
+    logged = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
+    assert logged["train/mfu"].notna().sum() == 2  # each epoch, to the logger only
+    assert "train/mfu" not in trainer.callback_metrics  # not in history.csv's learning curves
 
 
 # --- training settings -------------------------------------------------------------------------

@@ -264,8 +264,13 @@ class TrainingPace(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log the tokens/s and MFU of every process so far (train/tokens_per_s, train/mfu)."""
         self._add_up(trainer)
-        pl_module.log("train/tokens_per_s", self.tokens_per_s, rank_zero_only=True)
-        pl_module.log("train/mfu", self.mfu, rank_zero_only=True)
+        # Straight to the logger: timings are no learning curve (history.csv, which a resumed
+        # run must reproduce, keeps the callback metrics).
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {"train/tokens_per_s": self.tokens_per_s, "train/mfu": self.mfu},
+                step=trainer.global_step,
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Stop the clock, add up every process's counts and take the largest memory peak."""
