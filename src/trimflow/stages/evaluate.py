@@ -269,6 +269,7 @@ def _log(
             {names[key]: value for key, value in values.items() if key in names},
             active,
             [str(detail_files[variant])],
+            values["device"],
         )
     tracker.log_metrics(
         {

@@ -37,6 +37,7 @@ SWEEP = "sweep"
 BUILDS_TAG = "trimflow.builds"  # a variant stage run (prune@pruned): the variant it builds
 # A variant run of evaluate, or a registered model version: the variant it measures or holds.
 VARIANT_TAG = "trimflow.variant"
+DEVICE_TAG = "trimflow.device"  # where evaluate measured a variant: cpu or cuda
 SWEEP_TAG = "trimflow.sweep"  # a sweep run: the sweep directory
 RECOMMENDED_TAG = "trimflow.recommended"  # a pipeline run: the variant it recommends
 OBJECTIVE_TAG = "trimflow.objective"  # a registered model version: its task metric
@@ -471,9 +472,11 @@ def log_variant_run(
     metrics: dict[str, float | None],
     stage_run: Any,
     artifacts: list[str],
+    device: str,
 ) -> None:
-    """A run per evaluated variant, sibling of the stage runs, with shared metric names; a None
-    value (a figure the variant lacks) is not logged."""
+    """A run per evaluated variant, sibling of the stage runs, with shared metric names and
+    the device it was measured on as a tag; a None value (a figure the variant lacks) is not
+    logged."""
     if stage_run is None:
         return
     from mlflow.entities import Metric, Param
@@ -488,6 +491,7 @@ def log_variant_run(
             PARENT_TAG: parent,
             STAGE_TAG: "evaluate",
             VARIANT_TAG: variant,
+            DEVICE_TAG: device,
             RUN_NAME_TAG: f"variant:{variant}",
         },
     )
