@@ -293,13 +293,9 @@ class EvaluateConfig(Section):
     @field_validator("device")
     @classmethod
     def _device_exists(cls, device: str) -> str:
-        if device == "cuda":
-            import torch  # only here: every stage loads the schema
+        from trimflow.utils.device import resolve_device  # torch: only here, not at import
 
-            if not torch.cuda.is_available():
-                raise ValueError(
-                    "cuda was asked for, but torch sees no CUDA device: use auto or cpu"
-                )
+        resolve_device(device)
         return device
 
 

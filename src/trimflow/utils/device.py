@@ -14,7 +14,7 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("cuda was asked for, but torch sees no CUDA device")
+        raise ValueError("cuda was asked for, but torch sees no CUDA device: use auto or cpu")
     return requested
 
 
@@ -34,9 +34,3 @@ def enable_tf32() -> bool:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return True
-
-
-def synchronize(device: str) -> None:
-    """Wait for the device's queued work (a no-op on the CPU)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
