@@ -32,7 +32,8 @@ import mlflow
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
-from serving_bench import log_and_register, recommended_variant, split_texts
+from serving_bench import log_and_register
+from variant_inputs import bench_variant_dir, split_texts
 
 from trimflow.config.loading import load_params
 from trimflow.evaluation.machine import environment
@@ -163,10 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg, layout = load_params(), dvc_layout()
-    variant = args.variant or recommended_variant(layout)
-    variant_dir = layout.model_dir(variant)
-    if not variant_dir.is_dir():
-        raise SystemExit(f"{variant_dir} not found: run `dvc repro` for variant '{variant}' first")
+    variant, variant_dir = bench_variant_dir(layout, args.variant)
     metrics = json.loads(layout.metrics_file.read_text())
     objective = metrics["variants"][variant][cfg.task.metric]
     texts = split_texts(cfg, layout)

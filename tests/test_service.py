@@ -34,10 +34,11 @@ from trimflow.models.loading import save_model_dir
 from trimflow.serving.access import TokenBucket, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
 from trimflow.serving.loadgen import run_load, wrong_answers
+from trimflow.serving.loading import model_loader
 from trimflow.serving.pyfunc import VariantModel, log_variant_model
 from trimflow.serving.registry import register_recommended
 from trimflow.serving.server import TrimflowServer, free_port
-from trimflow.serving.service import Service, model_loader
+from trimflow.serving.service import Service
 
 TOKEN = "test-token-0123456789abcdef"
 OTHER_TOKEN = "other-token-0123456789abcdef"
@@ -205,7 +206,10 @@ def test_every_mlflow_request_format_is_understood(server, expected, request_bod
         ({"inputs": []}, "the input list is empty"),
         ({"inputs": "one text"}, "expected a list of texts, got str"),
         ({"text": ["a"]}, "expected a JSON object with one of the keys inputs, instances"),
-        ({"dataframe_split": {"columns": ["text"], "data": [["a"], [None]]}}, "input[1] is a "),
+        (
+            {"dataframe_split": {"columns": ["text"], "data": [["a"], [None]]}},
+            "input[1] is missing",
+        ),
         ({"dataframe_split": ["a"]}, "dataframe_split: not a data frame"),
         (b'{"inputs": ["unterminated', "the request body is not valid JSON"),
     ],

@@ -93,19 +93,28 @@ def input_texts(model_input: Any) -> list:
     raise invalid_input(f"expected a list of texts, got {type(model_input).__name__}")
 
 
+def text_problem(text: Any, max_chars: int) -> str | None:
+    """What makes `text` unfit to predict (missing, not a string, empty, longer than
+    `max_chars`), as `is ...`/`has ...`; None when it is fit."""
+    if text is None or (pd.api.types.is_scalar(text) and pd.isna(text)):
+        return "is missing (null)"
+    if not isinstance(text, str):
+        return f"is a {type(text).__name__}, not a string"
+    if not text.strip():
+        return "is empty"
+    if len(text) > max_chars:
+        return f"has {len(text)} characters, more than max_chars={max_chars}"
+    return None
+
+
 def validate_texts(texts: list, max_chars: int) -> list[str]:
-    """The texts as str; raises naming the first empty, non-string or too long item."""
+    """The texts as str; raises naming the first missing, non-string, empty or too long item."""
     if not texts:
         raise invalid_input("no texts to predict: the input list is empty")
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise invalid_input(f"input[{index}] is a {type(text).__name__}, not a string")
-        if not text.strip():
-            raise invalid_input(f"input[{index}] is empty")
-        if len(text) > max_chars:
-            raise invalid_input(
-                f"input[{index}] has {len(text)} characters, more than max_chars={max_chars}"
-            )
+        problem = text_problem(text, max_chars)
+        if problem is not None:
+            raise invalid_input(f"input[{index}] {problem}")
     return [str(text) for text in texts]
 
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-import mlflow
 import pandas as pd
 import uvicorn
 from fastapi import FastAPI, Request
@@ -29,9 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.server import HANDLED_SIGNALS
 
 from trimflow.config.schema import ServeConfig, TrimflowConfig
-from trimflow.layout import dvc_layout
 from trimflow.serving.access import AccessControl, error_response, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
+from trimflow.serving.loading import ModelLoadError, model_loader, model_source
 from trimflow.serving.metrics import RequestMetrics, ServiceMetrics
 from trimflow.serving.pyfunc import (
     INPUT_EXAMPLE,
@@ -40,8 +39,6 @@ from trimflow.serving.pyfunc import (
     invalid_input,
     validate_texts,
 )
-from trimflow.serving.registry import champion_uri
-from trimflow.tracking.runs import tracking_uri
 
 OPEN_PATHS = frozenset({"/health"})
 ROUTES = frozenset({"/health", "/ready", "/metrics", "/invocations"})
@@ -52,10 +49,6 @@ FRAME_FORMATS = {
     "dataframe_records": pd.DataFrame.from_records,
 }
 log = logging.getLogger(__name__)
-
-
-class ServeError(RuntimeError):
-    """The model could not be loaded, so the service stopped."""
 
 
 class Rejected(Exception):
@@ -230,30 +223,6 @@ def create_app(service: Service, tokens: list[str]) -> FastAPI:
     return app
 
 
-def model_loader(
-    cfg: TrimflowConfig, model_uri: str | None, variant: str | None
-) -> Callable[[], VariantModel]:
-    """How to load what `trimflow serve` serves: the project's variant directory
-    `models/<variant>`, else the MLflow model `model_uri` (default: the task's champion)."""
-    if variant is not None:
-        variant_dir = dvc_layout().model_dir(variant)
-        if not (variant_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{variant_dir}: no such variant (run the pipeline first)")
-        return partial(VariantModel().load, variant_dir, max_length=cfg.model.max_length)
-    return partial(
-        load_registered, model_uri or champion_uri(cfg.task.type), tracking_uri(cfg.tracking)
-    )
-
-
-def load_registered(model_uri: str, tracking: str) -> VariantModel:
-    """The `VariantModel` of a logged or registered trimflow model."""
-    mlflow.set_tracking_uri(tracking)
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    if not isinstance(model, VariantModel):
-        raise ServeError(f"{model_uri} is a {type(model).__name__}, not a trimflow model")
-    return model
-
-
 @contextlib.contextmanager
 def signals_left_to_uvicorn() -> Iterator[None]:
     """SIGTERM and SIGINT ignored around the server: uvicorn catches them while it runs, stops
@@ -269,10 +238,10 @@ def signals_left_to_uvicorn() -> Iterator[None]:
 
 def serve(cfg: TrimflowConfig, model_uri: str | None = None, variant: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT (see the module docstring); `ConfigError` without a
-    token, `ServeError` when the model cannot be loaded."""
+    token, `ModelLoadError` when the model cannot be loaded."""
     service = Service(cfg.serve, model_loader(cfg, model_uri, variant), read_tokens(cfg.serve))
-    log.info("loading %s", variant or model_uri or champion_uri(cfg.task.type))
+    log.info("loading %s", model_source(cfg, model_uri, variant))
     with signals_left_to_uvicorn():
         service.server.run()
     if service.failure is not None:
-        raise ServeError(f"could not load the model: {service.failure}")
+        raise ModelLoadError(f"could not load the model: {service.failure}")
