@@ -19,10 +19,10 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers import build_tiny_bert, perturbed
+from helpers import TINY_TAGS as TAGS
+from helpers import build_tiny_bert, build_token_bert, perturbed
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from transformers import BertForTokenClassification
 
 from trimflow.compress.quantize import quantize_model, save_quantized
 from trimflow.compress.structured import prune_heads, prune_neurons
@@ -41,7 +41,6 @@ from trimflow.serving.registry import (
 from trimflow.serving.server import ScoringServer, ServerError
 
 CLASSES = ["alpha", "beta", "gamma"]
-TAGS = ["O", "B-loc", "I-loc"]
 TEXTS = [
     "oil prices rose sharply on opec news",
     "the company reported higher quarterly earnings",
@@ -51,16 +50,6 @@ TEXTS = [
     "shares of the acquired unit jumped",
 ]
 SERVE_MAX_CHARS = 200
-
-
-def build_token_bert() -> BertForTokenClassification:
-    """The tiny BERT config with an O / B-loc / I-loc token head."""
-    config = build_tiny_bert().config
-    config.num_labels = len(TAGS)
-    config.id2label = dict(enumerate(TAGS))
-    config.label2id = {tag: i for i, tag in enumerate(TAGS)}
-    torch.manual_seed(0)
-    return BertForTokenClassification(config).eval()
 
 
 def in_process_logits(variant_dir: Path, tokenizer, texts: list[str]) -> torch.Tensor:
