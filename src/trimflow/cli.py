@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 
-from trimflow.layout import STAGES, VARIANT_STAGES, unit_name
+from trimflow.layout import STAGES, VARIANT_STAGES, dvc_layout, unit_name
 from trimflow.utils.distributed import is_main_process
 from trimflow.utils.interrupt import StageInterrupted, naming_stage, signals_raise
 from trimflow.utils.quiet import quiet_third_party
@@ -176,6 +176,17 @@ def _add_model_source(sub: argparse.ArgumentParser, verb: str) -> None:
     source.add_argument("--variant", help=f"{verb} models/VARIANT of this project instead")
 
 
+def monitor_command(args: argparse.Namespace) -> int:
+    """`trimflow monitor`: 0 no drift, 1 drift, 2 bad input (monitoring/monitor.py)."""
+    from pathlib import Path
+
+    from trimflow.config.loading import load_params
+    from trimflow.monitoring.monitor import run_monitor
+
+    cfg = load_params(args.params, args.overrides).monitor
+    return run_monitor(cfg, Path(args.log), Path(args.reference), Path(args.out))
+
+
 def report_interruption(err: StageInterrupted, argv: list[str]) -> int:
     """Say which stage a signal stopped and how to continue; the exit status for it.
 
@@ -252,6 +263,16 @@ def run_command(argv: list[str]) -> int:
     predict.add_argument(
         "overrides", nargs="*", help="settings over --params, e.g. evaluate.num_threads=4"
     )
+    monitor = commands.add_parser(
+        "monitor", help="drift of a prediction log from the reference profile: exit 1 on drift"
+    )
+    monitor.add_argument("--log", required=True, help="the prediction log (JSON lines)")
+    monitor.add_argument(
+        "--reference", default=str(dvc_layout().reference_profile), help="evaluate's profile"
+    )
+    monitor.add_argument("--out", default="reports/monitor", help="monitor.json, monitor.html")
+    monitor.add_argument("--params", default="params.yaml", help="settings: its monitor section")
+    monitor.add_argument("overrides", nargs="*", help="e.g. monitor.psi_threshold=0.25")
     dag = commands.add_parser("dag", help="dvc.yaml's code deps from the imports of each stage")
     mode = dag.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="list wrong code deps; exit 1 if any")
@@ -285,6 +306,8 @@ def run_command(argv: list[str]) -> int:
             return serve_command(args)
         elif args.command == "predict":
             return predict_command(args)
+        elif args.command == "monitor":
+            return monitor_command(args)
         elif args.command == "repro":
             from trimflow.pipeline import dvc_repro
 

@@ -4,8 +4,9 @@ The model is the pyfunc's `VariantModel` (from a registered model, or a variant 
 this project), so it answers `POST /invocations` as `mlflow models serve` does: the same request
 formats, `{"predictions": [...]}`, 400 naming a bad item. Around it: micro-batching
 (`batching.py`), a bearer token and a rate limit (`access.py`), Prometheus metrics
-(`metrics.py`), `/health` (alive, no token) and `/ready` (model loaded and warmed up). The
-model loads in the background once the port is open; SIGTERM lets in-flight requests finish.
+(`metrics.py`), `/health` (alive, no token) and `/ready` (model loaded and warmed up), and the
+opt-in prediction log (`prediction_log.py`). The model loads in the background once the port is
+open; SIGTERM lets in-flight requests finish.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from trimflow.serving.access import AccessControl, error_response, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
 from trimflow.serving.loading import ModelLoadError, model_loader, model_source
 from trimflow.serving.metrics import RequestMetrics, ServiceMetrics
+from trimflow.serving.prediction_log import PredictionLog
 from trimflow.serving.pyfunc import (
     INPUT_EXAMPLE,
     VariantModel,
@@ -105,14 +107,22 @@ class Service:
     """A model behind the routes of `create_app`, on a uvicorn server (`self.server`).
 
     Started, it loads the model with `load_model` in a thread, warms it up on a full batch,
-    and only then is ready; if loading fails it records `failure` and stops the server."""
+    and only then is ready; if loading fails it records `failure` and stops the server. With
+    `serve.prediction_log.path` set, each batch's answers are logged, naming `model_name`."""
 
     def __init__(
-        self, cfg: ServeConfig, load_model: Callable[[], VariantModel], tokens: list[str]
+        self,
+        cfg: ServeConfig,
+        load_model: Callable[[], VariantModel],
+        tokens: list[str],
+        model_name: str = "",
     ) -> None:
         self.cfg = cfg
         self.load_model = load_model
         self.metrics = ServiceMetrics()
+        self.prediction_log = (
+            PredictionLog(cfg.prediction_log, model_name) if cfg.prediction_log.path else None
+        )
         self.model: VariantModel | None = None
         self.batcher: MicroBatcher | None = None
         self.loading: asyncio.Task | None = None
@@ -150,16 +160,22 @@ class Service:
         log.info("ready: http://%s:%d (labels: %s)", self.cfg.host, self.cfg.port, model.labels)
 
     def _predict_batch(self, model: VariantModel, texts: list[str]) -> list[dict]:
-        rows = model.predict_texts(texts, batch_size=self.cfg.max_batch)
+        """One micro-batch, in the batcher's worker thread: predict, count, log."""
+        rows, pieces = model.predict_with_pieces(texts, batch_size=self.cfg.max_batch)
         self.metrics.observe_batch(rows)
+        if self.prediction_log is not None:
+            self.prediction_log.write(texts, rows, pieces)
         return rows
 
     async def stop(self) -> None:
-        """After the server has let in-flight requests finish: stop the batcher."""
+        """After the server has let in-flight requests finish: stop the batcher, close the
+        prediction log."""
         if self.loading is not None:
             self.loading.cancel()
         if self.batcher is not None:
             await self.batcher.close()
+        if self.prediction_log is not None:
+            self.prediction_log.close()
 
     async def predict(self, texts: list) -> list[dict]:
         """The rows of a request's texts (checked here), batched with concurrent requests;
@@ -238,9 +254,13 @@ def signals_left_to_uvicorn() -> Iterator[None]:
 
 def serve(cfg: TrimflowConfig, model_uri: str | None = None, variant: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT (see the module docstring); `ConfigError` without a
-    token, `ModelLoadError` when the model cannot be loaded."""
-    service = Service(cfg.serve, model_loader(cfg, model_uri, variant), read_tokens(cfg.serve))
-    log.info("loading %s", model_source(cfg, model_uri, variant))
+    token or with an unwritable prediction log, `ModelLoadError` when the model cannot be
+    loaded."""
+    model_name = model_source(cfg, model_uri, variant)
+    service = Service(
+        cfg.serve, model_loader(cfg, model_uri, variant), read_tokens(cfg.serve), model_name
+    )
+    log.info("loading %s", model_name)
     with signals_left_to_uvicorn():
         service.server.run()
     if service.failure is not None:
