@@ -29,7 +29,7 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
-from variant_inputs import bench_variant_dir, split_texts
+from variant_inputs import bench_variant_dir
 
 from trimflow.compress.variants import load_variant
 from trimflow.config.loading import load_params
@@ -37,6 +37,7 @@ from trimflow.evaluation.benchmark import throughput_summary, timed_forwards, to
 from trimflow.evaluation.inputs import build_test_inputs, inference_data, throughput_batch_size
 from trimflow.evaluation.machine import environment
 from trimflow.layout import dvc_layout
+from trimflow.monitoring.profile import split_texts
 from trimflow.serving.batch_predict import predict_file
 from trimflow.serving.loading import model_loader
 from trimflow.serving.tables import FORMATS, table_writer
@@ -76,7 +77,7 @@ def main() -> None:
 
     inputs = build_test_inputs(inference_data(layout, ev.batch_size), cfg)
     rows = sum(len(batch["input_ids"]) for batch in inputs.throughput_batches)
-    texts = split_texts(cfg, layout)[:rows]
+    texts = split_texts(layout.prepared, "test", cfg.task.type)[:rows]
     model = load_variant(variant_dir, num_threads=ev.num_threads)
     with torch_threads(ev.num_threads):
         scorer = model_loader(cfg, None, variant)()

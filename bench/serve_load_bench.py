@@ -33,11 +33,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 from serving_bench import log_and_register
-from variant_inputs import bench_variant_dir, split_texts
+from variant_inputs import bench_variant_dir
 
 from trimflow.config.loading import load_params
 from trimflow.evaluation.machine import environment
 from trimflow.layout import dvc_layout
+from trimflow.monitoring.profile import split_texts
 from trimflow.serving.loadgen import LoadRun, run_load, wrong_answers
 from trimflow.serving.server import LocalServer, ScoringServer, TrimflowServer
 from trimflow.utils.atomic import write_json
@@ -167,7 +168,7 @@ def main() -> None:
     variant, variant_dir = bench_variant_dir(layout, args.variant)
     metrics = json.loads(layout.metrics_file.read_text())
     objective = metrics["variants"][variant][cfg.task.metric]
-    texts = split_texts(cfg, layout)
+    texts = split_texts(layout.prepared, "test", cfg.task.type)
     token = secrets.token_urlsafe(32)
 
     with tempfile.TemporaryDirectory(prefix="trimflow-serve-load-") as tmp:

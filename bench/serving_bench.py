@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
-from variant_inputs import bench_variant_dir, split_texts
+from variant_inputs import bench_variant_dir
 
 from trimflow.compress.variants import load_variant
 from trimflow.config.loading import load_params
@@ -57,6 +57,7 @@ from trimflow.evaluation.inputs import (
 from trimflow.evaluation.machine import environment
 from trimflow.evaluation.scoring import make_scorer
 from trimflow.layout import dvc_layout, read_label_map
+from trimflow.monitoring.profile import split_texts
 from trimflow.serving.pyfunc import log_variant_model
 from trimflow.serving.registry import champion_uri, register_recommended, registered_model_name
 from trimflow.serving.server import ScoringServer
@@ -181,7 +182,7 @@ def main() -> None:
     model = load_variant(variant_dir, num_threads=ev.num_threads)
     with torch_threads(ev.num_threads):
         scored = make_scorer(cfg, layout, labels).score(model, inputs.sorted_batches, inputs.order)
-    test_batches = chunks(split_texts(cfg, layout), batch_size)
+    test_batches = chunks(split_texts(layout.prepared, "test", cfg.task.type), batch_size)
 
     with tempfile.TemporaryDirectory(prefix="trimflow-serving-") as tmp:
         store = Path(tmp)

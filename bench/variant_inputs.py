@@ -1,13 +1,10 @@
-"""What the variant benchmarks share: the variant to measure and the test split's texts."""
+"""What the variant benchmarks share: the variant to measure."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pandas as pd
-
-from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import Layout
 
 
@@ -23,11 +20,3 @@ def bench_variant_dir(layout: Layout, variant: str | None) -> tuple[str, Path]:
     if not variant_dir.is_dir():
         raise SystemExit(f"{variant_dir} not found: run `dvc repro` for variant '{variant}' first")
     return variant, variant_dir
-
-
-def split_texts(cfg: TrimflowConfig, layout: Layout) -> list[str]:
-    """The test split's texts in file order (NER: its words joined by spaces)."""
-    test = pd.read_parquet(layout.prepared / "test.parquet")
-    if cfg.task.type == "ner":
-        return test["tokens"].map(" ".join).tolist()
-    return test["text"].tolist()
