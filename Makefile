@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving bench-serve-load bench-predict ui ui-test clean
+.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving bench-serve-load bench-predict bench-drift ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -68,6 +68,9 @@ bench-serve-load: install  ## trimflow serve vs mlflow models serve, 16 concurre
 
 bench-predict: install  ## trimflow predict's texts/s on a file vs evaluate's batch throughput, after the pipeline, into reports/predict_bench.json
 	$(PY) bench/predict_bench.py
+
+bench-drift: install  ## trimflow monitor on logged traffic: R8 samples (no drift) vs WNUT tweets and one class (drift), after the pipeline
+	$(PY) bench/drift_bench.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	@echo "trimflow runs: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (1: the trimflow experiment of a fresh mlflow.db; the parameter picks the runs table over the GenAI overview)"

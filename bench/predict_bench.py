@@ -39,7 +39,7 @@ from trimflow.evaluation.machine import environment
 from trimflow.layout import dvc_layout
 from trimflow.monitoring.profile import split_texts
 from trimflow.serving.batch_predict import predict_file
-from trimflow.serving.loading import model_loader
+from trimflow.serving.loading import model_source
 from trimflow.serving.tables import FORMATS, table_writer
 from trimflow.utils.atomic import write_json
 
@@ -80,7 +80,7 @@ def main() -> None:
     texts = split_texts(layout.prepared, "test", cfg.task.type)[:rows]
     model = load_variant(variant_dir, num_threads=ev.num_threads)
     with torch_threads(ev.num_threads):
-        scorer = model_loader(cfg, None, variant)()
+        scorer = model_source(cfg, None, variant).load()
 
     timings = {"evaluate": [], "predict": []}
     with tempfile.TemporaryDirectory(prefix="trimflow-predict-") as tmp:

@@ -34,7 +34,7 @@ from trimflow.models.loading import save_model_dir
 from trimflow.serving.access import TokenBucket, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
 from trimflow.serving.loadgen import run_load, wrong_answers
-from trimflow.serving.loading import model_loader
+from trimflow.serving.loading import ModelLoadError, model_source
 from trimflow.serving.pyfunc import VariantModel, log_variant_model
 from trimflow.serving.registry import register_recommended
 from trimflow.serving.server import TrimflowServer, free_port
@@ -431,9 +431,13 @@ def test_a_registered_model_is_served_through_its_pyfunc(project, tracking_db, t
         client = MlflowClient(tracking_db)
         register_recommended(client, run.info.run_id, info.model_uri, name, 0.9, "tiny")
         cfg = load_params(project / "params.yaml", [f"tracking.uri={tracking_db}"])
-        model = model_loader(cfg, f"models:/{name}@champion", None)()
+        source = model_source(cfg, f"models:/{name}@champion", None)
+        model = source.load()
+        with pytest.raises(ModelLoadError, match=f"models:/{name}@staging: "):
+            model_source(cfg, f"models:/{name}@staging", None)
     finally:
         mlflow.set_tracking_uri(previous)
+    assert source.name == f"models:/{name}/1"  # the alias pinned: the version logged is loaded
     assert_answers(model.predict_texts(TEXTS), TEXTS, expected)
 
 

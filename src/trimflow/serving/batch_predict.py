@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.errors import DataError
 from trimflow.evaluation.benchmark import torch_threads
-from trimflow.serving.loading import ModelLoadError, model_loader, model_source
+from trimflow.serving.loading import ModelLoadError, model_source
 from trimflow.serving.pyfunc import BATCH_SIZE, VariantModel, text_problem
 from trimflow.serving.tables import Chunk, read_chunks, row_count, table_format, table_writer
 from trimflow.utils.progress import counting
@@ -99,14 +99,13 @@ def predict(
         table_format(path)  # an unknown suffix fails before the model loads
     if not input_path.is_file():
         raise FileNotFoundError(f"{input_path}: no such file")
-    load = model_loader(cfg, model_uri, variant)
     source = model_source(cfg, model_uri, variant)
-    log.info("loading %s", source)
+    log.info("loading %s", source.name)
     with torch_threads(cfg.evaluate.num_threads):
         try:
-            model = load()
+            model = source.load()
         except (MlflowException, OSError) as error:
-            raise ModelLoadError(f"could not load {source}: {error}") from error
+            raise ModelLoadError(f"could not load {source.name}: {error}") from error
         summary = predict_file(model, input_path, output_path, text_column, batch_size)
     for line in summary.lines():
         log.info("%s", line)

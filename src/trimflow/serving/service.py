@@ -31,7 +31,7 @@ from uvicorn.server import HANDLED_SIGNALS
 from trimflow.config.schema import ServeConfig, TrimflowConfig
 from trimflow.serving.access import AccessControl, error_response, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
-from trimflow.serving.loading import ModelLoadError, model_loader, model_source
+from trimflow.serving.loading import ModelLoadError, model_source
 from trimflow.serving.metrics import RequestMetrics, ServiceMetrics
 from trimflow.serving.prediction_log import PredictionLog
 from trimflow.serving.pyfunc import (
@@ -256,11 +256,9 @@ def serve(cfg: TrimflowConfig, model_uri: str | None = None, variant: str | None
     """Serve until SIGTERM or SIGINT (see the module docstring); `ConfigError` without a
     token or with an unwritable prediction log, `ModelLoadError` when the model cannot be
     loaded."""
-    model_name = model_source(cfg, model_uri, variant)
-    service = Service(
-        cfg.serve, model_loader(cfg, model_uri, variant), read_tokens(cfg.serve), model_name
-    )
-    log.info("loading %s", model_name)
+    source = model_source(cfg, model_uri, variant)
+    service = Service(cfg.serve, source.load, read_tokens(cfg.serve), source.name)
+    log.info("loading %s", source.name)
     with signals_left_to_uvicorn():
         service.server.run()
     if service.failure is not None:
