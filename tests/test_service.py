@@ -33,10 +33,12 @@ from trimflow.config.loading import ConfigError, load_params, write_params
 from trimflow.models.loading import save_model_dir
 from trimflow.serving.access import TokenBucket, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
+from trimflow.serving.loadgen import run_load, wrong_answers
+from trimflow.serving.loading import ModelLoadError, model_source
 from trimflow.serving.pyfunc import VariantModel, log_variant_model
 from trimflow.serving.registry import register_recommended
 from trimflow.serving.server import TrimflowServer, free_port
-from trimflow.serving.service import Service, model_loader
+from trimflow.serving.service import Service
 
 TOKEN = "test-token-0123456789abcdef"
 OTHER_TOKEN = "other-token-0123456789abcdef"
@@ -147,7 +149,7 @@ def server(project):
         *("serve.rate_limit=null", f"serve.max_body_bytes={MAX_BODY_BYTES}"),
     ]
     with TrimflowServer(project, arguments, TOKEN_ENV) as running:
-        wait_until_ready(running.url)
+        running.wait_until_ready(TOKEN)
         yield running
     assert running.process.returncode == 0, running.stderr_tail()
 
@@ -204,7 +206,10 @@ def test_every_mlflow_request_format_is_understood(server, expected, request_bod
         ({"inputs": []}, "the input list is empty"),
         ({"inputs": "one text"}, "expected a list of texts, got str"),
         ({"text": ["a"]}, "expected a JSON object with one of the keys inputs, instances"),
-        ({"dataframe_split": {"columns": ["text"], "data": [["a"], [None]]}}, "input[1] is a "),
+        (
+            {"dataframe_split": {"columns": ["text"], "data": [["a"], [None]]}},
+            "input[1] is missing",
+        ),
         ({"dataframe_split": ["a"]}, "dataframe_split: not a data frame"),
         (b'{"inputs": ["unterminated', "the request body is not valid JSON"),
     ],
@@ -273,6 +278,25 @@ def test_concurrent_callers_each_get_their_own_answers_in_shared_batches(server,
     )
 
 
+@pytest.mark.slow  # the bounded load test of make test-all
+def test_a_bounded_load_of_16_clients_loses_and_misroutes_nothing(server, expected):
+    texts = [*TEXTS, LONG_TEXT]
+    before = metrics(server.url)
+    run = run_load(server.url, texts, clients=16, max_requests=600, max_seconds=90, token=TOKEN)
+    grown = deltas(before, metrics(server.url))
+    summary = run.summary()
+    assert summary["requests"] >= 16 and summary["answered"] == summary["requests"], summary
+
+    def agrees(text: str, row: dict) -> bool:
+        want = expected[text]
+        same = (row["label"], row["truncated"]) == (want["label"], want["truncated"])
+        return same and abs(row["score"] - want["score"]) <= 1e-5
+
+    assert wrong_answers(run.exchanges, agrees) == []
+    assert grown[("trimflow_batch_texts_sum",)] == summary["requests"]
+    assert grown[("trimflow_batch_texts_count",)] < summary["requests"] / 2  # merged under load
+
+
 def test_metrics_count_requests_predictions_and_truncation(server, expected):
     texts = [TEXTS[0], TEXTS[1], LONG_TEXT]
     before = metrics(server.url)
@@ -312,7 +336,7 @@ def test_rate_limit_per_token_from_a_token_file(project, tmp_path):
     # The file's tokens, not the environment's: the variable names another token.
     env = {"TRIMFLOW_SERVE_TOKEN": "environment-token-0123456789"}
     with TrimflowServer(project_copy(project, tmp_path / "limited"), arguments, env) as server:
-        wait_until_ready(server.url)
+        server.wait_until_ready(TOKEN)
         time.sleep(1.1)  # the bucket refills: a burst of 2
         answers = [call(server.url, "/ready") for _ in range(10)]
         statuses = [status for status, _, _ in answers]
@@ -330,7 +354,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(project, tmp_path, 
     arguments = ["--variant", "tiny", "serve.max_wait_ms=3000", "serve.rate_limit=null"]
     server = TrimflowServer(project_copy(project, tmp_path / "draining"), arguments, TOKEN_ENV)
     with server:
-        wait_until_ready(server.url)
+        server.wait_until_ready(TOKEN)
         texts = TEXTS[:2]
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(predict, server.url, texts)
@@ -407,9 +431,13 @@ def test_a_registered_model_is_served_through_its_pyfunc(project, tracking_db, t
         client = MlflowClient(tracking_db)
         register_recommended(client, run.info.run_id, info.model_uri, name, 0.9, "tiny")
         cfg = load_params(project / "params.yaml", [f"tracking.uri={tracking_db}"])
-        model = model_loader(cfg, f"models:/{name}@champion", None)()
+        source = model_source(cfg, f"models:/{name}@champion", None)
+        model = source.load()
+        with pytest.raises(ModelLoadError, match=f"models:/{name}@staging: "):
+            model_source(cfg, f"models:/{name}@staging", None)
     finally:
         mlflow.set_tracking_uri(previous)
+    assert source.name == f"models:/{name}/1"  # the alias pinned: the version logged is loaded
     assert_answers(model.predict_texts(TEXTS), TEXTS, expected)
 
 

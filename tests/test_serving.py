@@ -19,10 +19,9 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers import build_tiny_bert, perturbed
+from helpers import TINY_TAGS, build_tiny_bert, build_tiny_tagger, perturbed
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from transformers import BertForTokenClassification
 
 from trimflow.compress.quantize import quantize_model, save_quantized
 from trimflow.compress.structured import prune_heads, prune_neurons
@@ -41,7 +40,6 @@ from trimflow.serving.registry import (
 from trimflow.serving.server import ScoringServer, ServerError
 
 CLASSES = ["alpha", "beta", "gamma"]
-TAGS = ["O", "B-loc", "I-loc"]
 TEXTS = [
     "oil prices rose sharply on opec news",
     "the company reported higher quarterly earnings",
@@ -51,16 +49,6 @@ TEXTS = [
     "shares of the acquired unit jumped",
 ]
 SERVE_MAX_CHARS = 200
-
-
-def build_token_bert() -> BertForTokenClassification:
-    """The tiny BERT config with an O / B-loc / I-loc token head."""
-    config = build_tiny_bert().config
-    config.num_labels = len(TAGS)
-    config.id2label = dict(enumerate(TAGS))
-    config.label2id = {tag: i for i, tag in enumerate(TAGS)}
-    torch.manual_seed(0)
-    return BertForTokenClassification(config).eval()
 
 
 def in_process_logits(variant_dir: Path, tokenizer, texts: list[str]) -> torch.Tensor:
@@ -89,8 +77,8 @@ def variant_dirs(tmp_path_factory, packaged_tokenizer) -> dict[str, Path]:
     sample = dict(packaged_tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
     dirs["onnx_int8"].mkdir()
     save_onnx_variant(model, dirs["fp32"], dirs["onnx_int8"], "onnx_dynamic_int8", sample, [])
-    tagger = perturbed(build_token_bert(), scale=0.2)
-    save_model_dir(tagger, packaged_tokenizer, {"labels": TAGS}, dirs["ner"])
+    tagger = perturbed(build_tiny_tagger(), scale=0.2)
+    save_model_dir(tagger, packaged_tokenizer, {"labels": TINY_TAGS}, dirs["ner"])
     return dirs
 
 
@@ -179,7 +167,9 @@ def test_ner_entities_are_spans_of_the_input(loaded, variant_dirs, packaged_toke
         with torch.inference_mode():
             token_tags = model(**encoded).logits.argmax(-1)[0].tolist()
         tags = word_predictions(token_tags, encoded.word_ids(0), len(words), fill=0)
-        tagged_words = {word for word, tag in zip(words, tags, strict=True) if TAGS[tag] != "O"}
+        tagged_words = {
+            word for word, tag in zip(words, tags, strict=True) if TINY_TAGS[tag] != "O"
+        }
         entity_words = set()
         for entity in prediction["entities"]:
             assert text[entity["start"] : entity["end"]] == entity["text"]
@@ -207,7 +197,7 @@ def test_ner_truncation_leaves_the_cut_words_outside(loaded):
         (["fine", 3], "input[1] is a int, not a string"),
         (["fine", "ok", "   "], "input[2] is empty"),
         (["fine", "x" * 10_001], "input[1] has 10001 characters, more than max_chars=10000"),
-        (pd.DataFrame({"text": ["fine", None]}), "input[1] is a "),
+        (pd.DataFrame({"text": ["fine", None]}), "input[1] is missing (null)"),
     ],
 )
 def test_bad_inputs_are_rejected_naming_the_item(loaded, bad_input, message):

@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 
-from trimflow.layout import STAGES, VARIANT_STAGES, unit_name
+from trimflow.layout import STAGES, VARIANT_STAGES, dvc_layout, unit_name
 from trimflow.utils.distributed import is_main_process
 from trimflow.utils.interrupt import StageInterrupted, naming_stage, signals_raise
 from trimflow.utils.quiet import quiet_third_party
@@ -116,14 +116,75 @@ def compare_runs(args: argparse.Namespace) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     """`trimflow serve`: serve until SIGTERM or SIGINT (0); 2 when the model cannot be loaded."""
     from trimflow.config.loading import load_params
-    from trimflow.serving.service import ServeError, serve
+    from trimflow.serving.loading import ModelLoadError
+    from trimflow.serving.service import serve
 
     try:
         serve(load_params(args.params, args.overrides), args.model, args.variant)
-    except ServeError as err:
+    except ModelLoadError as err:
         log.error("%s", err)
         return 2
     return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """`trimflow predict`: 0 when the file was scored (bad rows reported), 2 when no row could
+    be scored or the model cannot be loaded."""
+    from pathlib import Path
+
+    from trimflow.config.loading import load_params
+    from trimflow.serving.batch_predict import predict
+    from trimflow.serving.loading import ModelLoadError
+    from trimflow.serving.pyfunc import BATCH_SIZE
+
+    cfg = load_params(args.params, args.overrides)
+    try:
+        summary = predict(
+            cfg,
+            Path(args.input),
+            Path(args.output),
+            args.model,
+            args.variant,
+            args.text_column,
+            args.batch_size or BATCH_SIZE,
+        )
+    except ModelLoadError as err:
+        log.error("%s", err)
+        return 2
+    if summary.scored == 0:
+        log.error(
+            "no row of %s could be scored: see the error column of %s", args.input, args.output
+        )
+        return 2
+    return 0
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _add_model_source(sub: argparse.ArgumentParser, verb: str) -> None:
+    """`--model URI | --variant NAME`, as `trimflow serve` and `trimflow predict` take them."""
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", help="MLflow model URI (default: models:/trimflow-<task>@champion)"
+    )
+    source.add_argument("--variant", help=f"{verb} models/VARIANT of this project instead")
+
+
+def monitor_command(args: argparse.Namespace) -> int:
+    """`trimflow monitor`: 0 no drift, 1 drift, 2 bad input (monitoring/monitor.py)."""
+    from pathlib import Path
+
+    from trimflow.config.loading import load_params
+    from trimflow.monitoring.monitor import run_monitor
+
+    cfg = load_params(args.params, args.overrides).monitor
+    return run_monitor(cfg, Path(args.log), Path(args.reference), Path(args.out))
 
 
 def report_interruption(err: StageInterrupted, argv: list[str]) -> int:
@@ -183,13 +244,35 @@ def run_command(argv: list[str]) -> int:
     serve = commands.add_parser(
         "serve", help="an HTTP service of a model: micro-batching, metrics, a bearer token"
     )
-    source = serve.add_mutually_exclusive_group()
-    source.add_argument(
-        "--model", help="MLflow model URI (default: models:/trimflow-<task>@champion)"
-    )
-    source.add_argument("--variant", help="serve models/VARIANT of this project instead")
+    _add_model_source(serve, "serve")
     serve.add_argument("--params", default="params.yaml", help="settings: its serve section")
     serve.add_argument("overrides", nargs="*", help="settings over --params, e.g. serve.port=9000")
+    predict = commands.add_parser(
+        "predict", help="score a csv, jsonl or parquet file into another, bad rows reported"
+    )
+    predict.add_argument("--input", required=True, help="FILE.csv, .jsonl (.json) or .parquet")
+    predict.add_argument("--output", required=True, help="FILE.csv, .jsonl (.json) or .parquet")
+    _add_model_source(predict, "score with")
+    predict.add_argument("--text-column", default="text", help="the column of texts")
+    predict.add_argument(
+        "--batch-size", type=positive_int, help="texts per forward pass (default: 32, as served)"
+    )
+    predict.add_argument(
+        "--params", default="params.yaml", help="settings: task, model, tracking, evaluate"
+    )
+    predict.add_argument(
+        "overrides", nargs="*", help="settings over --params, e.g. evaluate.num_threads=4"
+    )
+    monitor = commands.add_parser(
+        "monitor", help="drift of a prediction log from the reference profile: exit 1 on drift"
+    )
+    monitor.add_argument("--log", required=True, help="the prediction log (JSON lines)")
+    monitor.add_argument(
+        "--reference", default=str(dvc_layout().reference_profile), help="evaluate's profile"
+    )
+    monitor.add_argument("--out", default="reports/monitor", help="monitor.json, monitor.html")
+    monitor.add_argument("--params", default="params.yaml", help="settings: its monitor section")
+    monitor.add_argument("overrides", nargs="*", help="e.g. monitor.psi_threshold=0.25")
     dag = commands.add_parser("dag", help="dvc.yaml's code deps from the imports of each stage")
     mode = dag.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="list wrong code deps; exit 1 if any")
@@ -221,6 +304,10 @@ def run_command(argv: list[str]) -> int:
             return team_command(args)
         elif args.command == "serve":
             return serve_command(args)
+        elif args.command == "predict":
+            return predict_command(args)
+        elif args.command == "monitor":
+            return monitor_command(args)
         elif args.command == "repro":
             from trimflow.pipeline import dvc_repro
 

@@ -78,8 +78,10 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "finetune.eval_batch_size",
         "quantize.variants.{variant}",
     ),
+    # model.max_length: the reference profile tokenizes as the served model does.
     "evaluate": (
         "evaluate",
+        "model.max_length",
         "adapt.variants",
         "prune.variants",
         "distill.students",
@@ -144,6 +146,11 @@ class Layout:
     def metrics_file(self) -> Path:
         """evaluate's summary: every variant's numbers and the recommendation."""
         return self.reports / "metrics.json"
+
+    @property
+    def reference_profile(self) -> Path:
+        """evaluate's prediction-log records of the recommended variant on the test split."""
+        return self.reports / "reference_profile.json"
 
     @property
     def variant_details(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
@@ -18,6 +19,8 @@ from trimflow.config.schemes import QUANTIZE_SCHEMES
 Fraction = Field(ge=0.0, lt=1.0)
 # Variant names become directory names and DVC stage keys (prune@<name>).
 VariantName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
+# A masking pattern's name is also its replacement: `<name>`.
+MaskName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
 
 
 class Section(BaseModel):
@@ -354,6 +357,31 @@ class SearchConfig(Section):
         return self
 
 
+class PredictionLogConfig(Section):
+    """`trimflow serve`'s prediction log: one JSON line per text answered (README: "Prediction
+    log and drift monitoring")."""
+
+    # Appended to; None: no log.
+    path: str | None
+    # Log each text too, masked; off by default.
+    raw_text: bool
+    # name -> regular expression, applied in this order; each match becomes `<name>`. A null
+    # pattern masks nothing.
+    mask: dict[MaskName, str | None]
+
+    @field_validator("mask")
+    @classmethod
+    def _patterns_compile(cls, mask: dict[str, str | None]) -> dict[str, str | None]:
+        for name, pattern in mask.items():
+            if pattern is None:
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{name}: not a regular expression: {error}") from None
+        return mask
+
+
 class ServeConfig(Section):
     """`trimflow serve`: the HTTP service of a variant or a registered model (read by no stage)."""
 
@@ -371,6 +399,20 @@ class ServeConfig(Section):
     token_file: str | None = None
     # On SIGTERM: how long in-flight requests may take to finish before they are cancelled.
     shutdown_timeout_s: float = Field(gt=0.0)
+    prediction_log: PredictionLogConfig
+
+
+class MonitorConfig(Section):
+    """`trimflow monitor`: drift of logged traffic from evaluate's reference profile (read by
+    no stage). A feature drifts when its PSI exceeds `psi_threshold` and its two-sample test's
+    p-value is below `p_value` (monitoring/drift.py says why both)."""
+
+    psi_threshold: float = Field(gt=0.0)
+    p_value: float = Field(gt=0.0, lt=1.0)
+    # Quantile bins of the reference for a numeric feature's PSI.
+    bins: int = Field(ge=2, le=100)
+    # Fewer logged texts give no verdict (exit 2).
+    min_texts: int = Field(ge=1)
 
 
 class TrimflowConfig(Section):
@@ -391,6 +433,7 @@ class TrimflowConfig(Section):
     tracking: TrackingConfig
     search: SearchConfig
     serve: ServeConfig
+    monitor: MonitorConfig
 
     def variant_kinds(self) -> dict[str, str]:
         """Every variant the pipeline builds -> the stage that builds it, in report order."""

@@ -23,6 +23,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from seqeval.metrics.sequence_labeling import get_entities
+from tokenizers import Encoding
 from torch import Tensor
 from transformers import AutoConfig, BatchEncoding, PreTrainedTokenizerBase
 
@@ -93,19 +94,28 @@ def input_texts(model_input: Any) -> list:
     raise invalid_input(f"expected a list of texts, got {type(model_input).__name__}")
 
 
+def text_problem(text: Any, max_chars: int) -> str | None:
+    """What makes `text` unfit to predict (missing, not a string, empty, longer than
+    `max_chars`), as `is ...`/`has ...`; None when it is fit."""
+    if text is None or (pd.api.types.is_scalar(text) and pd.isna(text)):
+        return "is missing (null)"
+    if not isinstance(text, str):
+        return f"is a {type(text).__name__}, not a string"
+    if not text.strip():
+        return "is empty"
+    if len(text) > max_chars:
+        return f"has {len(text)} characters, more than max_chars={max_chars}"
+    return None
+
+
 def validate_texts(texts: list, max_chars: int) -> list[str]:
-    """The texts as str; raises naming the first empty, non-string or too long item."""
+    """The texts as str; raises naming the first missing, non-string, empty or too long item."""
     if not texts:
         raise invalid_input("no texts to predict: the input list is empty")
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise invalid_input(f"input[{index}] is a {type(text).__name__}, not a string")
-        if not text.strip():
-            raise invalid_input(f"input[{index}] is empty")
-        if len(text) > max_chars:
-            raise invalid_input(
-                f"input[{index}] has {len(text)} characters, more than max_chars={max_chars}"
-            )
+        problem = text_problem(text, max_chars)
+        if problem is not None:
+            raise invalid_input(f"input[{index}] {problem}")
     return [str(text) for text in texts]
 
 
@@ -133,6 +143,18 @@ def text_entities(
             }
         )
     return entities
+
+
+def piece_counts(encoding: Encoding, unknown_id: int | None) -> dict[str, int]:
+    """`{"pieces", "unknown_pieces"}` of one text: its word pieces, those truncation cut off
+    included (special tokens and padding not), and how many are the tokenizer's unknown token."""
+    ids = [
+        piece
+        for part in (encoding, *encoding.overflowing)
+        for piece, word in zip(part.ids, part.word_ids, strict=True)
+        if word is not None
+    ]
+    return {"pieces": len(ids), "unknown_pieces": ids.count(unknown_id)}
 
 
 class VariantModel(mlflow.pyfunc.PythonModel):
@@ -176,12 +198,23 @@ class VariantModel(mlflow.pyfunc.PythonModel):
 
     def predict_texts(self, texts: list[str], batch_size: int = BATCH_SIZE) -> list[dict]:
         """`predict`'s rows for texts `validate_texts` accepted, `batch_size` per forward pass."""
+        return self.predict_with_pieces(texts, batch_size)[0]
+
+    def predict_with_pieces(
+        self, texts: list[str], batch_size: int = BATCH_SIZE
+    ) -> tuple[list[dict], list[dict[str, int]]]:
+        """`predict_texts`' rows, and per text its word pieces and unknown ones (`piece_counts`)
+        from the same tokenization."""
         predict_batch = self._entities if self.token_task else self._labels
-        return [
-            row
-            for start in range(0, len(texts), batch_size)
-            for row in predict_batch(texts[start : start + batch_size])
-        ]
+        rows, pieces = [], []
+        for start in range(0, len(texts), batch_size):
+            batch_rows, encoded = predict_batch(texts[start : start + batch_size])
+            rows += batch_rows
+            pieces += [
+                piece_counts(encoding, self.tokenizer.unk_token_id)
+                for encoding in encoded.encodings
+            ]
+        return rows, pieces
 
     def _probabilities(
         self, texts: Sequence, split_into_words: bool = False
@@ -199,10 +232,10 @@ class VariantModel(mlflow.pyfunc.PythonModel):
             logits = self.model(**encoded).logits
         return logits.float().softmax(dim=-1), encoded
 
-    def _labels(self, texts: list[str]) -> list[dict]:
+    def _labels(self, texts: list[str]) -> tuple[list[dict], BatchEncoding]:
         probabilities, encoded = self._probabilities(texts)
         scores, label_ids = probabilities.max(dim=-1)
-        return [
+        rows = [
             {
                 "label": self.labels[label_id],
                 "score": score,
@@ -212,13 +245,14 @@ class VariantModel(mlflow.pyfunc.PythonModel):
                 label_ids.tolist(), scores.tolist(), encoded.encodings, strict=True
             )
         ]
+        return rows, encoded
 
-    def _entities(self, texts: list[str]) -> list[dict]:
+    def _entities(self, texts: list[str]) -> tuple[list[dict], BatchEncoding]:
         words = [list(WORD.finditer(text)) for text in texts]
         probabilities, encoded = self._probabilities(
             [[match.group() for match in matches] for matches in words], split_into_words=True
         )
-        return [
+        rows = [
             {
                 "entities": text_entities(
                     text, words[row], probabilities[row], encoded.word_ids(row), self.labels
@@ -227,6 +261,7 @@ class VariantModel(mlflow.pyfunc.PythonModel):
             }
             for row, text in enumerate(texts)
         ]
+        return rows, encoded
 
 
 def signature(token_task: bool) -> ModelSignature:

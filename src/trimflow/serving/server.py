@@ -150,6 +150,25 @@ class TrimflowServer(LocalServer):
             f"serve.port={self.port}",
         ]
 
+    def get(self, path: str, token: str) -> tuple[int, str]:
+        """(HTTP status, response text) of a GET with the bearer token, 4xx/5xx included."""
+        request = urllib.request.Request(
+            self.url + path, headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def wait_until_ready(self, token: str) -> None:
+        """Until /ready answers 200 (the port opens before the model is loaded and warm)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while self.get("/ready", token)[0] != 200:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(f"the service did not get ready:\n{self.stderr_tail()}")
+            time.sleep(0.1)
+
 
 class ScoringServer(LocalMlflowServer):
     """`mlflow models serve -m model_uri --env-manager local` against `tracking_uri`."""

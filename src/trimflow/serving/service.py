@@ -4,8 +4,9 @@ The model is the pyfunc's `VariantModel` (from a registered model, or a variant 
 this project), so it answers `POST /invocations` as `mlflow models serve` does: the same request
 formats, `{"predictions": [...]}`, 400 naming a bad item. Around it: micro-batching
 (`batching.py`), a bearer token and a rate limit (`access.py`), Prometheus metrics
-(`metrics.py`), `/health` (alive, no token) and `/ready` (model loaded and warmed up). The
-model loads in the background once the port is open; SIGTERM lets in-flight requests finish.
+(`metrics.py`), `/health` (alive, no token) and `/ready` (model loaded and warmed up), and the
+opt-in prediction log (`prediction_log.py`). The model loads in the background once the port is
+open; SIGTERM lets in-flight requests finish.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-import mlflow
 import pandas as pd
 import uvicorn
 from fastapi import FastAPI, Request
@@ -29,10 +29,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.server import HANDLED_SIGNALS
 
 from trimflow.config.schema import ServeConfig, TrimflowConfig
-from trimflow.layout import dvc_layout
 from trimflow.serving.access import AccessControl, error_response, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
+from trimflow.serving.loading import ModelLoadError, model_source
 from trimflow.serving.metrics import RequestMetrics, ServiceMetrics
+from trimflow.serving.prediction_log import PredictionLog
 from trimflow.serving.pyfunc import (
     INPUT_EXAMPLE,
     VariantModel,
@@ -40,8 +41,6 @@ from trimflow.serving.pyfunc import (
     invalid_input,
     validate_texts,
 )
-from trimflow.serving.registry import champion_uri
-from trimflow.tracking.runs import tracking_uri
 
 OPEN_PATHS = frozenset({"/health"})
 ROUTES = frozenset({"/health", "/ready", "/metrics", "/invocations"})
@@ -52,10 +51,6 @@ FRAME_FORMATS = {
     "dataframe_records": pd.DataFrame.from_records,
 }
 log = logging.getLogger(__name__)
-
-
-class ServeError(RuntimeError):
-    """The model could not be loaded, so the service stopped."""
 
 
 class Rejected(Exception):
@@ -112,14 +107,22 @@ class Service:
     """A model behind the routes of `create_app`, on a uvicorn server (`self.server`).
 
     Started, it loads the model with `load_model` in a thread, warms it up on a full batch,
-    and only then is ready; if loading fails it records `failure` and stops the server."""
+    and only then is ready; if loading fails it records `failure` and stops the server. With
+    `serve.prediction_log.path` set, each batch's answers are logged, naming `model_name`."""
 
     def __init__(
-        self, cfg: ServeConfig, load_model: Callable[[], VariantModel], tokens: list[str]
+        self,
+        cfg: ServeConfig,
+        load_model: Callable[[], VariantModel],
+        tokens: list[str],
+        model_name: str = "",
     ) -> None:
         self.cfg = cfg
         self.load_model = load_model
         self.metrics = ServiceMetrics()
+        self.prediction_log = (
+            PredictionLog(cfg.prediction_log, model_name) if cfg.prediction_log.path else None
+        )
         self.model: VariantModel | None = None
         self.batcher: MicroBatcher | None = None
         self.loading: asyncio.Task | None = None
@@ -157,16 +160,22 @@ class Service:
         log.info("ready: http://%s:%d (labels: %s)", self.cfg.host, self.cfg.port, model.labels)
 
     def _predict_batch(self, model: VariantModel, texts: list[str]) -> list[dict]:
-        rows = model.predict_texts(texts, batch_size=self.cfg.max_batch)
+        """One micro-batch, in the batcher's worker thread: predict, count, log."""
+        rows, pieces = model.predict_with_pieces(texts, batch_size=self.cfg.max_batch)
         self.metrics.observe_batch(rows)
+        if self.prediction_log is not None:
+            self.prediction_log.write(texts, rows, pieces)
         return rows
 
     async def stop(self) -> None:
-        """After the server has let in-flight requests finish: stop the batcher."""
+        """After the server has let in-flight requests finish: stop the batcher, close the
+        prediction log."""
         if self.loading is not None:
             self.loading.cancel()
         if self.batcher is not None:
             await self.batcher.close()
+        if self.prediction_log is not None:
+            self.prediction_log.close()
 
     async def predict(self, texts: list) -> list[dict]:
         """The rows of a request's texts (checked here), batched with concurrent requests;
@@ -230,30 +239,6 @@ def create_app(service: Service, tokens: list[str]) -> FastAPI:
     return app
 
 
-def model_loader(
-    cfg: TrimflowConfig, model_uri: str | None, variant: str | None
-) -> Callable[[], VariantModel]:
-    """How to load what `trimflow serve` serves: the project's variant directory
-    `models/<variant>`, else the MLflow model `model_uri` (default: the task's champion)."""
-    if variant is not None:
-        variant_dir = dvc_layout().model_dir(variant)
-        if not (variant_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{variant_dir}: no such variant (run the pipeline first)")
-        return partial(VariantModel().load, variant_dir, max_length=cfg.model.max_length)
-    return partial(
-        load_registered, model_uri or champion_uri(cfg.task.type), tracking_uri(cfg.tracking)
-    )
-
-
-def load_registered(model_uri: str, tracking: str) -> VariantModel:
-    """The `VariantModel` of a logged or registered trimflow model."""
-    mlflow.set_tracking_uri(tracking)
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    if not isinstance(model, VariantModel):
-        raise ServeError(f"{model_uri} is a {type(model).__name__}, not a trimflow model")
-    return model
-
-
 @contextlib.contextmanager
 def signals_left_to_uvicorn() -> Iterator[None]:
     """SIGTERM and SIGINT ignored around the server: uvicorn catches them while it runs, stops
@@ -269,10 +254,12 @@ def signals_left_to_uvicorn() -> Iterator[None]:
 
 def serve(cfg: TrimflowConfig, model_uri: str | None = None, variant: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT (see the module docstring); `ConfigError` without a
-    token, `ServeError` when the model cannot be loaded."""
-    service = Service(cfg.serve, model_loader(cfg, model_uri, variant), read_tokens(cfg.serve))
-    log.info("loading %s", variant or model_uri or champion_uri(cfg.task.type))
+    token or with an unwritable prediction log, `ModelLoadError` when the model cannot be
+    loaded."""
+    source = model_source(cfg, model_uri, variant)
+    service = Service(cfg.serve, source.load, read_tokens(cfg.serve), source.name)
+    log.info("loading %s", source.name)
     with signals_left_to_uvicorn():
         service.server.run()
     if service.failure is not None:
-        raise ServeError(f"could not load the model: {service.failure}")
+        raise ModelLoadError(f"could not load the model: {service.failure}")

@@ -3,7 +3,8 @@ and the cost to train it, on `evaluate.device` (variants whose kernels are CPU-o
 marked so).
 
 Quality is accuracy for classification, entity F1 (seqeval) for NER, where the majority-tag and
-gazetteer baselines are scored in the same run.
+gazetteer baselines are scored in the same run. The recommended variant also answers every test
+text as `trimflow serve` does: the reference profile `trimflow monitor` compares traffic with.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement, ma
 from trimflow.evaluation.summary import Measurements, mlflow_names, summarise
 from trimflow.layout import ADAPTATION_FILE, ADAPTER_DIR, Layout, read_label_map
 from trimflow.models.loading import WEIGHT_SUFFIXES
+from trimflow.monitoring.profile import reference_profile, split_texts
+from trimflow.serving.pyfunc import VariantModel
 from trimflow.tracking.runs import BASELINE_PREFIX, Tracker, log_variant_run
 from trimflow.utils.atomic import atomic_dir, read_json, write_json
 from trimflow.utils.device import resolve_device
@@ -48,8 +51,10 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
        its cost to train, then time all of them in interleaved rounds; score the NER baselines.
     3. Summarise: metrics.json's payload, recommendation on `report.objective` included
        (evaluation/summary.py).
-    4. Write a detail file per variant, baselines.json (NER), environment.json, metrics.json.
-    5. Log a run per variant, the baselines and metrics.json to MLflow.
+    4. Profile the recommended variant on the test split (monitoring/profile.py).
+    5. Write a detail file per variant, baselines.json (NER), environment.json, metrics.json,
+       reference_profile.json.
+    6. Log a run per variant, the baselines, metrics.json and the profile to MLflow.
     """
     label_map = read_label_map(layout.finetuned)
     inputs = build_test_inputs(inference_data(layout, cfg.evaluate.batch_size), cfg)
@@ -71,12 +76,14 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
             objective=cfg.report.objective,
         )
         _log_results(summary)
+        profile = _reference_profile(cfg, layout, summary["recommended"])
         # The details folder is the stage's completion marker: it appears only once every file
         # is written and every run logged (the variant runs attach their files from inside it).
         with atomic_dir(layout.variant_details) as details_dir:
             detail_files = _write_details(cfg, measured, details_dir)
             write_json(layout.metrics_file, summary)
-            _log(tracker, active, summary, measured.names, detail_files, layout.metrics_file)
+            write_json(layout.reference_profile, profile)
+            _log(tracker, active, summary, measured.names, detail_files, layout)
 
 
 def _variant_sources(cfg: TrimflowConfig) -> dict[str, str]:
@@ -212,6 +219,15 @@ def _score_baselines(cfg: TrimflowConfig, layout: Layout) -> dict[str, dict]:
     )
 
 
+def _reference_profile(cfg: TrimflowConfig, layout: Layout, variant: str) -> dict:
+    """`variant`'s prediction-log records of the test texts, loaded and tokenized (at
+    `model.max_length`) as `trimflow serve` serves it."""
+    model = VariantModel().load(layout.model_dir(variant), max_length=cfg.model.max_length)
+    texts = split_texts(layout.prepared, "test", cfg.task.type)
+    log.info("reference profile: %s on %d test texts", variant, len(texts))
+    return reference_profile(model, texts, variant, "test", cfg.evaluate.batch_size)
+
+
 def _log_results(summary: dict[str, Any]) -> None:
     """One line per variant and per baseline: quality, batch-1 latency, size."""
     metric = summary["metric"]
@@ -258,10 +274,11 @@ def _log(
     summary: dict[str, Any],
     names: dict[str, str],
     detail_files: dict[str, Path],
-    metrics_file: Path,
+    layout: Layout,
 ) -> None:
     """A run per variant (its metrics.json numbers under MLflow names, its detail file), then
-    the baselines' numbers and metrics.json on the stage run; nothing when tracking is off."""
+    the baselines' numbers, metrics.json and the reference profile on the stage run; nothing
+    when tracking is off."""
     for variant, values in summary["variants"].items():
         log_variant_run(
             tracker,
@@ -279,4 +296,4 @@ def _log(
         },
         BASELINE_PREFIX,
     )
-    tracker.log_artifacts(metrics_file)
+    tracker.log_artifacts(layout.metrics_file, layout.reference_profile)

@@ -6,6 +6,7 @@ one endless line (or not at all); there each loop logs where it is every `PLAIN_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -71,16 +72,34 @@ class Pace:
         return f"{speed}, {duration((self.total - done) / rate)} left"
 
 
-def progress(items: Collection[T], desc: str, log: logging.Logger, unit: str) -> Iterator[T]:
-    """`items` one by one with their progress: a tqdm bar on a terminal, else a line on `log`
-    every `PLAIN_EVERY_N_SECONDS` and one at the end."""
+@contextlib.contextmanager
+def counting(
+    total: int | None, desc: str, log: logging.Logger, unit: str
+) -> Iterator[Callable[[int], None]]:
+    """`advance(n)` for a loop that does `n` of its `total` units at a time (None: unknown): a
+    tqdm bar on a terminal, else a line on `log` every `PLAIN_EVERY_N_SECONDS` and one at the
+    end (when the block completes)."""
     if on_terminal():
-        yield from tqdm(items, desc=desc, unit=unit)
+        with tqdm(total=total, desc=desc, unit=unit) as bar:
+            yield bar.update
         return
-    pace = Pace(len(items))
-    for done, item in enumerate(items, 1):
-        yield item
-        if done == len(items):
-            log.info("%s: %d %ss in %s", desc, done, unit, pace.elapsed())
-        elif pace.due():
-            log.info("%s: %d/%d %ss, %s", desc, done, len(items), unit, pace.status(done, unit))
+    pace = Pace(math.inf if total is None else total)
+    of_total = "" if total is None else f"/{total}"
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if pace.due() and done != total:
+            log.info("%s: %d%s %ss, %s", desc, done, of_total, unit, pace.status(done, unit))
+
+    yield advance
+    log.info("%s: %d %ss in %s", desc, done, unit, pace.elapsed())
+
+
+def progress(items: Collection[T], desc: str, log: logging.Logger, unit: str) -> Iterator[T]:
+    """`items` one by one with their progress, as `counting` shows it."""
+    with counting(len(items), desc, log, unit) as advance:
+        for item in items:
+            yield item
+            advance(1)

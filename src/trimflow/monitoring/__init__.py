@@ -1,0 +1,1 @@
+"""Drift monitoring: the prediction log format, the reference profile, `trimflow monitor`."""
