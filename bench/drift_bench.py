@@ -55,7 +55,11 @@ def scenario_texts(layout, task: str, count: int) -> dict[str, list[str]]:
     test = pd.read_parquet(layout.prepared / "test.parquet")
     validation = split_texts(layout.prepared, "validation", task)
     majority = test["label"].value_counts().idxmax()
-    wnut = load_tagged_splits(compose_config(["task=ner"]).dataset)["test"]
+    wnut = [  # the packaged file is one split: prepare cuts train/validation/test from it
+        sentence
+        for split in load_tagged_splits(compose_config(["task=ner"]).dataset).values()
+        for sentence in split
+    ]
     return {
         "test_sample": rng.choice(test["text"].to_numpy(), count, replace=False).tolist(),
         "validation_sample": rng.choice(

@@ -161,10 +161,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000, help="requests a server, at most")
     parser.add_argument("--seconds", type=float, default=120, help="seconds a server, at most")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="serve settings for trimflow, e.g. serve.max_batch=8"
+    )
     parser.add_argument("--out", default="reports/serve_load_bench.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    cfg, layout = load_params(), dvc_layout()
+    cfg, layout = load_params(overrides=args.set), dvc_layout()
     variant, variant_dir = bench_variant_dir(layout, args.variant)
     metrics = json.loads(layout.metrics_file.read_text())
     objective = metrics["variants"][variant][cfg.task.metric]
@@ -181,7 +184,9 @@ def main() -> None:
         arguments = ["--model", model_uri, "--params", str(Path("params.yaml").resolve())]
         with (
             ScoringServer(model_uri, tracking, store / "mlflow") as mlflow_server,
-            TrimflowServer(store / "trimflow", [*arguments, "serve.rate_limit=null"], env) as ours,
+            TrimflowServer(
+                store / "trimflow", [*arguments, "serve.rate_limit=null", *args.set], env
+            ) as ours,
         ):
             ours.wait_until_ready(token)
             servers = {"mlflow": mlflow_server, "trimflow": ours}
