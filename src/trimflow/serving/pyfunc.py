@@ -198,23 +198,26 @@ class VariantModel(mlflow.pyfunc.PythonModel):
 
     def predict_texts(self, texts: list[str], batch_size: int = BATCH_SIZE) -> list[dict]:
         """`predict`'s rows for texts `validate_texts` accepted, `batch_size` per forward pass."""
-        return self.predict_with_pieces(texts, batch_size)[0]
+        return self._predict(texts, batch_size)[0]
 
     def predict_with_pieces(
         self, texts: list[str], batch_size: int = BATCH_SIZE
     ) -> tuple[list[dict], list[dict[str, int]]]:
         """`predict_texts`' rows, and per text its word pieces and unknown ones (`piece_counts`)
         from the same tokenization."""
+        rows, encodings = self._predict(texts, batch_size)
+        unknown_id = self.tokenizer.unk_token_id
+        return rows, [piece_counts(encoding, unknown_id) for encoding in encodings]
+
+    def _predict(self, texts: list[str], batch_size: int) -> tuple[list[dict], list[Encoding]]:
+        """The rows of `texts` and each text's encoding, `batch_size` per forward pass."""
         predict_batch = self._entities if self.token_task else self._labels
-        rows, pieces = [], []
+        rows, encodings = [], []
         for start in range(0, len(texts), batch_size):
             batch_rows, encoded = predict_batch(texts[start : start + batch_size])
             rows += batch_rows
-            pieces += [
-                piece_counts(encoding, self.tokenizer.unk_token_id)
-                for encoding in encoded.encodings
-            ]
-        return rows, pieces
+            encodings += encoded.encodings
+        return rows, encodings
 
     def _probabilities(
         self, texts: Sequence, split_into_words: bool = False

@@ -161,10 +161,12 @@ class Service:
 
     def _predict_batch(self, model: VariantModel, texts: list[str]) -> list[dict]:
         """One micro-batch, in the batcher's worker thread: predict, count, log."""
-        rows, pieces = model.predict_with_pieces(texts, batch_size=self.cfg.max_batch)
-        self.metrics.observe_batch(rows)
-        if self.prediction_log is not None:
+        if self.prediction_log is None:
+            rows = model.predict_texts(texts, batch_size=self.cfg.max_batch)
+        else:
+            rows, pieces = model.predict_with_pieces(texts, batch_size=self.cfg.max_batch)
             self.prediction_log.write(texts, rows, pieces)
+        self.metrics.observe_batch(rows)
         return rows
 
     async def stop(self) -> None:
