@@ -1,4 +1,4 @@
-"""Global unstructured L1-magnitude pruning of the encoder's linear layers, one-shot or gradual.
+"""Global unstructured L1-magnitude pruning of the encoder layers' linears, one-shot or gradual.
 
 Masks are `torch.nn.utils.prune` reparametrisations (`weight = weight_orig * weight_mask`,
 recomputed by a forward pre-hook), so pruned weights stay zero through a recovery fine-tune;
@@ -16,11 +16,18 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 from transformers import PreTrainedModel
 
+from trimflow.models.families import encoder_layers
+
 
 def prunable_linears(model: PreTrainedModel) -> list[tuple[nn.Module, str]]:
-    """(module, "weight") for every nn.Linear in the encoder; embeddings and heads are excluded."""
-    encoder = model.base_model.encoder
-    return [(module, "weight") for module in encoder.modules() if isinstance(module, nn.Linear)]
+    """(module, "weight") for every nn.Linear in the encoder layers (by the model's family row);
+    embeddings and task heads are excluded."""
+    return [
+        (module, "weight")
+        for layer in encoder_layers(model)
+        for module in layer.modules()
+        if isinstance(module, nn.Linear)
+    ]
 
 
 def prunable_weights(

@@ -15,20 +15,29 @@ from torch import Tensor
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from trimflow.compress.structured import prune_heads, restore_intermediate_sizes
+from trimflow.models.families import intermediate_size
 from trimflow.models.loading import auto_model_class, load_classifier
 
 
 def apply_recorded_pruning(model: PreTrainedModel) -> None:
-    """Re-create the recorded pruned shapes (heads and FFN widths) on a freshly built model."""
-    prune_heads(model, getattr(model.config, "pruned_heads", {}) or {})
-    restore_intermediate_sizes(model)
+    """Re-create the recorded pruned shapes (heads and FFN widths) on a freshly built model.
+
+    A model with nothing recorded is left alone, whatever its family.
+    """
+    if is_structurally_pruned(model.config):
+        prune_heads(model, getattr(model.config, "pruned_heads", {}) or {})
+        restore_intermediate_sizes(model)
 
 
 def is_structurally_pruned(config: PreTrainedConfig) -> bool:
-    """Whether a config records removed heads or narrowed FFNs."""
+    """Whether a config records removed heads or FFNs narrower than its family's width.
+
+    The family is looked up only where something is recorded: any other model is unpruned.
+    """
+    if getattr(config, "pruned_heads", None):
+        return True
     sizes = getattr(config, "intermediate_sizes", None) or []
-    narrowed = any(size != config.intermediate_size for size in sizes)
-    return bool(getattr(config, "pruned_heads", None)) or narrowed
+    return any(size != intermediate_size(config) for size in sizes)
 
 
 def model_skeleton(path: str | Path) -> PreTrainedModel:

@@ -1,19 +1,23 @@
-"""Structured pruning of BERT-style encoders: attention heads and FFN neurons.
+"""Structured pruning of transformer encoders: attention heads and FFN neurons.
 
-A *unit* is an equal-width slice of the input of one linear layer per encoder layer:
+Where a family keeps its attention and FFN comes from its row of the family table
+(`trimflow.models.families`). A *unit* is an equal-width slice of the input of one linear layer
+per encoder layer:
 
-* an attention head is `head_size` input columns of `layer.attention.output.dense`;
-* an FFN neuron is one input column of `layer.output.dense` (one intermediate activation).
+* an attention head is `head_size` input columns of the attention output projection;
+* an FFN neuron is one input column of the FFN output projection (one intermediate activation).
 
 Scaling a unit's slice by a mask entry (a forward pre-hook) silences it at 0 and, with a mask of
 ones requiring grad, gives its importance |dL/dmask| (Michel et al., 2019) for every kind of unit
 in one backward pass per batch.
 
 Units are removed by slicing the linears with `transformers.pytorch_utils.prune_linear_layer`
-(transformers 5.x dropped `PreTrainedModel.prune_heads`). Removed heads are recorded in
-`config.pruned_heads` (original head indices) and the kept FFN width of every layer in
-`config.intermediate_sizes`; `save_pretrained` writes both to config.json, and
-`pruned.load_pruned` rebuilds those shapes before loading the weights.
+(transformers 5.x dropped `PreTrainedModel.prune_heads`): a head's output rows of every q/k/v
+projection (in each third of a fused one) and its input columns of the attention output, a
+neuron's output row of the FFN input projection (both halves of a gated one) and its input column
+of the FFN output. Removed heads are recorded in `config.pruned_heads` (original head indices)
+and the kept FFN width of every layer in `config.intermediate_sizes`; `save_pretrained` writes
+both to config.json, and `pruned.load_pruned` rebuilds those shapes before loading the weights.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import prune_linear_layer
+
+from trimflow.models.families import EncoderFamily, encoder_layers, family_of, submodule
 
 # Scores are L2-normalised per layer, so a layer may lose most of its units: the floors only rule
 # out empty layers (a zero-width linear has no valid int8 quantization range).
@@ -49,9 +55,9 @@ class Units:
     size: int
 
 
-def encoder_layers(model: PreTrainedModel) -> list[nn.Module]:
-    """The encoder layers of a BERT-style model (`base_model.encoder.layer`)."""
-    return list(model.base_model.encoder.layer)
+def _family_layers(model: PreTrainedModel) -> tuple[EncoderFamily, list[nn.Module]]:
+    """The model's family row and encoder layers; a ConfigError for a family not in the table."""
+    return family_of(model.config, "structured pruning"), encoder_layers(model)
 
 
 def _uniform(kind: str, counts: Iterable[int]) -> int:
@@ -62,18 +68,31 @@ def _uniform(kind: str, counts: Iterable[int]) -> int:
     return distinct.pop()
 
 
+def _head_size(family: EncoderFamily, layer: nn.Module) -> int:
+    """The width of one attention head of `layer`."""
+    return getattr(submodule(layer, family.attention), family.head_size_attribute)
+
+
+def _ffn_width(family: EncoderFamily, layer: nn.Module) -> int:
+    """The current number of FFN neurons of `layer`."""
+    return submodule(layer, family.ffn_output).in_features
+
+
 def head_units(model: PreTrainedModel) -> Units:
-    """Attention heads: `head_size` columns each of `attention.output.dense`."""
-    blocks = [layer.attention for layer in encoder_layers(model)]
-    count = _uniform("heads", (block.self.num_attention_heads for block in blocks))
-    size = blocks[0].self.attention_head_size
-    return Units("heads", [block.output.dense for block in blocks], count, size)
+    """Attention heads: `head_size` input columns each of the attention output projection."""
+    family, layers = _family_layers(model)
+    outputs = [submodule(layer, family.attention_output) for layer in layers]
+    size = _head_size(family, layers[0])
+    count = _uniform("heads", (output.in_features // size for output in outputs))
+    return Units("heads", outputs, count, size)
 
 
 def neuron_units(model: PreTrainedModel) -> Units:
-    """FFN intermediate neurons: one column each of `output.dense`."""
-    outputs = [layer.output.dense for layer in encoder_layers(model)]
-    return Units("neurons", outputs, _uniform("neurons", (d.in_features for d in outputs)), 1)
+    """FFN intermediate neurons: one input column each of the FFN output projection."""
+    family, layers = _family_layers(model)
+    outputs = [submodule(layer, family.ffn_output) for layer in layers]
+    count = _uniform("neurons", (output.in_features for output in outputs))
+    return Units("neurons", outputs, count, 1)
 
 
 def _scaling_hook(mask: Tensor, size: int) -> Callable[..., tuple[Tensor, ...]]:
@@ -204,9 +223,9 @@ def _int_keys(heads: Mapping[int | str, Iterable[int]]) -> dict[int, set[int]]:
     return {int(layer): set(indices) for layer, indices in heads.items()}
 
 
-def _present_heads(model: PreTrainedModel, block: nn.Module) -> list[int]:
-    """Original indices of the heads still in an attention block, in position order."""
-    already = getattr(block, "pruned_heads", set())
+def _present_heads(model: PreTrainedModel, attention: nn.Module) -> list[int]:
+    """Original indices of the heads still in an attention module, in position order."""
+    already = getattr(attention, "pruned_heads", set())
     return [head for head in range(model.config.num_attention_heads) if head not in already]
 
 
@@ -217,61 +236,69 @@ def original_heads(
 
     The two differ only in layers that already lost heads.
     """
-    layers = encoder_layers(model)
-    return {
-        layer: [_present_heads(model, layers[layer].attention)[position] for position in indices]
-        for layer, indices in positions.items()
-    }
+    family, layers = _family_layers(model)
+    translated = {}
+    for layer, indices in positions.items():
+        present = _present_heads(model, submodule(layers[layer], family.attention))
+        translated[layer] = [present[position] for position in indices]
+    return translated
 
 
-def _keep_heads(block: nn.Module, keep_heads: list[int]) -> None:
-    """Slice an attention block down to the heads at the given current positions."""
-    attention = block.self
-    head_size = attention.attention_head_size
-    index = torch.tensor(
+def _slice(layer: nn.Module, path: str, index: Tensor, dim: int = 0) -> None:
+    """Replace the linear at `path` in `layer` by its entries `index` along `dim` (0: outputs)."""
+    layer.set_submodule(path, prune_linear_layer(submodule(layer, path), index, dim=dim))
+
+
+def _keep_heads(family: EncoderFamily, layer: nn.Module, keep_heads: list[int]) -> None:
+    """Slice a layer's attention down to the heads at the given current positions."""
+    attention = submodule(layer, family.attention)
+    head_size = _head_size(family, layer)
+    width = submodule(layer, family.attention_output).in_features
+    columns = torch.tensor(
         [head * head_size + offset for head in keep_heads for offset in range(head_size)]
     )
-    attention.query = prune_linear_layer(attention.query, index)
-    attention.key = prune_linear_layer(attention.key, index)
-    attention.value = prune_linear_layer(attention.value, index)
-    block.output.dense = prune_linear_layer(block.output.dense, index, dim=1)
-    attention.num_attention_heads = len(keep_heads)
-    attention.all_head_size = len(keep_heads) * head_size
+    rows = torch.cat([part * width + columns for part in range(3)]) if family.fused_qkv else columns
+    for path in family.projections:
+        if submodule(layer, path) is not None:
+            _slice(layer, path, rows)
+    _slice(layer, family.attention_output, columns, dim=1)
+    for name in family.head_count_attributes:
+        setattr(attention, name, len(keep_heads))
+    for name in family.head_width_attributes:
+        setattr(attention, name, len(keep_heads) * head_size)
 
 
 def prune_heads(model: PreTrainedModel, heads: Mapping[int | str, Iterable[int]]) -> None:
     """Physically remove attention heads, given per layer by their original (unpruned) index.
 
-    Shrinks query/key/value (outputs) and attention.output.dense (inputs), and records the union
-    of removed heads in `model.config.pruned_heads`. Heads already removed are skipped; removing
-    every head of a layer is an error.
+    Shrinks the q/k/v projections (outputs) and the attention output (inputs), and records the
+    union of removed heads in `model.config.pruned_heads`. Heads already removed are skipped;
+    removing every head of a layer is an error.
     """
-    layers = encoder_layers(model)
+    family, layers = _family_layers(model)
     recorded = _int_keys(getattr(model.config, "pruned_heads", {}) or {})
     for layer, requested in _int_keys(heads).items():
-        block = layers[layer].attention
-        present = _present_heads(model, block)
+        attention = submodule(layers[layer], family.attention)
+        present = _present_heads(model, attention)
         keep_heads = [position for position, head in enumerate(present) if head not in requested]
         if not keep_heads:
             raise ValueError(f"cannot prune every attention head of layer {layer}")
         if len(keep_heads) == len(present):
             continue
-        _keep_heads(block, keep_heads)
-        block.pruned_heads = getattr(block, "pruned_heads", set()) | (requested & set(present))
-        recorded[layer] = block.pruned_heads
+        _keep_heads(family, layers[layer], keep_heads)
+        removed = requested & set(present)
+        attention.pruned_heads = getattr(attention, "pruned_heads", set()) | removed
+        recorded[layer] = attention.pruned_heads
     model.config.pruned_heads = {layer: sorted(pruned) for layer, pruned in recorded.items()}
 
 
-def _keep_neurons(layer: nn.Module, index: Tensor) -> None:
+def _keep_neurons(family: EncoderFamily, layer: nn.Module, index: Tensor) -> None:
     """Slice one FFN down to the intermediate neurons at the given current positions."""
-    layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index)
-    layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
-
-
-def _record_intermediate_sizes(model: PreTrainedModel) -> None:
-    """Store every layer's current FFN width in `config.intermediate_sizes`."""
-    layers = encoder_layers(model)
-    model.config.intermediate_sizes = [layer.intermediate.dense.out_features for layer in layers]
+    rows = index
+    if family.gated_ffn:  # neuron j is row j of the input half and row I + j of the gate half
+        rows = torch.cat([index, _ffn_width(family, layer) + index])
+    _slice(layer, family.ffn_input, rows)
+    _slice(layer, family.ffn_output, index, dim=1)
 
 
 def prune_neurons(model: PreTrainedModel, neurons: Mapping[int, Iterable[int]]) -> None:
@@ -280,15 +307,15 @@ def prune_neurons(model: PreTrainedModel, neurons: Mapping[int, Iterable[int]]) 
     Records every layer's kept width in `model.config.intermediate_sizes`. Removing every
     neuron of a layer is an error.
     """
-    layers = encoder_layers(model)
+    family, layers = _family_layers(model)
     for layer, removed in neurons.items():
-        width = layers[layer].intermediate.dense.out_features
+        width = _ffn_width(family, layers[layer])
         keep = sorted(set(range(width)) - set(removed))
         if not keep:
             raise ValueError(f"cannot prune every FFN neuron of layer {layer}")
         if len(keep) < width:
-            _keep_neurons(layers[layer], torch.tensor(keep))
-    _record_intermediate_sizes(model)
+            _keep_neurons(family, layers[layer], torch.tensor(keep))
+    model.config.intermediate_sizes = [_ffn_width(family, layer) for layer in layers]
 
 
 def restore_intermediate_sizes(model: PreTrainedModel) -> None:
@@ -299,12 +326,13 @@ def restore_intermediate_sizes(model: PreTrainedModel) -> None:
     sizes = getattr(model.config, "intermediate_sizes", None)
     if not sizes:
         return
-    for layer, size in zip(encoder_layers(model), sizes, strict=True):
-        width = layer.intermediate.dense.out_features
+    family, layers = _family_layers(model)
+    for layer, size in zip(layers, sizes, strict=True):
+        width = _ffn_width(family, layer)
         if size > width:
             raise ValueError(f"recorded FFN width {size} exceeds the layer's {width}")
         if size < width:
-            _keep_neurons(layer, torch.arange(size))
+            _keep_neurons(family, layer, torch.arange(size))
 
 
 # --- gradual pruning ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+from transformers import AutoConfig
 
 from trimflow.compress.magnitude import MagnitudePruner, sparsity
 from trimflow.compress.schedule import GradualPruning
@@ -13,6 +14,7 @@ from trimflow.compress.variants import save_sparse_variant
 from trimflow.config.schema import MagnitudePruning, TrimflowConfig
 from trimflow.evaluation.footprint import count_parameters
 from trimflow.layout import Layout, keyed_work_dir, read_label_map
+from trimflow.models.families import family_of, intermediate_size
 from trimflow.models.loading import load_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
     build_datamodule,
@@ -30,8 +32,13 @@ PRUNING_FILE = "pruning.json"
 
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
-    """Prune the fine-tuned model per selected `prune.variants` entry (see `_prune_variant`)."""
-    for name in selected_variants(cfg.prune.variants, variant, "prune.variants"):
+    """Prune the fine-tuned model per selected `prune.variants` entry (see `_prune_variant`).
+
+    A model family without a row in the family table stops here, before any data or training.
+    """
+    names = selected_variants(cfg.prune.variants, variant, "prune.variants")
+    family_of(AutoConfig.from_pretrained(layout.finetuned), "prune")
+    for name in names:
         _prune_variant(cfg, layout, name)
 
 
@@ -108,6 +115,6 @@ def _pruning_summary(model, spec, params_before: int) -> dict[str, float]:
         "params_after": params_after,
         "nonzero_params_after": nonzero_after,
         "heads_removed": heads_removed,
-        "ffn_neurons_removed": sum(config.intermediate_size - size for size in ffn_sizes),
+        "ffn_neurons_removed": sum(intermediate_size(config) - size for size in ffn_sizes),
         "encoder_linear_sparsity": round(sparsity(model), 4),
     }
