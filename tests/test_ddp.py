@@ -69,7 +69,6 @@ def settings(dropout_free_encoder, tmp_path_factory):
         "finetune.lr=3e-3",
         # Class weights make each process's loss a weighted mean of its own half.
         "finetune.class_balance=0",
-        "distill.students.distilled.layers=[1]",
         f"tracking.uri=sqlite:///{store}",
     ]
 

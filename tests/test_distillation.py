@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY_LABELS, build_tiny_bert, quiet_trainer
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -19,7 +20,7 @@ from transformers import (
 )
 
 from trimflow.compress.structured import prune_heads
-from trimflow.config.schema import TrainerConfig
+from trimflow.config.schema import StudentConfig, TrainerConfig
 from trimflow.models.distillation import (
     DistillationClassifier,
     distillation_loss,
@@ -104,6 +105,28 @@ def hidden_distance(student, teacher, batches: list[dict]) -> float:
 
 
 # --- students copied from the teacher ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec", [{}, {"layers": [0], "layer_fraction": 0.5}, {"num_layers": 2, "model": "x"}]
+)
+def test_a_student_sets_exactly_one_kind(spec):
+    with pytest.raises(ValidationError, match="exactly one of layers, num_layers, layer_fraction"):
+        StudentConfig(**spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        ({"layer_fraction": 1.0}, "layer_fraction"),
+        ({"layer_fraction": 0.0}, "layer_fraction"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"layers": []}, "layers"),
+    ],
+)
+def test_empty_or_whole_depth_students_are_refused_by_the_schema(spec, key):
+    with pytest.raises(ValidationError, match=key):
+        StudentConfig(**spec)
 
 
 def test_student_copies_embeddings_chosen_layer_and_head(tiny_bert, tiny_batches):

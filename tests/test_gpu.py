@@ -244,7 +244,7 @@ def test_every_variant_is_evaluated_on_the_gpu_but_cpu_only_ones(tmp_path, tiny_
     from trimflow.layout import dvc_layout
     from trimflow.pipeline import run_pipeline
 
-    cfg = tiny_config("evaluate.device=cuda", "distill.students.distilled.layers=[1]")
+    cfg = tiny_config("evaluate.device=cuda")
     layout = dvc_layout(tmp_path)
     run_pipeline(cfg, layout)
     metrics = json.loads(layout.metrics_file.read_text())

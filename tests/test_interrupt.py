@@ -38,7 +38,6 @@ def tiny_cfg(tiny_encoder_dir, tracking_db):
             "tracking.experiment=interrupt",
             "dataset.max_train_samples=120",
             "dataset.max_test_samples=40",
-            "distill.students.distilled.layers=[1]",
             *TINY_TRAINING,
         ]
     )

@@ -65,7 +65,6 @@ def smoke_store(tmp_path_factory, tiny_encoder_dir):
             f"tracking.experiment={root.name}",
             "dataset.max_train_samples=120",
             "dataset.max_test_samples=40",
-            "distill.students.distilled.layers=[1]",
         ]
     )
     # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: put back the session's value.

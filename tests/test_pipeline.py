@@ -22,8 +22,6 @@ from trimflow.tracking.runs import FINISHED, HEADLINE_PREFIX, RECOMMENDED_TAG
 
 # metrics.json field -> MLflow name, classification
 MLFLOW_NAMES = mlflow_names(LabelScorer.quality_keys)
-# The smoke preset declares every variant kind; the tiny BERT has 2 layers.
-TINY_VARIANTS = ("distill.students.distilled.layers=[1]",)
 # Overrides leaving one structured-pruned and two quantized variants (for the sweep).
 LEAN = (
     "~prune.variants.sparse80",
@@ -58,7 +56,6 @@ def finished(tmp_path_factory, tiny_encoder_dir, tracking_db):
             f"tracking.experiment={root.name}",
             "dataset.max_train_samples=120",
             "dataset.max_test_samples=40",
-            *TINY_VARIANTS,
         ]
     )
     layout = dvc_layout(root)

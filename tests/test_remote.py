@@ -34,7 +34,7 @@ def ran_stages(output: str) -> list[str]:
 
 
 def tiny_params(encoder_dir: Path, *extra: str) -> list[str]:
-    """`trimflow params` for the smoke preset on the tiny encoder (2 layers) and a few rows."""
+    """`trimflow params` for the smoke preset on the tiny encoder and a few rows."""
     return [
         "trimflow",
         "params",
@@ -42,7 +42,6 @@ def tiny_params(encoder_dir: Path, *extra: str) -> list[str]:
         f"model.name={encoder_dir}",
         "dataset.max_train_samples=80",
         "dataset.max_test_samples=24",
-        "distill.students.distilled.layers=[1]",
         *extra,
     ]
 

@@ -63,7 +63,6 @@ def run_pipeline(encoder_dir, uri: str, experiment: str, cwd: Path, *overrides: 
     """A smoke `trimflow pipeline` logging to the team server (a started process)."""
     command = smoke_pipeline_command(
         encoder_dir,
-        "distill.students.distilled.layers=[1]",
         f"tracking.uri={uri}",
         f"tracking.experiment={experiment}",
         *overrides,

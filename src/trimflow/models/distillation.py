@@ -1,12 +1,12 @@
 """Knowledge distillation (Hinton et al., 2015): students, the KD loss and its LightningModule.
 
 A student is either a shallower copy of the teacher (`student_from_teacher`, layers picked from
-the teacher's encoder) or a smaller pretrained encoder sharing the teacher's vocabulary
-(`student_from_pretrained`). `DistillationClassifier` trains it on a mix of the teacher's
-softened predictions and the labels, optionally also matching the teacher's hidden states
-layer by layer (Sun et al., 2019, "Patient KD"; here every token's state, not only [CLS]); the
-teacher is frozen and kept out of the module tree, so optimizer, checkpoints and `state_dict`
-hold the student only.
+the teacher's encoder by `teacher_layers`, for every family of models.families) or a smaller
+pretrained encoder sharing the teacher's vocabulary (`student_from_pretrained`).
+`DistillationClassifier` trains it on a mix of the teacher's softened predictions and the
+labels, optionally also matching the teacher's hidden states layer by layer (Sun et al., 2019,
+"Patient KD"; here every token's state, not only [CLS]); the teacher is frozen and kept out of
+the module tree, so optimizer, checkpoints and `state_dict` hold the student only.
 """
 
 from __future__ import annotations
@@ -17,41 +17,68 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch import Tensor
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from trimflow.compress.pruned import is_structurally_pruned
+from trimflow.config.loading import ConfigError
+from trimflow.config.schema import StudentConfig
+from trimflow.models.families import EncoderFamily, family_of, submodule
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule, cross_entropy, labelled_positions
 
 
-def _layer_list(model: PreTrainedModel) -> str:
-    """Qualified name of the encoder's ModuleList of `num_hidden_layers` layers."""
-    count = model.config.num_hidden_layers
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) == count
-    ]
-    if len(names) != 1:
-        raise ValueError(f"cannot locate the {count} encoder layers of {type(model).__name__}")
-    return names[0]
+def spread_layers(count: int, depth: int) -> list[int]:
+    """`count` of a `depth`-layer teacher's layers spread evenly from layer 0: round(i * depth /
+    count) (6 of 12: every other layer, as DistilBERT kept of BERT-base)."""
+    return [round(i * depth / count) for i in range(count)]
 
 
-def _check_layers(layers: Sequence[int], teacher_layers: int) -> None:
-    """Layers must be a non-empty, duplicate-free, in-range strict subset of the teacher's."""
+def teacher_layers(spec: StudentConfig, config: PreTrainedConfig, key: str) -> list[int]:
+    """The teacher layers a layer-dropping student keeps: `spec.layers`, or `spec.num_layers`
+    or `spec.layer_fraction` of the teacher's depth (rounded, at least 1) spread evenly.
+
+    The teacher's family must be in the table (a ConfigError naming model.name); layers that do
+    not fit the teacher raise a ConfigError naming `key.<spec's field>`.
+    """
+    family = family_of(config, "distill")
+    depth = config.num_hidden_layers
+    if spec.layers is not None:
+        layers = list(spec.layers)
+    else:
+        count = spec.num_layers or max(1, round(spec.layer_fraction * depth))
+        layers = spread_layers(count, depth)
+    try:
+        _check_layers(layers, depth, family)
+    except ValueError as error:
+        raise ConfigError(f"{key}.{spec.kind()}: {error}") from None
+    return layers
+
+
+def _check_layers(layers: Sequence[int], depth: int, family: EncoderFamily) -> None:
+    """Layers must be a non-empty, in-range, duplicate-free strict subset of the teacher's
+    `depth`, starting with layer 0 where the family's first layer differs from the others."""
     if not layers:
         raise ValueError("layers must name at least one teacher layer, got []")
     for layer in layers:
-        if not 0 <= layer < teacher_layers:
-            raise ValueError(f"layer {layer} out of range: the teacher has {teacher_layers}")
+        if not 0 <= layer < depth:
+            raise ValueError(f"layer {layer} out of range: the teacher has {depth}")
+    if len(layers) >= depth:
+        raise ValueError(f"a student needs fewer layers than the teacher's {depth}, got {layers}")
     duplicates = sorted(layer for layer, count in Counter(layers).items() if count > 1)
     if duplicates:
         raise ValueError(f"layers must be unique, got {duplicates} more than once")
-    if len(layers) >= teacher_layers:
+    if family.first_layer_distinct and layers[0] != 0:
         raise ValueError(
-            f"a student needs fewer layers than the teacher's {teacher_layers}, got {list(layers)}"
+            f"{family.name}'s layer 0 differs from the others (no attention LayerNorm): a "
+            f"student must keep it as its first layer, got {layers}"
         )
+
+
+def _layer_prefix(model: PreTrainedModel, family: EncoderFamily) -> str:
+    """The state-dict prefix of the model's encoder layers (`bert.encoder.layer.`)."""
+    layers = submodule(model.base_model, family.layers)
+    return next(f"{name}." for name, module in model.named_modules() if module is layers)
 
 
 def _teacher_key(key: str, prefix: str, layers: Sequence[int]) -> str:
@@ -63,10 +90,9 @@ def _teacher_key(key: str, prefix: str, layers: Sequence[int]) -> str:
 
 
 def _copied_state(
-    student: PreTrainedModel, teacher: PreTrainedModel, layers: Sequence[int]
+    student: PreTrainedModel, teacher: PreTrainedModel, layers: Sequence[int], prefix: str
 ) -> dict[str, Tensor]:
     """The student's state dict filled from the teacher, shapes checked."""
-    prefix = f"{_layer_list(teacher)}."
     source = teacher.state_dict()
     state = {}
     for key, target in student.state_dict().items():
@@ -86,17 +112,24 @@ def student_from_teacher(teacher: PreTrainedModel, layers: Sequence[int]) -> Pre
     """A shallower model of the teacher's class and config, keeping the encoder `layers`.
 
     Embeddings, the chosen layers (in the given order), pooler and classification head are
-    copied from the teacher. The teacher must be unpruned; the student is in eval mode.
+    copied from the teacher; the family's per-layer config lists (ModernBERT's `layer_types`)
+    keep the chosen layers' entries. The teacher must be unpruned and of a family in the table
+    (a ConfigError otherwise); the student is in eval mode.
     """
+    family = family_of(teacher.config, "distill")
     if is_structurally_pruned(teacher.config):
         raise ValueError(
             "the teacher is structurally pruned (heads or FFN widths): use an unpruned one"
         )
-    _check_layers(layers, teacher.config.num_hidden_layers)
+    layers = list(layers)
+    _check_layers(layers, teacher.config.num_hidden_layers, family)
     config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
+    config.num_hidden_layers = len(layers)  # DistilBERT's n_layers, through its attribute_map
+    for key in family.per_layer_config:
+        setattr(config, key, [getattr(config, key)[layer] for layer in layers])
     student = type(teacher)(config)
-    student.load_state_dict(_copied_state(student, teacher, layers))
+    prefix = _layer_prefix(teacher, family)
+    student.load_state_dict(_copied_state(student, teacher, layers, prefix))
     return student.eval()
 
 
@@ -174,7 +207,8 @@ def hidden_state_loss(
 ) -> Tensor:
     """Mean squared distance of L2-normalised token states over the mapped layer pairs.
 
-    `*_states` are the encoder layer outputs (embeddings excluded); padding tokens are left out.
+    `*_states` are the encoder layer outputs, one per layer (`hidden_states[1:]` of every family:
+    embeddings excluded; ModernBERT's last after its final norm); padding tokens are left out.
     Each pair contributes at most 4 per token, so the term stays on the scale of the KD loss.
     """
     layers = hidden_layer_map(len(student_states), len(teacher_states))

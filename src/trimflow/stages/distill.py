@@ -13,6 +13,7 @@ from trimflow.models.distillation import (
     DistillationClassifier,
     student_from_pretrained,
     student_from_teacher,
+    teacher_layers,
 )
 from trimflow.models.loading import load_classifier, load_tokenizer, save_model_dir
 from trimflow.models.recipe import (
@@ -27,6 +28,8 @@ from trimflow.tracking.runs import Tracker
 from trimflow.utils.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
+# The MLflow artifact recording what the student kept: the resolved teacher layers or its model.
+STUDENT_FILE = "student.json"
 
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
@@ -42,9 +45,12 @@ def _distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     label_map = read_label_map(layout.finetuned)
     teacher = load_classifier(layout.finetuned)
     tokenizer = load_tokenizer(str(layout.finetuned))
-    if spec.layers is not None:
-        student = student_from_teacher(teacher, spec.layers)
+    if spec.model is None:
+        layers = teacher_layers(spec, teacher.config, f"distill.students.{name}")
+        log.info("student %s keeps teacher layers %s", name, layers)
+        student = student_from_teacher(teacher, layers)
     else:
+        layers = None
         student = student_from_pretrained(spec.model, label_map["labels"], tokenizer, cfg.task.type)
     datamodule = build_datamodule(cfg, layout)
     module = DistillationClassifier(
@@ -72,17 +78,14 @@ def _distill_student(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
             limit_train_batches=settings.limit_train_batches,
         )
         params, _ = count_parameters(student)
+        summary = {
+            "teacher_layers": layers,
+            "student_model": spec.model,
+            "params": params,
+            "teacher_params": count_parameters(teacher)[0],
+        }
         with atomic_dir(layout.model_dir(name)) as out:
             save_model_dir(student.eval(), tokenizer, label_map, out)
-            write_training_outputs(
-                out,
-                result,
-                {
-                    "monitor": cfg.finetune.monitor,
-                    "teacher_layers": spec.layers,
-                    "student_model": spec.model,
-                    "params": params,
-                    "teacher_params": count_parameters(teacher)[0],
-                },
-            )
+            write_training_outputs(out, result, {"monitor": cfg.finetune.monitor, **summary})
+        tracker.log_dict(summary, STUDENT_FILE)
     log.info("distilled %s: %d parameters, best %s", name, params, result.best_score)
