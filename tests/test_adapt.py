@@ -1,4 +1,5 @@
-"""Parameter-efficient adaptation (LoRA, AdaLoRA, IA3, prefix tuning, BitFit) on a tiny BERT.
+"""Parameter-efficient adaptation (LoRA, AdaLoRA, IA3, prefix tuning, BitFit, bottleneck
+adapters) on a tiny BERT (every other family: test_family_adapters.py).
 
 Every method on a sequence and a token classifier: which weights training touches, how many
 train, the saved adapter and merged model reloading to the trained logits, the merged model
@@ -49,7 +50,7 @@ from trimflow.models.recipe import build_datamodule
 from trimflow.models.training import LAST_CHECKPOINT, fit_resumable
 from trimflow.stages import adapt, prepare, tokenize
 
-METHODS = ("lora", "adalora", "ia3", "prefix", "bitfit")
+METHODS = ("lora", "adalora", "ia3", "prefix", "bitfit", "bottleneck")
 TASKS = ("classification", "ner")
 LABELS = {"classification": TINY_LABELS, "ner": ["O", "B-loc", "I-loc", "B-per", "I-per"]}
 TEXTS = [
@@ -148,6 +149,12 @@ def unwrapped_weights(model, method: str) -> dict[str, torch.Tensor]:
     the trained copy peft keeps in `modules_to_save`."""
     if method == "bitfit":
         return snapshot(model.state_dict().items())
+    if method == "bottleneck":  # each adapted projection is `<path>.projection` beside `.adapter`
+        return {
+            name.replace(".projection.", "."): tensor.clone()
+            for name, tensor in model.state_dict().items()
+            if ".adapter." not in name
+        }
     if method == "prefix":
         state = model.get_base_model().state_dict()
         return {
@@ -223,6 +230,8 @@ def test_training_changes_only_the_methods_weights(task, method, zoo, encoder_di
             name.startswith(("prompt_encoder.", "base_model.classifier.modules_to_save"))
             for name in trainable_before
         )
+    elif method == "bottleneck":
+        assert all(".adapter." in name or is_head(name) for name in trainable_before)
     else:
         merged = (
             copy.deepcopy(model) if method == "bitfit" else copy.deepcopy(model).merge_and_unload()
@@ -247,6 +256,8 @@ def test_trainable_count_follows_from_the_architecture(task, method, zoo, encode
         "ia3": lambda: layers * (hidden + hidden + hidden + ffn),
         # A key and a value vector per virtual token and layer.
         "prefix": lambda: spec.num_virtual_tokens * layers * 2 * hidden,
+        # Down- and up-projection (weights and biases) after attention and FFN in every layer.
+        "bottleneck": lambda: 2 * layers * (2 * hidden * spec.size + spec.size + hidden),
         # Embedding LayerNorm; per layer q, k, v, attention-out, intermediate and output biases
         # and two LayerNorms; the pooler's bias (sequence classifiers only).
         "bitfit": lambda: (
@@ -284,7 +295,7 @@ def test_saved_variant_reloads_to_the_trained_logits(task, method, adapted, batc
     if method in MERGEABLE_METHODS:
         reloaded.append(load_classifier(out))
     else:
-        assert not list(out.glob("*.safetensors")), "a prefix variant has no merged weights"
+        assert not list(out.glob("*.safetensors")), f"a {method} variant has no merged weights"
     assert all(type(inner(model)) is type(base_classifier(encoder_dir, task)) for model in reloaded)
     for batch, trained in zip(batches[task], expected, strict=True):
         for model in reloaded:
@@ -366,12 +377,18 @@ def test_merged_lora_quantizes_like_any_variant(task, scheme, adapted, batches, 
         (
             ["+adapt.variants.x={method: houlsby}"],
             "adapt.variants.x: Input tag 'houlsby' found using 'method' does not match any of "
-            "the expected tags: 'lora', 'adalora', 'ia3', 'prefix', 'bitfit'",
+            "the expected tags: 'lora', 'adalora', 'ia3', 'prefix', 'bitfit', 'bottleneck'",
         ),
         (
             ["+quantize.variants.pq={source: prefix, scheme: onnx_dynamic_int8}"],
             "quantize.variants.pq.source: 'prefix' is prefix-tuned",
         ),
+        (
+            ["+quantize.variants.bq={source: bottleneck, scheme: dynamic_int8}"],
+            "quantize.variants.bq.source: 'bottleneck' is bottleneck-tuned; its adapter cannot",
+        ),
+        (["adapt.variants.bottleneck.size=0"], "adapt.variants.bottleneck.size: Input should"),
+        (["adapt.variants.bottleneck.activation=tanh"], "adapt.variants.bottleneck.activation"),
         (
             ["adapt.variants.adalora.target_r=16"],
             "adapt.variants.adalora: Value error, target_r must not exceed init_r",
@@ -381,7 +398,10 @@ def test_merged_lora_quantizes_like_any_variant(task, scheme, adapted, batches, 
             "adapt.variants.adalora: Value error, tinit + tfinal must leave steps",
         ),
         (
-            ["adapt.variants.ia3.feedforward_modules=[intermediate.dense]"],
+            [
+                "adapt.variants.ia3.target_modules=[key, value]",
+                "adapt.variants.ia3.feedforward_modules=[intermediate.dense]",
+            ],
             "adapt.variants.ia3: Value error, feedforward_modules ['intermediate.dense'] are not",
         ),
         (["adapt.variants.prefix.num_virtual_tokens=0"], "adapt.variants.prefix.num_virtual"),
@@ -412,6 +432,33 @@ def test_unknown_target_module_is_named_when_adapting(method, target, encoder_di
         error.value
     )
     assert "attention.self.query" in str(error.value)  # the modules there are are listed
+
+
+def test_feedforward_modules_outside_the_default_targets_are_named(encoder_dir):
+    cfg = compose_config(["experiment=zoo", "adapt.variants.ia3.feedforward_modules=[query]"])
+    base = base_classifier(encoder_dir, "classification")
+
+    with pytest.raises(ConfigError) as error:
+        adapt_model(base, cfg.adapt.variants["ia3"], "adapt.variants.ia3")
+
+    assert "adapt.variants.ia3.feedforward_modules: ['query'] are not among the target" in str(
+        error.value
+    )
+
+
+def test_null_targets_are_the_familys_defaults(zoo, encoder_dir):
+    """The zoo leaves every target null: LoRA and AdaLoRA adapt BERT's queries and values, IA3
+    its keys, values and `output.dense` (feedforward), as the family table says."""
+    base = base_classifier(encoder_dir, "classification")
+    for method, targets, feedforward in [
+        ("lora", {"query", "value"}, None),
+        ("adalora", {"query", "value"}, None),
+        ("ia3", {"key", "value", "output.dense"}, {"output.dense"}),
+    ]:
+        model = adapt_model(copy.deepcopy(base), zoo.adapt.variants[method], method)
+        config = model.peft_config["default"]
+        assert config.target_modules == targets, method
+        assert getattr(config, "feedforward_modules", None) == feedforward, method
 
 
 def test_a_longer_target_path_selects_only_its_modules(zoo, encoder_dir):

@@ -53,7 +53,7 @@ def test_default_is_lean_and_zoo_adds_every_other_scheme():
         "lora",
     }
     assert set(zoo.prune.variants) == {"pruned", "sparse80"}
-    assert set(zoo.adapt.variants) == {"lora", "bitfit", "adalora", "ia3", "prefix"}
+    assert set(zoo.adapt.variants) == {"lora", "bitfit", "adalora", "ia3", "prefix", "bottleneck"}
     assert set(zoo.quantize.variants) > set(default.quantize.variants)
     assert {v.scheme for v in zoo.quantize.variants.values()} == set(QUANTIZE_SCHEMES) - {"fp16"}
 
@@ -71,7 +71,7 @@ def test_smoke_declares_every_variant_kind_and_names_are_unique():
     methods = {v.method for v in cfg.prune.variants.values()}
     assert methods == {"structured", "magnitude"}
     adapted = {v.method for v in cfg.adapt.variants.values()}
-    assert adapted == {"lora", "adalora", "ia3", "prefix", "bitfit"}
+    assert adapted == {"lora", "adalora", "ia3", "prefix", "bitfit", "bottleneck"}
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import yaml
 from helpers import mlflow_runs, smoke_pipeline_command
 
 from trimflow.compress.variants import load_variant
+from trimflow.config.schema import MERGEABLE_METHODS
 from trimflow.evaluation.cost import TRAINING_FIELDS
 from trimflow.evaluation.devices import variant_devices
 from trimflow.evaluation.scoring import LabelScorer
@@ -102,7 +103,7 @@ def test_adapted_variants_train_a_sliver_and_their_merged_model_equals_the_adapt
         assert 0 < values["trainable_params"] < values["train_total_params"] / 100, name
         assert 0 < values["adapter_mb"] < variants["finetuned"]["size_mb"] / 10, name
         assert (layout.model_dir(name) / "adapter").is_dir()
-        if spec.method == "prefix":  # not mergeable: base model + adapter
+        if spec.method not in MERGEABLE_METHODS:  # base model + adapter
             assert values["merge_agreement"] is None
             assert values["size_mb"] > variants["finetuned"]["size_mb"]
         else:

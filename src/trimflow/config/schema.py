@@ -146,15 +146,33 @@ class PruneConfig(Section):
 
 
 class StudentConfig(Section):
-    """A student: `layers` of the teacher kept, or a smaller pretrained `model`."""
+    """A student: layers of the teacher kept, or a smaller pretrained `model`.
+
+    The kept layers are explicit teacher indices (`layers`), or a count (`num_layers`) or share
+    of the teacher's depth (`layer_fraction`, rounded, at least 1) spread evenly from layer 0
+    (models.distillation.teacher_layers), so one config fits teachers of any depth.
+    """
+
+    KINDS: ClassVar[tuple[str, ...]] = ("layers", "num_layers", "layer_fraction", "model")
 
     layers: list[int] | None = Field(default=None, min_length=1)
+    num_layers: int | None = Field(default=None, gt=0)
+    layer_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
     model: str | None = None
+
+    def kind(self) -> str:
+        """The one key of KINDS that is set."""
+        return next(key for key in self.KINDS if getattr(self, key) is not None)
 
     @model_validator(mode="after")
     def _one_initialisation(self) -> StudentConfig:
-        if (self.layers is None) == (self.model is None):
-            raise ValueError("set exactly one of 'layers' (teacher layers) or 'model'")
+        chosen = [key for key in self.KINDS if getattr(self, key) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"set exactly one of {', '.join(self.KINDS)}, got {chosen or 'none'} (on the "
+                "command line, replace the default: ~distill.students.<name>.layer_fraction "
+                "+distill.students.<name>.num_layers=3)"
+            )
         return self
 
 
@@ -177,6 +195,11 @@ class AdapterSpec(Section):
     max_epochs: int | None = Field(default=None, ge=1)
 
 
+# Module names peft matches as suffixes at dot boundaries; None: the family's defaults
+# (models.families), resolved when the model is loaded.
+TargetModules = list[str] | None
+
+
 class LoraAdapter(AdapterSpec):
     """LoRA (Hu et al., 2021): a trained low-rank update B·A beside each target linear layer."""
 
@@ -184,7 +207,7 @@ class LoraAdapter(AdapterSpec):
     r: int = Field(gt=0)
     alpha: float = Field(gt=0.0)
     dropout: float = Fraction
-    target_modules: list[str] = Field(min_length=1)
+    target_modules: TargetModules = Field(default=None, min_length=1)
 
 
 class AdaLoraAdapter(AdapterSpec):
@@ -197,7 +220,7 @@ class AdaLoraAdapter(AdapterSpec):
     target_r: int = Field(gt=0)
     alpha: float = Field(gt=0.0)
     dropout: float = Fraction
-    target_modules: list[str] = Field(min_length=1)
+    target_modules: TargetModules = Field(default=None, min_length=1)
     tinit: float = Fraction
     tfinal: float = Fraction
     delta_t: int = Field(ge=1)
@@ -214,17 +237,19 @@ class AdaLoraAdapter(AdapterSpec):
 
 class Ia3Adapter(AdapterSpec):
     """IA3 (Liu et al., 2022): trained vectors rescale the target layers' activations (the
-    inputs of `feedforward_modules`, the outputs of the others)."""
+    inputs of `feedforward_modules`, the outputs of the others). A null `feedforward_modules`
+    is the family's default ones among the targets."""
 
     method: Literal["ia3"]
-    target_modules: list[str] = Field(min_length=1)
-    feedforward_modules: list[str]
+    target_modules: TargetModules = Field(default=None, min_length=1)
+    feedforward_modules: TargetModules = None
 
     @model_validator(mode="after")
     def _feedforward_are_targets(self) -> Ia3Adapter:
-        extra = [m for m in self.feedforward_modules if m not in self.target_modules]
-        if extra:
-            raise ValueError(f"feedforward_modules {extra} are not in target_modules")
+        if self.target_modules is not None and self.feedforward_modules is not None:
+            extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules")
         return self
 
 
@@ -242,8 +267,18 @@ class BitFitAdapter(AdapterSpec):
     method: Literal["bitfit"]
 
 
+class BottleneckAdapter(AdapterSpec):
+    """Bottleneck adapters (Houlsby et al., 2019): after the attention and the FFN output
+    projections of every layer, x + up(activation(down(x))) through `size` units. Cannot be
+    merged into the weights (the activation is non-linear)."""
+
+    method: Literal["bottleneck"]
+    size: int = Field(gt=0)
+    activation: Literal["gelu", "relu"]
+
+
 AdaptVariant = Annotated[
-    LoraAdapter | AdaLoraAdapter | Ia3Adapter | PrefixAdapter | BitFitAdapter,
+    LoraAdapter | AdaLoraAdapter | Ia3Adapter | PrefixAdapter | BitFitAdapter | BottleneckAdapter,
     Field(discriminator="method"),
 ]
 # Methods whose trained weights fold into a plain model of the base architecture.
@@ -468,8 +503,8 @@ class TrimflowConfig(Section):
             if adapted is not None and adapted.method not in MERGEABLE_METHODS:
                 raise ValueError(
                     f"quantize.variants.{name}.source: '{variant.source}' is {adapted.method}-"
-                    "tuned; its virtual tokens cannot be merged into the weights, so it cannot "
-                    f"be quantized (quantize a {'/'.join(MERGEABLE_METHODS)} variant)"
+                    "tuned; its adapter cannot be merged into the weights, so it cannot be "
+                    f"quantized (quantize a {'/'.join(MERGEABLE_METHODS)} variant)"
                 )
         if self.finetune.monitor not in self.task.monitors:
             raise ValueError(

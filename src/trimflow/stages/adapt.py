@@ -1,6 +1,6 @@
 """adapt: parameter-efficient fine-tuning of the base model, one variant per `adapt.variants`
-entry (LoRA, AdaLoRA, IA3, prefix tuning, BitFit), beside finetune: the same data, recipe,
-resume and tracking, a fraction of the trainable weights."""
+entry (LoRA, AdaLoRA, IA3, prefix tuning, BitFit, bottleneck adapters), beside finetune: the
+same data, recipe, resume and tracking, a fraction of the trainable weights."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None
 
 
 def _adapt_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
-    """Wrap the base model per `adapt.variants.<name>`, train it, save adapter and merged model."""
+    """Wrap the base model per `adapt.variants.<name>` (null targets: the defaults of its
+    family), train it, save the adapter and, where the method merges, the merged model."""
     L.seed_everything(cfg.seed, workers=True)
     spec = cfg.adapt.variants[name]
     label_map = read_label_map(layout.tokenized)

@@ -1,0 +1,69 @@
+"""The smoke DAG end to end on a tiny random encoder of every supported family: every variant
+kind is built, evaluated and reported, and pruning and distillation shrink every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from families import FAMILIES, save_tiny_encoder
+
+from trimflow.compress.variants import load_variant
+from trimflow.config.loading import compose_config
+from trimflow.layout import dvc_layout, read_label_map
+from trimflow.pipeline import run_pipeline
+from trimflow.serving.pyfunc import VariantModel
+
+pytestmark = pytest.mark.slow
+
+# Four layers, so that the default student (half the teacher's depth) keeps two.
+SHAPE = dict(layers=4, hidden=64, heads=4, ffn=256)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_run(request, tmp_path_factory, tracking_db):
+    """The smoke pipeline, in process, on the family's tiny encoder."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"pipeline-{family}")
+    encoder = save_tiny_encoder(family, root / "encoder", **SHAPE)
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            f"model.name={encoder}",
+            f"tracking.uri={tracking_db}",
+            f"tracking.experiment=family-{family}",
+            "dataset.max_train_samples=120",
+            "dataset.max_test_samples=40",
+        ]
+    )
+    layout = dvc_layout(root)
+    run_pipeline(cfg, layout)
+    return family, cfg, layout, json.loads(layout.metrics_file.read_text())
+
+
+def test_every_variant_kind_is_built_and_evaluated(family_run):
+    _, cfg, layout, metrics = family_run
+    assert list(metrics["variants"]) == list(cfg.variant_kinds())
+    for name, values in metrics["variants"].items():
+        assert 0.0 <= values["accuracy"] <= 1.0, name
+        assert values["latency_ms_p50"] > 0, name
+    assert layout.report_file.is_file()
+
+
+def test_pruned_and_distilled_are_smaller_than_the_fine_tuned_model(family_run):
+    _, _, _, metrics = family_run
+    variants = metrics["variants"]
+    finetuned = variants["finetuned"]
+    for name in ("pruned", "distilled"):
+        assert variants[name]["params"] < finetuned["params"], name
+        assert variants[name]["size_mb"] < finetuned["size_mb"], name
+
+
+def test_pruned_and_distilled_variants_reload_and_serve(family_run):
+    family, _, layout, _ = family_run
+    texts = ["oil prices rose sharply", "the bank cut rates"]
+    labels = read_label_map(layout.finetuned)["labels"]
+    for name in ("pruned", "distilled", "distilled_onnx_int8"):
+        load_variant(layout.model_dir(name))
+        served = VariantModel().load(layout.model_dir(name)).predict_texts(texts)
+        assert [row["label"] in labels for row in served] == [True, True], (family, name)
