@@ -12,6 +12,7 @@ from trimflow.compress.onnx import (
     export_onnx,
     quantize_onnx_dynamic,
     quantize_onnx_static,
+    session_fusions,
 )
 from trimflow.compress.structured import prune_heads
 from trimflow.evaluation.footprint import count_parameters
@@ -78,6 +79,14 @@ def test_fp32_export_matches_torch_on_other_shapes(tiny_bert, tiny_batches, fp32
     for batch in [*tiny_batches, random_batch(7, 40)]:
         expected = torch_logits(tiny_bert, batch)
         torch.testing.assert_close(onnx_logits(fp32_path, batch), expected, atol=1e-4, rtol=0)
+
+
+def test_session_fuses_gelu_and_scaled_attention_product(tiny_bert, fp32_path):
+    # Per layer: the FFN's GELU with its bias, and Q·Kᵀ with its scale. ORT's session optimizer
+    # fuses no Attention for the graph (onnxruntime.transformers.optimizer would).
+    layers = tiny_bert.config.num_hidden_layers
+    fusions = session_fusions(fp32_path)
+    assert fusions["BiasGelu"] == fusions["FusedMatMul"] == layers
 
 
 def test_export_restores_model_state(tmp_path):

@@ -2,7 +2,7 @@
 
 A row says where a family keeps its layers and how its attention and FFN are laid out, which is
 all that structured pruning, layer-dropping distillation, the adapters' default targets and the
-ONNX optimizer need to know about an architecture. Paths are dotted attribute paths: `layers`
+tokenizer need to know about an architecture. Paths are dotted attribute paths: `layers`
 from the base model (`model.base_model`), every other path from one layer of that list.
 
 Adding a family is one row here (docs/architecture.md: the recipe and its tests). A model whose
@@ -61,10 +61,6 @@ class EncoderFamily:
     lora_targets: tuple[str, ...] = ("query", "value")
     ia3_targets: tuple[str, ...] = ("key", "value", "output.dense")
     ia3_feedforward: tuple[str, ...] = ("output.dense",)
-    # onnxruntime.transformers.optimizer's model type, where ORT has fusions for the family.
-    ort_model_type: str | None = "bert"
-    # What ORT's optimizer fuses for it, as the README's family table says.
-    ort_fusions: str = "attention, LayerNorm, GELU, embeddings"
 
 
 _BERT_LIKE = dict(
@@ -99,7 +95,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         lora_targets=("q_lin", "v_lin"),
         ia3_targets=("k_lin", "v_lin", "lin2"),
         ia3_feedforward=("lin2",),
-        ort_fusions="attention, LayerNorm, GELU (no embedding fusion: no segment embeddings)",
     ),
     "deberta-v2": EncoderFamily(
         "DeBERTa-v2/v3",
@@ -120,8 +115,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         ffn_output="output.dense",
         lora_targets=("query_proj", "value_proj"),
         ia3_targets=("key_proj", "value_proj", "output.dense"),
-        ort_model_type=None,
-        ort_fusions="LayerNorm, GELU only: no fusion for disentangled attention",
     ),
     "modernbert": EncoderFamily(
         "ModernBERT",
@@ -140,8 +133,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         lora_targets=("Wqkv",),
         ia3_targets=("Wqkv", "mlp.Wo"),
         ia3_feedforward=("mlp.Wo",),
-        ort_model_type=None,
-        ort_fusions="LayerNorm only: no fusion for rotary, GLU or sliding-window attention",
     ),
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -20,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from trimflow.assets import resolve
 from trimflow.layout import ADAPTATION_FILE, LABEL_MAP_FILE
+from trimflow.models.families import ENCODER_FAMILIES
 from trimflow.utils.atomic import write_json
 
 # Files holding a variant's weights; everything else in its directory is shared metadata.
@@ -61,26 +64,97 @@ def load_classifier(path: str | Path) -> PreTrainedModel:
     return auto_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path).eval()
 
 
+SEGMENT_INPUT = "token_type_ids"
+
+
+def takes_token_type_ids(config: PreTrainedConfig) -> bool:
+    """Whether a model of `config` reads segment ids: its family's row, else whether its
+    classifier's forward names them (RoBERTa's accepts them, but has no segments to read)."""
+    family = ENCODER_FAMILIES.get(config.model_type)
+    if family is not None:
+        return family.token_type_ids
+    model_class = auto_model_class(config)._model_mapping[type(config)]
+    return SEGMENT_INPUT in inspect.signature(model_class.forward).parameters
+
+
+def load_task_tokenizer(name: str, task: str = "classification") -> PreTrainedTokenizerBase:
+    """The tokenizer of model `name` as its `task` model reads it; what it saves loads the same.
+
+    It yields no `token_type_ids` where the model takes none (whatever the tokenizer's own
+    `model_input_names` say), so neither do the tokenized data, batches, ONNX graphs and served
+    requests built from it. For NER it reads pre-split words: a byte-level BPE pre-tokenizer
+    (RoBERTa, ModernBERT) gets `add_prefix_space`, or it would read every word as the start of
+    a text ("prices", not " prices" as within a sentence).
+    """
+    tokenizer = load_tokenizer(name)
+    if not takes_token_type_ids(AutoConfig.from_pretrained(resolve(name))):
+        names = [key for key in tokenizer.model_input_names if key != SEGMENT_INPUT]
+        _persist(tokenizer, "model_input_names", names)
+    if task == "ner":
+        byte_level = _byte_level_steps(tokenizer.backend_tokenizer.pre_tokenizer)
+        for step in byte_level:
+            step.add_prefix_space = True
+        if byte_level:
+            _persist(tokenizer, "add_prefix_space", True)
+    return tokenizer
+
+
+def _persist(tokenizer: PreTrainedTokenizerBase, key: str, value) -> None:
+    """Set a tokenizer attribute and its init argument, which `save_pretrained` writes."""
+    setattr(tokenizer, key, value)
+    tokenizer.init_kwargs[key] = value
+
+
+def _byte_level_steps(pre_tokenizer) -> list:
+    """The ByteLevel steps of a backend pre-tokenizer: itself, or those of its Sequence."""
+    if pre_tokenizer is None:
+        return []
+    state = json.loads(pre_tokenizer.__getstate__())
+    if state["type"] == "Sequence":
+        return [
+            step
+            for index in range(len(state["pretokenizers"]))
+            for step in _byte_level_steps(pre_tokenizer[index])
+        ]
+    return [pre_tokenizer] if state["type"] == "ByteLevel" else []
+
+
 def load_base_classifier(
     name: str, labels: list[str], task: str = "classification"
 ) -> PreTrainedModel:
     """A pretrained encoder with a fresh head for `labels`: per text, or per token for NER.
 
-    In fp32 whatever the checkpoint's dtype (hub models often ship bf16 or fp16 weights): these
-    are the master weights training updates; mixed precision is the trainer's business.
+    A checkpoint whose head was trained for another number of labels (a 2-label sentiment model
+    fine-tuned on 8 labels) gets that head re-initialised, as `ignore_mismatched_sizes` does,
+    with a warning naming it and its old and new sizes. In fp32 whatever the checkpoint's dtype
+    (hub models often ship bf16 or fp16 weights): these are the master weights training
+    updates; mixed precision is the trainer's business.
     """
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
     try:
-        return TASK_MODELS[task].from_pretrained(
+        model, loading = TASK_MODELS[task].from_pretrained(
             resolve(name),
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             dtype=torch.float32,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    if loading["mismatched_keys"]:
+        replaced = sorted(loading["mismatched_keys"])
+        log.warning(
+            "model.name=%s: its head is for another number of labels; re-initialised %s for %d"
+            " labels (%s)",
+            name,
+            ", ".join(sorted({key.rsplit(".", 1)[0] for key, _, _ in replaced})),
+            len(labels),
+            ", ".join(f"{key} {list(old)} -> {list(new)}" for key, old, new in replaced),
+        )
+    return model
 
 
 def save_model_dir(

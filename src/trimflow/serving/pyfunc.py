@@ -30,7 +30,12 @@ from transformers import AutoConfig, BatchEncoding, PreTrainedTokenizerBase
 from trimflow.compress.variants import load_variant
 from trimflow.data.token_labels import word_predictions
 from trimflow.layout import read_label_map
-from trimflow.models.loading import TASK_MODELS, auto_model_class, load_tokenizer
+from trimflow.models.loading import (
+    TASK_MODELS,
+    auto_model_class,
+    load_task_tokenizer,
+    load_tokenizer,
+)
 
 VARIANT_ARTIFACT = "variant"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -178,9 +183,11 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         to the model's limit. Returns this model."""
         variant_dir = Path(variant_dir)
         self.model = load_variant(variant_dir, num_threads=torch.get_num_threads())
-        self.tokenizer = load_tokenizer(str(variant_dir))
-        self.labels = read_label_map(variant_dir)["labels"]
         self.token_task = is_token_task(variant_dir)
+        self.tokenizer = load_task_tokenizer(
+            str(variant_dir), "ner" if self.token_task else "classification"
+        )
+        self.labels = read_label_map(variant_dir)["labels"]
         self.max_chars = max_chars
         self.max_length = (
             default_max_length(variant_dir, self.tokenizer) if max_length is None else max_length

@@ -18,7 +18,7 @@ from trimflow.layout import (
     Layout,
     read_label_map,
 )
-from trimflow.models.loading import load_tokenizer
+from trimflow.models.loading import load_task_tokenizer
 from trimflow.tracking.runs import DATA_PREFIX, Tracker
 from trimflow.utils.atomic import atomic_dir, write_json
 
@@ -29,7 +29,7 @@ STATS_FILE = "tokenization.json"
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     """Tokenize every prepared split (no padding) and count what truncation cut; write the Arrow
     splits, the tokenizer, the label map and tokenization.json; log the truncation counts."""
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_task_tokenizer(cfg.model.name, cfg.task.type)
     labels = read_label_map(layout.prepared)["labels"]
     tokenized, stats = {}, {}
     for split in SPLITS:
