@@ -18,6 +18,7 @@ from trimflow.compress.pruned import load_pruned, model_skeleton
 from trimflow.compress.quantize import SCHEME_FILE, load_quantized
 from trimflow.compress.sparse import SPARSE_FILE, load_sparse, save_sparse
 from trimflow.config.schemes import QUANTIZE_SCHEMES
+from trimflow.evaluation.machine import has_int8_dot_product
 from trimflow.layout import ADAPTATION_FILE
 from trimflow.models.loading import copy_metadata, save_model_dir
 from trimflow.utils.atomic import write_json
@@ -83,5 +84,10 @@ def save_onnx_variant(
     calibrated = QUANTIZE_SCHEMES[scheme].calibrated
     write_json(
         out_dir / ONNX_SCHEME_FILE,
-        {"scheme": scheme, "calibration_batches": len(calibration) if calibrated else 0},
+        {
+            "scheme": scheme,
+            "calibration_batches": len(calibration) if calibrated else 0,
+            # 7-bit weights where the machine that quantized had no VNNI/AMX int8.
+            "reduced_range": scheme != "onnx_fp32" and not has_int8_dot_product(),
+        },
     )

@@ -9,7 +9,17 @@ from pathlib import Path
 import torch
 
 # CPU features that change training and int8 inference speed several-fold.
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+SPEED_FLAGS = (
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+)
+# Instructions that multiply u8 by s8 and accumulate in int32 without int16 saturation.
+INT8_DOT_FLAGS = ("avx_vnni", "avx512_vnni", "amx_int8")
 
 
 def cpu_description(cpuinfo: str | None = None) -> dict:
@@ -26,6 +36,12 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
         "cpu_model": fields.get("model name", platform.processor() or "unknown"),
         "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
     }
+
+
+def has_int8_dot_product(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has VNNI or AMX int8: without them int8 kernels sum u8*s8 pairs in int16,
+    which saturates on full-range weights."""
+    return any(flag in INT8_DOT_FLAGS for flag in cpu_description(cpuinfo)["cpu_flags"])
 
 
 def environment() -> dict:
