@@ -295,3 +295,24 @@ def test_unknown_targets_outside_the_table_list_its_linear_modules(zoo):
 def test_bottleneck_outside_the_table_is_refused_naming_the_model_type(zoo):
     with pytest.raises(ConfigError, match="adapt.variants.bottleneck .*model_type 'mpnet'"):
         adapt_model(tiny_mpnet(), spec_of(zoo, "bottleneck"), "adapt.variants.bottleneck")
+
+
+# Encoders whose attention takes no past keys and values, so no prefix.
+WITHOUT_KEY_VALUE_CACHE = {"distilbert", "deberta-v2", "modernbert"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_tuning_trains_or_is_refused_before_training(family, zoo, encoders):
+    encoder_dir, batches = encoders(family)
+    base = base_classifier(encoder_dir)
+    if family in WITHOUT_KEY_VALUE_CACHE:
+        with pytest.raises(ConfigError, match=f"adapt.variants.prefix.method: .*'{family}'"):
+            adapt_model(base, spec_of(zoo, "prefix"), "adapt.variants.prefix")
+        return
+    model = adapt_model(base, spec_of(zoo, "prefix"), "adapt.variants.prefix")
+    before = snapshot(model)
+    train(model, batches)
+    after = snapshot(model)
+    assert any(
+        "prompt_encoder" in name and not torch.equal(before[name], after[name]) for name in before
+    )

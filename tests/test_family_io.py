@@ -27,6 +27,8 @@ from trimflow.compress.onnx import (
     quantize_onnx_dynamic,
     session_fusions,
 )
+from trimflow.compress.quantize import quantize_model, save_quantized, scheme_of
+from trimflow.compress.variants import load_variant
 from trimflow.data.datamodule import load_tokenized, make_collator
 from trimflow.data.token_labels import IGNORE_INDEX, word_predictions
 from trimflow.data.tokenization import tokenize_split, tokenize_tagged_split
@@ -191,6 +193,23 @@ def test_onnx_export_agrees_with_torch_and_quantizes(family, tokenized, task, tm
         assert int8_logits.shape == expected.shape and torch.isfinite(int8_logits).all()
     for name, path in (("fp32", fp32), ("dynamic int8", int8)):
         print(f"{family} {task} {name}: ORT session fusions {dict(session_fusions(path))}")
+
+
+@pytest.mark.parametrize("scheme", ["dynamic_int8", "dynamic_int8_embeddings"])
+def test_torch_int8_saves_and_reloads_to_the_same_logits(family, tokenized, scheme, tmp_path):
+    model = trained_like(family, tokenized, "classification")
+    source, target = tmp_path / "fp32", tmp_path / scheme
+    save_model_dir(
+        model, tokenized["classification"][0], {"labels": LABELS["classification"]}, source
+    )
+    quantized = quantize_model(model, scheme)
+    save_quantized(quantized, source, target, scheme)
+    reloaded = load_variant(target)
+    assert scheme_of(reloaded) == scheme
+    for batch in batches(tokenized, "classification"):
+        expected = logits(quantized, batch)
+        torch.testing.assert_close(logits(reloaded, batch), expected, atol=0, rtol=0)
+        assert (expected - logits(model, batch)).abs().max() < 0.1
 
 
 def test_checkpoint_head_of_other_size_is_reinitialised(family, tokenized, tmp_path, caplog):

@@ -18,6 +18,23 @@ pytestmark = pytest.mark.slow
 
 # Four layers, so that the default student (half the teacher's depth) keeps two.
 SHAPE = dict(layers=4, hidden=64, heads=4, ffn=256)
+# Every adapt method, both pruning methods, the student, torch and ONNX int8 of each trained
+# kind; the schemes that read no family-specific layout (half precision, int8 embeddings, the
+# other ONNX forms) run on the tiny BERT in tests/test_pipeline.py.
+LEAN = tuple(
+    f"~quantize.variants.{name}"
+    for name in (
+        "quantized_emb",
+        "bf16",
+        "fp16",
+        "onnx",
+        "onnx_static_int8",
+        "distilled_quantized",
+        "lora_int8",
+    )
+)
+# Encoders whose attention takes no past keys and values: prefix tuning is refused on them.
+WITHOUT_KEY_VALUE_CACHE = {"distilbert", "deberta-v2", "modernbert"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -34,6 +51,8 @@ def family_run(request, tmp_path_factory, tracking_db):
             f"tracking.experiment=family-{family}",
             "dataset.max_train_samples=120",
             "dataset.max_test_samples=40",
+            *LEAN,
+            *(["~adapt.variants.prefix"] if family in WITHOUT_KEY_VALUE_CACHE else []),
         ]
     )
     layout = dvc_layout(root)

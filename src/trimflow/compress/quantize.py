@@ -72,6 +72,27 @@ def _contiguous_indices(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[T
     return tuple(arg.contiguous() for arg in args)
 
 
+def _lookup_tables(model: nn.Module) -> set[nn.Module]:
+    """The nn.Embedding modules read by index: the input embeddings and the embeddings block's
+    tables (position, token type). Not DeBERTa's `encoder.rel_embeddings`: its whole weight is
+    read as a matrix, which a quantized embedding does not offer."""
+    tables = {model.get_input_embeddings()}
+    block = getattr(getattr(model, "base_model", model), "embeddings", None)
+    if isinstance(block, nn.Module):
+        tables.update(module for module in block.modules() if isinstance(module, nn.Embedding))
+    return tables
+
+
+def _qconfig_spec(model: nn.Module, scheme: str) -> dict:
+    """The scheme's qconfigs, its nn.Embedding entry narrowed to the lookup tables by name."""
+    spec = dict(INT8_QCONFIGS[scheme])
+    embedding = spec.pop(nn.Embedding, None)
+    if embedding is not None:
+        tables = _lookup_tables(model)
+        spec.update({name: embedding for name, module in model.named_modules() if module in tables})
+    return spec
+
+
 def _apply_scheme(model: nn.Module, scheme: str) -> nn.Module:
     """Quantize or cast `model` in place according to `scheme`; returns it in eval mode."""
     _check_scheme(scheme)
@@ -80,7 +101,7 @@ def _apply_scheme(model: nn.Module, scheme: str) -> nn.Module:
         return model.to(CAST_DTYPES[scheme])
     with _quiet_quantization_warnings():
         torch.ao.quantization.quantize_dynamic(
-            model, INT8_QCONFIGS[scheme], dtype=torch.qint8, inplace=True
+            model, _qconfig_spec(model, scheme), dtype=torch.qint8, inplace=True
         )
     for module in model.modules():
         if isinstance(module, QuantizedEmbedding):

@@ -12,6 +12,7 @@ its adapter, and is loaded as base model + adapter.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -233,6 +234,17 @@ def add_bottlenecks(
     return model
 
 
+def check_takes_key_value_cache(model: PreTrainedModel, config_key: str) -> None:
+    """Prefix tuning feeds its virtual tokens as past keys and values: fail, naming the key,
+    for an encoder whose forward takes none (DistilBERT, DeBERTa, ModernBERT)."""
+    if "past_key_values" not in inspect.signature(model.base_model.forward).parameters:
+        raise ConfigError(
+            f"{config_key}.method: prefix tuning needs an encoder that takes past_key_values, "
+            f"and {type(model.base_model).__name__} (model_type '{model.config.model_type}') "
+            "does not: use lora, ia3, adalora, bottleneck or bitfit"
+        )
+
+
 def adapt_model(model: PreTrainedModel, spec: AdaptVariant, config_key: str) -> nn.Module:
     """`model` made ready for `spec`'s method: wrapped by peft (null targets: the family's
     defaults), with everything frozen but biases, LayerNorms and the head (BitFit), or frozen
@@ -249,6 +261,8 @@ def adapt_model(model: PreTrainedModel, spec: AdaptVariant, config_key: str) -> 
         for head in heads:
             model.get_submodule(head).requires_grad_(True)
         return model
+    if isinstance(spec, PrefixAdapter):
+        check_takes_key_value_cache(model, config_key)
     spec = resolve_targets(model, spec, config_key)
     if isinstance(spec, PEFT_TARGETED):
         check_target_modules(model, spec.target_modules, f"{config_key}.target_modules")
