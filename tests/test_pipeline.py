@@ -68,7 +68,7 @@ def finished(tmp_path_factory, tiny_encoder_dir, tracking_db):
 def test_metrics_file_has_every_declared_variant_and_field(finished):
     cfg, _, metrics = finished
     assert list(metrics["variants"]) == list(cfg.variant_kinds())
-    assert len(metrics["variants"]) == 22
+    assert len(metrics["variants"]) == 23
     devices = variant_devices(cfg)
     for name, values in metrics["variants"].items():
         assert set(values) == {*MLFLOW_NAMES, "device"}
