@@ -7,6 +7,7 @@ import json
 
 import pytest
 from families import FAMILIES, save_tiny_encoder
+from transformers import AutoTokenizer
 
 from trimflow.compress.variants import load_variant
 from trimflow.config.loading import compose_config
@@ -86,3 +87,52 @@ def test_pruned_and_distilled_variants_reload_and_serve(family_run):
         load_variant(layout.model_dir(name))
         served = VariantModel().load(layout.model_dir(name)).predict_texts(texts)
         assert [row["label"] in labels for row in served] == [True, True], (family, name)
+
+
+# NER on each family's tokenizer: the trained kinds and their ONNX int8 forms.
+NER_VARIANTS = ("finetuned", "lora", "pruned", "distilled", "onnx_int8", "distilled_onnx_int8")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_ner_run(request, tmp_path_factory, tracking_db):
+    """The smoke pipeline with task=ner and the NER_VARIANTS only, in process."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"ner-{family}")
+    encoder = save_tiny_encoder(family, root / "encoder", **SHAPE)
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "task=ner",
+            f"model.name={encoder}",
+            f"tracking.uri={tracking_db}",
+            f"tracking.experiment=family-ner-{family}",
+            "dataset.max_train_samples=120",
+            "dataset.max_test_samples=40",
+            "~adapt.variants",
+            "+adapt.variants={lora:{method:lora,r:4,alpha:8,dropout:0.0,target_modules:null}}",
+            "~prune.variants.sparse80",
+            "~quantize.variants",
+            "+quantize.variants={onnx_int8:{source:finetuned,scheme:onnx_dynamic_int8},"
+            "distilled_onnx_int8:{source:distilled,scheme:onnx_dynamic_int8}}",
+        ]
+    )
+    layout = dvc_layout(root)
+    run_pipeline(cfg, layout)
+    return family, layout, json.loads(layout.metrics_file.read_text())
+
+
+def test_ner_runs_every_trained_kind_on_the_family_tokenizer(family_ner_run):
+    family, layout, metrics = family_ner_run
+    assert tuple(metrics["variants"]) == NER_VARIANTS
+    for name, values in metrics["variants"].items():
+        assert 0.0 <= values["token_accuracy"] <= 1.0, (family, name)
+    words = ["Watching", "the", "game", "at", "Madison", "Square", "Garden"]
+    tokenizer = AutoTokenizer.from_pretrained(layout.tokenizer_dir)
+    pieces = tokenizer(words, is_split_into_words=True).word_ids()
+    assert sorted({word for word in pieces if word is not None}) == list(range(len(words)))
+    served = (
+        VariantModel()
+        .load(layout.model_dir("distilled_onnx_int8"))
+        .predict_texts([" ".join(words)])
+    )
+    assert "entities" in served[0], family

@@ -202,6 +202,7 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` plus the bottleneck's correction of it."""
         return x + self.up(self.activation(self.down(x)))
 
 
@@ -217,6 +218,7 @@ class WithBottleneck(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection's output, through the adapter."""
         return self.adapter(self.projection(x))
 
 
@@ -228,9 +230,7 @@ def add_bottlenecks(
     family = family_of(model.config, needed_by)
     for layer in encoder_layers(model):
         for path in (family.attention_output, family.ffn_output):
-            parent_path, _, name = path.rpartition(".")
-            parent = submodule(layer, parent_path) if parent_path else layer
-            setattr(parent, name, WithBottleneck(getattr(parent, name), size, activation))
+            layer.set_submodule(path, WithBottleneck(submodule(layer, path), size, activation))
     return model
 
 
