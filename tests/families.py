@@ -223,6 +223,21 @@ def build_tiny(
     return auto.from_config(config).eval()
 
 
+def build_outside_table(num_labels: int = 3) -> PreTrainedModel:
+    """A tiny ALBERT classifier: a model type the family table does not have."""
+    config = AutoConfig.for_model(
+        "albert",
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+    )
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
 def save_tiny_encoder(family: str, path: Path, seed: int = 0, **shape: int) -> Path:
     """A local 'hub' encoder of `family` (no task head) with its tokenizer, in `path`."""
     tokenizer = tiny_tokenizer(family)

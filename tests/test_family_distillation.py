@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from families import FAMILIES, batches_for, build_tiny, tiny_tokenizer
+from families import FAMILIES, batches_for, build_outside_table, build_tiny, tiny_tokenizer
 from helpers import ROOT
-from transformers import AlbertConfig, AlbertForSequenceClassification, BertConfig
+from transformers import BertConfig
 
 from trimflow.config.loading import ConfigError
 from trimflow.config.schema import StudentConfig
@@ -156,22 +156,8 @@ def test_modernbert_students_reindex_layer_types_and_keep_layer_0(tmp_path):
         student_from_teacher(teacher, [2, 0])
 
 
-def tiny_albert() -> AlbertForSequenceClassification:
-    """A model of a family the table lacks."""
-    config = AlbertConfig(
-        vocab_size=30522,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    return AlbertForSequenceClassification(config).eval()
-
-
 def test_an_unsupported_family_is_named():
-    albert = tiny_albert()
+    albert = build_outside_table()
     for build in (
         lambda: teacher_layers(DEFAULT_STUDENT, albert.config, KEY),
         lambda: student_from_teacher(albert, [0]),
@@ -197,7 +183,7 @@ def test_an_unsupported_family_is_named():
 def test_the_stage_refuses_before_any_work(tmp_path, tiny_config, teacher_family, overrides, named):
     layout = dvc_layout(tmp_path)
     tokenizer = tiny_tokenizer("bert")
-    teacher = tiny_albert() if teacher_family == "albert" else build_tiny("bert", layers=2)
+    teacher = build_outside_table() if teacher_family == "albert" else build_tiny("bert", layers=2)
     labels = {"labels": list(teacher.config.label2id), "dataset_digest": "d"}
     save_model_dir(teacher, tokenizer, labels, layout.finetuned)
     with pytest.raises(ConfigError, match=named):

@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
-from families import FAMILIES, batches_for, build_tiny, tiny_tokenizer
+from families import FAMILIES, batches_for, build_outside_table, build_tiny, tiny_tokenizer
 from helpers import logits
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from trimflow.compress.magnitude import MagnitudePruner, prunable_linears, sparsity
 from trimflow.compress.pruned import apply_recorded_pruning, is_structurally_pruned, load_pruned
@@ -205,22 +205,8 @@ def test_magnitude_pruning_reaches_its_sparsity_in_the_encoder_layers(case):
     assert torch.isfinite(logits(model, labelled_batch(case))).all()
 
 
-def unknown_family_model() -> PreTrainedModel:
-    """A tiny ALBERT, a model type the family table does not have."""
-    config = AutoConfig.for_model(
-        "albert",
-        vocab_size=100,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
-    return AutoModelForSequenceClassification.from_config(config)
-
-
 def test_structured_pruning_refuses_a_family_not_in_the_table():
-    model = unknown_family_model()
+    model = build_outside_table()
     refusal = rf"model_type 'albert' \(supported: {re.escape(supported_families())}\)"
     attempts = (
         lambda: unit_importance(model, []),
@@ -238,7 +224,7 @@ def test_structured_pruning_refuses_a_family_not_in_the_table():
 
 def test_the_prune_stage_refuses_a_family_not_in_the_table_before_any_work(tiny_config, tmp_path):
     layout = Layout(*(tmp_path / name for name in ("prepared", "tokenized", "models", "r", "w")))
-    unknown_family_model().config.save_pretrained(layout.finetuned)  # no weights, no labels
+    build_outside_table().config.save_pretrained(layout.finetuned)  # no weights, no labels
 
     with pytest.raises(ConfigError, match="prune does not support model_type 'albert'"):
         prune.run(tiny_config(), layout)
