@@ -42,6 +42,10 @@ LEAN = (
     "+quantize.variants={pruned_onnx_int8:{source:pruned,scheme:onnx_dynamic_int8},"
     "distilled_onnx_int8:{source:distilled,scheme:onnx_dynamic_int8}}",
     "tracking.enabled=false",
+    # More timed rounds than the smoke preset's: tiny models' latencies are a few milliseconds.
+    "evaluate.rounds=5",
+    "evaluate.latency.samples=16",
+    "evaluate.latency.repeats=10",
 )
 
 
