@@ -38,26 +38,36 @@ LEAN = tuple(
 WITHOUT_KEY_VALUE_CACHE = {"distilbert", "deberta-v2", "modernbert"}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_run(request, tmp_path_factory, tracking_db):
-    """The smoke pipeline, in process, on the family's tiny encoder."""
-    family = request.param
-    root = tmp_path_factory.mktemp(f"pipeline-{family}")
+def smoke_run(family: str, root, tracking_db: str, *overrides: str):
+    """The smoke pipeline in process on the family's tiny encoder in `root`: config and layout."""
     encoder = save_tiny_encoder(family, root / "encoder", **SHAPE)
     cfg = compose_config(
         [
             "experiment=smoke",
             f"model.name={encoder}",
             f"tracking.uri={tracking_db}",
-            f"tracking.experiment=family-{family}",
+            f"tracking.experiment={root.name}",
             "dataset.max_train_samples=120",
             "dataset.max_test_samples=40",
-            *LEAN,
-            *(["~adapt.variants.prefix"] if family in WITHOUT_KEY_VALUE_CACHE else []),
+            *overrides,
         ]
     )
     layout = dvc_layout(root)
     run_pipeline(cfg, layout)
+    return cfg, layout
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_run(request, tmp_path_factory, tracking_db):
+    """The smoke pipeline, in process, on the family's tiny encoder."""
+    family = request.param
+    cfg, layout = smoke_run(
+        family,
+        tmp_path_factory.mktemp(f"pipeline-{family}"),
+        tracking_db,
+        *LEAN,
+        *(["~adapt.variants.prefix"] if family in WITHOUT_KEY_VALUE_CACHE else []),
+    )
     return family, cfg, layout, json.loads(layout.metrics_file.read_text())
 
 
@@ -97,27 +107,18 @@ NER_VARIANTS = ("finetuned", "lora", "pruned", "distilled", "onnx_int8", "distil
 def family_ner_run(request, tmp_path_factory, tracking_db):
     """The smoke pipeline with task=ner and the NER_VARIANTS only, in process."""
     family = request.param
-    root = tmp_path_factory.mktemp(f"ner-{family}")
-    encoder = save_tiny_encoder(family, root / "encoder", **SHAPE)
-    cfg = compose_config(
-        [
-            "experiment=smoke",
-            "task=ner",
-            f"model.name={encoder}",
-            f"tracking.uri={tracking_db}",
-            f"tracking.experiment=family-ner-{family}",
-            "dataset.max_train_samples=120",
-            "dataset.max_test_samples=40",
-            "~adapt.variants",
-            "+adapt.variants={lora:{method:lora,r:4,alpha:8,dropout:0.0,target_modules:null}}",
-            "~prune.variants.sparse80",
-            "~quantize.variants",
-            "+quantize.variants={onnx_int8:{source:finetuned,scheme:onnx_dynamic_int8},"
-            "distilled_onnx_int8:{source:distilled,scheme:onnx_dynamic_int8}}",
-        ]
+    _, layout = smoke_run(
+        family,
+        tmp_path_factory.mktemp(f"ner-{family}"),
+        tracking_db,
+        "task=ner",
+        "~adapt.variants",
+        "+adapt.variants={lora:{method:lora,r:4,alpha:8,dropout:0.0,target_modules:null}}",
+        "~prune.variants.sparse80",
+        "~quantize.variants",
+        "+quantize.variants={onnx_int8:{source:finetuned,scheme:onnx_dynamic_int8},"
+        "distilled_onnx_int8:{source:distilled,scheme:onnx_dynamic_int8}}",
     )
-    layout = dvc_layout(root)
-    run_pipeline(cfg, layout)
     return family, layout, json.loads(layout.metrics_file.read_text())
 
 
