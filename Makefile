@@ -11,7 +11,7 @@ ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving bench-serve-load bench-predict bench-drift bench-families ui ui-test clean
+.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving bench-serve-load bench-predict bench-drift bench-families bench-runtimes ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -74,6 +74,9 @@ bench-drift: install  ## trimflow monitor on logged traffic: R8 samples (no drif
 
 bench-families: install  ## every encoder family's smoke run: pruned and distilled size and batch-1 latency against its fine-tuned model, into reports/families_bench.json
 	$(PY) bench/families_bench.py
+
+bench-runtimes: install  ## torch, ONNX Runtime and OpenVINO (fp32, int8) of one encoder: batch-1 p50 and batch-32 texts/s against torch fp32, into reports/runtime_bench.json
+	$(PY) bench/runtime_bench.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	@echo "trimflow runs: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (1: the trimflow experiment of a fresh mlflow.db; the parameter picks the runs table over the GenAI overview)"

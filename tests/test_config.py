@@ -42,20 +42,39 @@ def test_variant_stages_iterate_over_the_declared_variants():
 
 def test_default_is_lean_and_zoo_adds_every_other_scheme():
     default, zoo = compose_config([]), compose_config(["experiment=zoo"])
-    assert list(default.prune.variants) == ["pruned"]
+    assert {name: v.source for name, v in default.prune.variants.items()} == {
+        "pruned": "finetuned",
+        "distilled_pruned": "distilled",  # compound: the student, pruned
+    }
     assert list(default.distill.students) == ["distilled"]
-    assert list(default.adapt.variants) == ["lora", "bitfit"]
-    # One int8 form of each trained variant but BitFit's: what the recommendation weighs.
+    assert default.adapt.variants == {}  # a 3-epoch adapter costs two fine-tunes: zoo
+    assert not default.evaluate.merge_check
+    # One int8 form of each trained variant: what the recommendation weighs.
     assert {v.source for v in default.quantize.variants.values()} == {
         "finetuned",
         "pruned",
         "distilled",
-        "lora",
+        "distilled_pruned",
     }
-    assert set(zoo.prune.variants) == {"pruned", "sparse80"}
+    assert set(zoo.prune.variants) == {"pruned", "distilled_pruned", "sparse80"}
+    assert set(zoo.distill.students) == {"distilled", "distilled2"}
     assert set(zoo.adapt.variants) == {"lora", "bitfit", "adalora", "ia3", "prefix", "bottleneck"}
     assert set(zoo.quantize.variants) > set(default.quantize.variants)
     assert {v.scheme for v in zoo.quantize.variants.values()} == set(QUANTIZE_SCHEMES) - {"fp16"}
+
+
+def test_a_pruned_variant_prunes_the_fine_tuned_model_or_a_student():
+    with pytest.raises(ConfigError, match=r"prune.variants.pruned.source: 'lora' is neither"):
+        compose_config(["experiment=zoo", "prune.variants.pruned.source=lora"])
+    cfg = compose_config(["experiment=zoo", "prune.variants.sparse80.source=distilled2"])
+    order = list(cfg.variant_kinds())
+    assert order.index("distilled2") < order.index("sparse80")  # built after its source
+    units = stage_keys(cfg)
+    other = stage_keys(
+        compose_config(["experiment=zoo", "distill.students.distilled2.num_layers=1"])
+    )
+    assert units["prune@sparse80"] != other["prune@sparse80"]  # keyed on its source's config
+    assert units["prune@pruned"] == other["prune@pruned"]
 
 
 def test_the_schema_offers_exactly_the_quantization_schemes_of_the_table():

@@ -19,20 +19,25 @@ pytestmark = pytest.mark.slow
 
 # Four layers, so that the default student (half the teacher's depth) keeps two.
 SHAPE = dict(layers=4, hidden=64, heads=4, ffn=256)
-# Every adapt method, both pruning methods, the student, torch and ONNX int8 of each trained
-# kind; the schemes that read no family-specific layout (half precision, int8 embeddings, the
-# other ONNX forms) run on the tiny BERT in tests/test_pipeline.py.
-LEAN = tuple(
-    f"~quantize.variants.{name}"
-    for name in (
-        "quantized_emb",
-        "bf16",
-        "fp16",
-        "onnx",
-        "onnx_static_int8",
-        "distilled_quantized",
-        "lora_int8",
-    )
+# Every adapt method, both pruning methods (structured on the fine-tuned model and on the
+# student), the student, torch and ONNX int8 of each trained kind; the schemes that read no
+# family-specific layout (half precision, int8 embeddings, the other ONNX forms, OpenVINO) run
+# on the tiny BERT in tests/test_pipeline.py.
+LEAN = (
+    "~distill.students.distilled2",
+    *(
+        f"~quantize.variants.{name}"
+        for name in (
+            "quantized_emb",
+            "bf16",
+            "fp16",
+            "onnx",
+            "onnx_static_int8",
+            "openvino",
+            "openvino_int8",
+            "distilled_pruned_onnx_int8",
+        )
+    ),
 )
 # Encoders whose attention takes no past keys and values: prefix tuning is refused on them.
 WITHOUT_KEY_VALUE_CACHE = {"distilbert", "deberta-v2", "modernbert"}
@@ -87,6 +92,7 @@ def test_pruned_and_distilled_are_smaller_than_the_fine_tuned_model(family_run):
     for name in ("pruned", "distilled"):
         assert variants[name]["params"] < finetuned["params"], name
         assert variants[name]["size_mb"] < finetuned["size_mb"], name
+    assert variants["distilled_pruned"]["params"] < variants["distilled"]["params"]
 
 
 def test_pruned_and_distilled_variants_reload_and_serve(family_run):
@@ -100,7 +106,7 @@ def test_pruned_and_distilled_variants_reload_and_serve(family_run):
 
 
 # NER on each family's tokenizer: the trained kinds and their ONNX int8 forms.
-NER_VARIANTS = ("finetuned", "lora", "pruned", "distilled", "onnx_int8", "distilled_onnx_int8")
+NER_VARIANTS = ("finetuned", "lora", "distilled", "pruned", "onnx_int8", "distilled_onnx_int8")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -115,6 +121,8 @@ def family_ner_run(request, tmp_path_factory, tracking_db):
         "~adapt.variants",
         "+adapt.variants={lora:{method:lora,r:4,alpha:8,dropout:0.0,target_modules:null}}",
         "~prune.variants.sparse80",
+        "~prune.variants.distilled_pruned",
+        "~distill.students.distilled2",
         "~quantize.variants",
         "+quantize.variants={onnx_int8:{source:finetuned,scheme:onnx_dynamic_int8},"
         "distilled_onnx_int8:{source:distilled,scheme:onnx_dynamic_int8}}",

@@ -54,7 +54,7 @@ def test_cpu_only_kernels_are_named_and_gpu_capable_variants_are_not():
     cfg = compose_config(["experiment=zoo"])
     kinds = cfg.variant_kinds()
     reasons = {name: cpu_reason(cfg, name, kind) for name, kind in kinds.items()}
-    assert "CPU only" in reasons["quantized"] and "CPU only" in reasons["lora_int8"]
+    assert "CPU only" in reasons["quantized"] and "CPU only" in reasons["pruned_quantized"]
     assert reasons["finetuned"] is None and reasons["lora"] is None and reasons["bf16"] is None
     onnx_reason = reasons["onnx_int8"]
     assert (onnx_reason is None) == onnx_runs_on_cuda()

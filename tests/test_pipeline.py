@@ -26,7 +26,9 @@ MLFLOW_NAMES = mlflow_names(LabelScorer.quality_keys)
 # Overrides leaving one structured-pruned and two quantized variants (for the sweep).
 LEAN = (
     "~prune.variants.sparse80",
+    "~prune.variants.distilled_pruned",
     "~distill.students.distilled",
+    "~distill.students.distilled2",
     *(
         f"~quantize.variants.{name}"
         for name in (
@@ -36,9 +38,10 @@ LEAN = (
             "onnx",
             "onnx_int8",
             "onnx_static_int8",
-            "pruned_onnx_int8",
-            "distilled_quantized",
+            "openvino",
+            "openvino_int8",
             "distilled_onnx_int8",
+            "distilled_pruned_onnx_int8",
         )
     ),
 )
@@ -71,7 +74,7 @@ def test_metrics_file_has_every_declared_variant_and_field(finished):
     assert len(metrics["variants"]) == 23
     devices = variant_devices(cfg)
     for name, values in metrics["variants"].items():
-        assert set(values) == {*MLFLOW_NAMES, "device"}
+        assert set(values) == {*MLFLOW_NAMES, "device", "runtime"}
         assert values["device"] == devices[name]
         assert (values["peak_gpu_mem_mb"] is None) == (devices[name] == "cpu")
         assert 0.0 <= values["accuracy"] <= 1.0
@@ -108,7 +111,7 @@ def test_adapted_variants_train_a_sliver_and_their_merged_model_equals_the_adapt
             assert values["size_mb"] > variants["finetuned"]["size_mb"]
         else:
             assert values["merge_agreement"] == 1.0 and values["merge_max_abs_diff"] < 1e-4, name
-    assert variants["lora_int8"]["adapter_mb"] is None  # a quantized copy is no adapter
+    assert variants["lora_onnx_int8"]["adapter_mb"] is None  # a quantized copy is no adapter
     assert variants["lora_onnx_int8"]["agreement"] >= 0.8
 
 
@@ -179,10 +182,11 @@ def test_every_mlflow_run_has_metrics_and_tags(finished):
     assert sorted(r.data.tags["trimflow.variant"] for r in variants) == sorted(cfg.variant_kinds())
     for run in variants:  # every number but the figures a variant lacks (None)
         values = metrics["variants"][run.data.tags["trimflow.variant"]]
-        numbers = {key: value for key, value in values.items() if key != "device"}
+        numbers = {k: v for k, v in values.items() if k not in ("device", "runtime")}
         logged = {MLFLOW_NAMES[key] for key, value in numbers.items() if value is not None}
         assert logged <= set(run.data.metrics)
         assert run.data.tags["trimflow.device"] == values["device"]
+        assert run.data.tags["trimflow.runtime"] == values["runtime"]
         adapted = cfg.variant_kinds()[run.data.tags["trimflow.variant"]] == "adapt"
         assert ("training/adapter_mb" in run.data.metrics) == adapted
     finetune_run = next(r for r in runs if r.data.tags["trimflow.stage"] == "finetune")

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from trimflow.compress.onnx import ONNX_QUANTIZERS
+from trimflow.compress.openvino import OPENVINO_QUANTIZERS
 from trimflow.compress.quantize import (
     STATE_DICT_FILE,
     TORCH_SCHEMES,
@@ -21,7 +22,7 @@ from trimflow.compress.quantize import (
 )
 from trimflow.compress.structured import prune_heads
 from trimflow.compress.variants import load_variant
-from trimflow.config.schemes import QUANTIZE_SCHEMES
+from trimflow.config.schemes import QUANTIZE_SCHEMES, RUNTIMES, QuantizeScheme
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
 from trimflow.evaluation.inference import model_inputs
 
@@ -60,10 +61,20 @@ def fp32(tiny_model_dir):
 
 
 def test_every_scheme_of_the_table_has_a_builder_in_its_runtime_and_no_other_does():
-    torch_rows = [name for name, scheme in QUANTIZE_SCHEMES.items() if not scheme.onnx]
-    onnx_rows = [name for name, scheme in QUANTIZE_SCHEMES.items() if scheme.onnx]
-    assert list(TORCH_SCHEMES) == torch_rows
-    assert list(ONNX_QUANTIZERS) == onnx_rows
+    builders = {
+        "torch": TORCH_SCHEMES,
+        "onnxruntime": ONNX_QUANTIZERS,
+        "openvino": OPENVINO_QUANTIZERS,
+    }
+    assert tuple(builders) == RUNTIMES
+    for runtime, registry in builders.items():
+        rows = [name for name, scheme in QUANTIZE_SCHEMES.items() if scheme.runtime == runtime]
+        assert list(registry) == rows, runtime
+
+
+def test_a_scheme_names_a_known_runtime():
+    with pytest.raises(ValueError, match="runtime 'tensorrt'"):
+        QuantizeScheme(runtime="tensorrt")
 
 
 @pytest.mark.parametrize("scheme", TORCH_SCHEMES)

@@ -21,6 +21,8 @@ from trimflow.report.tables import (
     cost_table,
     markdown_table,
     ran_on_gpu,
+    runtime_note,
+    runtime_table,
     variant_columns,
     variant_rows,
 )
@@ -28,9 +30,10 @@ from trimflow.report.tables import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def variant(accuracy, latency, size, throughput, nonzero=100):
+def variant(accuracy, latency, size, throughput, nonzero=100, runtime="torch"):
     """Hand-made evaluate-stage metrics for one variant with 100 parameters."""
     return {
+        "runtime": runtime,
         "accuracy": accuracy,
         "macro_f1": accuracy - 0.05,
         "latency_ms_p50": latency,
@@ -50,8 +53,8 @@ def metrics():
         "variants": {
             "finetuned": variant(0.90, 20.0, 90.0, 400.0),
             "pruned": variant(0.88, 16.0, 90.0, 500.0, nonzero=50),
-            "quantized": variant(0.89, 10.0, 30.0, 800.0),
-            "pruned_quantized": variant(0.87, 8.0, 30.0, 1000.0, nonzero=50),
+            "quantized": variant(0.89, 10.0, 30.0, 800.0, runtime="onnxruntime"),
+            "pruned_quantized": variant(0.87, 8.0, 30.0, 1000.0, nonzero=50, runtime="openvino"),
         },
     }
 
@@ -141,7 +144,7 @@ def test_markdown_table_formats_cells(rows):
     table = markdown_table(rows)
     lines = table.strip().splitlines()
     assert len(lines) == 2 + len(rows)
-    assert lines[0].startswith("| Variant | Accuracy |")
+    assert lines[0].startswith("| Variant | Runtime | Accuracy |")
     assert re.fullmatch(r"\|( :?-+:? \|)+", lines[1])
     pruned_quantized = lines[-1]
     for cell in [
@@ -298,9 +301,30 @@ def test_a_run_on_a_gpu_shows_each_variant_device_and_gpu_memory(metrics):
     assert ran_on_gpu(metrics)
     lines = markdown_table(variant_rows(metrics), variant_columns(gpu=True)).splitlines()
     assert lines[0].startswith(
-        "| Variant | Accuracy | Δ acc (pts) | Macro-F1 | Device | GPU memory"
+        "| Variant | Runtime | Accuracy | Δ acc (pts) | Macro-F1 | Device | GPU memory"
     )
     assert "| cuda | 310 |" in lines[2] and "| cpu | – |" in lines[4]
+
+
+def test_the_runtime_table_shows_each_models_fastest_form_per_runtime(metrics):
+    models = {"finetuned": ["finetuned", "quantized"], "pruned": ["pruned", "pruned_quantized"]}
+    table = runtime_table(metrics, models)
+    lines = markdown_table(table.rows, table.columns).splitlines()
+    assert lines[0] == (
+        "| Model | torch p50 (ms) | ONNX Runtime p50 (ms) | OpenVINO p50 (ms) | Fastest here |"
+    )
+    assert lines[2] == "| finetuned | 20.00 (finetuned) | 10.00 (quantized) | – | quantized |"
+    assert (
+        lines[3] == "| pruned | 16.00 (pruned) | – | 8.00 (pruned_quantized) | pruned_quantized |"
+    )
+    assert runtime_note(metrics, table).startswith(
+        "The recommended variant, quantized, runs on ONNX Runtime: of the runtimes"
+    )
+    alone = runtime_table(metrics, {"finetuned": ["finetuned"], "pruned": ["pruned"]})
+    assert alone.rows == []  # one runtime a model: nothing to compare
+    assert (
+        runtime_note(metrics, alone) == "The recommended variant, quantized, runs on ONNX Runtime."
+    )
 
 
 def test_render_markdown_links_images_and_lists_notes(rows):
@@ -400,7 +424,9 @@ def test_ner_rows_rank_on_entity_f1(ner_metrics):
     rows = variant_rows(ner_metrics)
     assert rows[1]["delta_pts"] == pytest.approx(-0.5)
     table = markdown_table(rows, variant_columns("f1")).splitlines()
-    assert table[0].startswith("| Variant | Entity F1 | Δ F1 (pts) | Precision | Recall |")
+    assert table[0].startswith(
+        "| Variant | Runtime | Entity F1 | Δ F1 (pts) | Precision | Recall |"
+    )
     assert "| 0.495 | -0.50 | 0.545 | 0.445 | 95.00% |" in table[3]
 
 

@@ -225,12 +225,13 @@ def test_the_headline_of_a_pipeline_is_logged_on_its_run(tracker, tmp_path):
 def test_a_variant_run_logs_its_numbers_but_not_the_figures_it_lacks(tracker):
     metrics = {"test/accuracy": 0.9, f"{TRAINING_PREFIX}train_s": None}
     with tracker.stage_run("evaluate") as stage_run:
-        log_variant_run(tracker, "pruned", metrics, stage_run, [], "cpu")
+        log_variant_run(tracker, "pruned", metrics, stage_run, [], "cpu", "torch")
     (run,) = tracker.client().search_runs(
         [tracker.experiment_id], f"tags.`{VARIANT_TAG}` = 'pruned'"
     )
     assert run.data.metrics == {"test/accuracy": 0.9}
     assert run.data.tags["trimflow.device"] == "cpu"
+    assert run.data.tags["trimflow.runtime"] == "torch"
     assert run.info.status == FINISHED
 
 

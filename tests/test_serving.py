@@ -1,8 +1,8 @@
 """The pyfunc over every variant format, the champion registry, and `mlflow models serve`.
 
-Tiny variants (fp32, torch int8, ONNX Runtime int8, a token classifier) are logged as pyfunc
-models in the session's sqlite store, loaded back with `mlflow.pyfunc.load_model` and compared
-with the in-process model; the serving test starts a real scoring server on a fresh store.
+Tiny variants (fp32, torch int8, ONNX Runtime and OpenVINO int8, a token classifier) are logged
+as pyfunc models in the session's sqlite store, loaded back with `mlflow.pyfunc.load_model` and
+compared with the in-process model; the serving test starts a real scoring server on a fresh store.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from trimflow.compress.quantize import quantize_model, save_quantized
 from trimflow.compress.structured import prune_heads, prune_neurons
-from trimflow.compress.variants import load_variant, save_onnx_variant
+from trimflow.compress.variants import load_variant, save_onnx_variant, save_openvino_variant
 from trimflow.data.token_labels import word_predictions
 from trimflow.layout import dvc_layout
 from trimflow.models.loading import save_model_dir
@@ -63,10 +63,11 @@ def in_process_logits(variant_dir: Path, tokenizer, texts: list[str]) -> torch.T
 
 @pytest.fixture(scope="module")
 def variant_dirs(tmp_path_factory, packaged_tokenizer) -> dict[str, Path]:
-    """fp32, head- and neuron-pruned, torch dynamic int8 and ONNX Runtime dynamic int8
-    classifiers, and a token tagger."""
+    """fp32, head- and neuron-pruned, torch dynamic int8, ONNX Runtime dynamic int8 and
+    OpenVINO int8 classifiers, and a token tagger."""
     root = tmp_path_factory.mktemp("variants")
-    dirs = {name: root / name for name in ("fp32", "pruned", "quantized", "onnx_int8", "ner")}
+    names = ("fp32", "pruned", "quantized", "onnx_int8", "openvino_int8", "ner")
+    dirs = {name: root / name for name in names}
     model = perturbed(build_tiny_bert(), scale=0.5)
     save_model_dir(model, packaged_tokenizer, {"labels": CLASSES}, dirs["fp32"])
     pruned = copy.deepcopy(model)
@@ -77,6 +78,10 @@ def variant_dirs(tmp_path_factory, packaged_tokenizer) -> dict[str, Path]:
     sample = dict(packaged_tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
     dirs["onnx_int8"].mkdir()
     save_onnx_variant(model, dirs["fp32"], dirs["onnx_int8"], "onnx_dynamic_int8", sample, [])
+    dirs["openvino_int8"].mkdir()
+    save_openvino_variant(
+        model, dirs["fp32"], dirs["openvino_int8"], "openvino_int8", sample, [sample]
+    )
     tagger = perturbed(build_tiny_tagger(), scale=0.2)
     save_model_dir(tagger, packaged_tokenizer, {"labels": TINY_TAGS}, dirs["ner"])
     return dirs
@@ -119,7 +124,7 @@ def loaded(logged, variant_dirs):
 # --- predictions -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["fp32", "pruned", "quantized", "onnx_int8"])
+@pytest.mark.parametrize("variant", ["fp32", "pruned", "quantized", "onnx_int8", "openvino_int8"])
 def test_pyfunc_predicts_what_the_variant_predicts(
     variant, variant_dirs, loaded, packaged_tokenizer
 ):
@@ -137,6 +142,14 @@ def test_pruned_pyfunc_serves_the_pruned_architecture(loaded):
     served = loaded["pruned"].unwrap_python_model().model
     assert served.config.intermediate_sizes == [32, 64]
     assert served.bert.encoder.layer[1].attention.self.num_attention_heads == 2
+
+
+def test_only_an_openvino_model_requires_openvino(logged):
+    def requirements(name: str) -> str:
+        return Path(mlflow.pyfunc.get_model_dependencies(logged[name])).read_text()
+
+    assert "openvino==" in requirements("openvino_int8")
+    assert "openvino" not in requirements("onnx_int8")
 
 
 def test_variant_predictions_are_not_all_one_label(loaded):

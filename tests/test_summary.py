@@ -39,6 +39,7 @@ def _detail(accuracy: float, latency: float, size: float, train_s: float | None 
         "train_mfu": 0.25 if trained else None,
         "adapter_mb": None,
         "device": "cpu",
+        "runtime": "torch",
         "peak_gpu_mem_mb": None,
         "merge_max_abs_diff": None,
         "merge_agreement": None,
@@ -82,7 +83,7 @@ def test_summary_keeps_the_named_fields_of_every_variant_and_recommends():
     assert (summary["task"], summary["metric"]) == ("classification", "accuracy")
     assert list(summary["variants"]) == ["finetuned", "quantized", "pruned"]
     for values in summary["variants"].values():
-        assert list(values) == [*CLASSIFICATION_NAMES, "device"]
+        assert list(values) == [*CLASSIFICATION_NAMES, "device", "runtime"]
     assert summary["variants"]["quantized"]["latency_ms_p50"] == 8.0
     assert summary["recommended"] == summary["recommendation"]["variant"] == "quantized"
     assert summary["recommendation"]["speedup"] == pytest.approx(20.0 / 8.0)
@@ -142,7 +143,7 @@ def test_ner_summary_adds_the_baselines_named_fields():
         "variants",
         "baselines",
     ]
-    assert list(summary["variants"]["finetuned"]) == [*NER_NAMES, "device"]
+    assert list(summary["variants"]["finetuned"]) == [*NER_NAMES, "device", "runtime"]
     assert summary["baselines"] == {
         name: {**entity_scores, "token_accuracy": 0.8} for name in ("majority_tag", "gazetteer")
     }

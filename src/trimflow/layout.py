@@ -52,14 +52,6 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "adapt.max_epochs",
         "adapt.variants.{variant}",
     ),
-    "prune": (
-        "seed",
-        "finetune",
-        "trainer",
-        "prune.importance_batches",
-        "prune.recovery",
-        "prune.variants.{variant}",
-    ),
     "distill": (
         "seed",
         "finetune",
@@ -71,6 +63,15 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
         "distill.max_epochs",
         "distill.limit_train_batches",
         "distill.students.{variant}",
+    ),
+    # Prunes the fine-tuned model or a student (prune.variants.{variant}.source).
+    "prune": (
+        "seed",
+        "finetune",
+        "trainer",
+        "prune.importance_batches",
+        "prune.recovery",
+        "prune.variants.{variant}",
     ),
     # Calibration batches are cut at the fine-tuning evaluation batch size.
     "quantize": (
@@ -217,8 +218,8 @@ def stage_keys(cfg: TrimflowConfig) -> dict[str, str]:
     upstream = ""
     for stage, variant in stage_units(cfg):
         params = stage_params(cfg, stage, variant)
-        if stage == "quantize":
-            source = cfg.quantize.variants[variant].source
+        if stage in ("quantize", "prune"):
+            source = getattr(cfg, stage).variants[variant].source
             inputs = [variant_keys[source]]
         elif stage == "adapt":  # from the base model, beside finetune
             inputs = [keys["tokenize"]]

@@ -221,7 +221,33 @@ def session_fusions(path: str | Path) -> Counter[str]:
     return Counter(node.op_type for node in optimized if node.op_type not in exported)
 
 
-class OnnxClassifier:
+class ExportedClassifier:
+    """A sequence or token classifier run from an exported graph, called like the torch model:
+    keyword tensors in (the graph's `input_names`; any other keyword, such as `labels`, is
+    ignored), a `SequenceClassifierOutput` with the `logits` as a CPU tensor out. Subclasses run
+    the graph (`run`) and count its weights (`parameter_counts`)."""
+
+    input_names: list[str]
+
+    def __call__(self, **inputs: Tensor) -> SequenceClassifierOutput:
+        """Logits for the graph's declared inputs; any other keyword (`labels`) is ignored."""
+        feed = {name: inputs[name].numpy(force=True) for name in self.input_names}
+        return SequenceClassifierOutput(logits=torch.from_numpy(self.run(feed)))
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's logits for `feed`: numpy arrays of its inputs by name."""
+        raise NotImplementedError
+
+    def eval(self) -> ExportedClassifier:
+        """Itself, as `nn.Module.eval` returns the module: a graph only runs inference."""
+        return self
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, non-zero) weight elements of the graph."""
+        raise NotImplementedError
+
+
+class OnnxClassifier(ExportedClassifier):
     """An ONNX sequence or token classifier run by ONNX Runtime, called like the torch model;
     on the CPU, or on a GPU through the CUDA execution provider (onnxruntime-gpu)."""
 
@@ -234,15 +260,10 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = [value.name for value in self.session.get_inputs()]
 
-    def __call__(self, **inputs: Tensor) -> SequenceClassifierOutput:
-        """Logits for the graph's declared inputs; any other keyword (`labels`) is ignored."""
-        feed = {name: inputs[name].numpy(force=True) for name in self.input_names}
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The logits of one feed (a session runs concurrent calls safely)."""
         (logits,) = self.session.run([OUTPUT_NAME], feed)
-        return SequenceClassifierOutput(logits=torch.from_numpy(logits))
-
-    def eval(self) -> OnnxClassifier:
-        """Itself, as `nn.Module.eval` returns the module: a session only runs inference."""
-        return self
+        return logits
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, non-zero) weight elements over the graph's initializers.

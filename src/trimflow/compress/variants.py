@@ -3,12 +3,14 @@
 A variant directory always carries config.json, the tokenizer and label_map.json of its source;
 its weights are one of: HF safetensors (fine-tuned, structurally pruned, distilled, merged
 adapters), the sparse bitmask file (magnitude-pruned), a torch quantized state dict, an ONNX
-graph, or an adapter alone (prefix tuning: the base model plus `adapter/`).
+graph, an OpenVINO IR (model.xml + model.bin), or an adapter alone (prefix tuning: the base
+model plus `adapter/`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,23 +25,50 @@ from trimflow.layout import ADAPTATION_FILE
 from trimflow.models.loading import copy_metadata, save_model_dir
 from trimflow.utils.atomic import write_json
 
+if TYPE_CHECKING:
+    from trimflow.compress.openvino import OpenVinoClassifier
+
 ONNX_FILE = "model.onnx"
 ONNX_SCHEME_FILE = "onnx.json"
+OPENVINO_FILE = "model.xml"  # the graph; its weights are model.bin
+OPENVINO_SCHEME_FILE = "openvino.json"
+
+
+def _check_variant_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model variant directory (no config.json)")
+
+
+def variant_runtime(path: str | Path) -> str:
+    """What runs the variant saved in `path`: "openvino", "onnxruntime" or "torch" (one of
+    config/schemes.py's RUNTIMES)."""
+    path = Path(path)
+    _check_variant_dir(path)
+    if (path / OPENVINO_FILE).is_file():
+        return "openvino"
+    if (path / ONNX_FILE).is_file():
+        return "onnxruntime"
+    return "torch"
 
 
 def load_variant(
     path: str | Path, num_threads: int = 1, device: str = "cpu"
-) -> nn.Module | OnnxClassifier:
-    """Load any saved variant in eval mode on `device`; ONNX sessions use `num_threads` CPU
-    threads (a torch dynamic int8 variant runs on the CPU only)."""
+) -> nn.Module | OnnxClassifier | OpenVinoClassifier:
+    """Load any saved variant in eval mode on `device`; ONNX Runtime sessions and OpenVINO
+    models use `num_threads` CPU threads (torch dynamic int8 and OpenVINO variants run on the
+    CPU only)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model variant directory (no config.json)")
+    _check_variant_dir(path)
     if (path / ADAPTATION_FILE).is_file() and not any(path.glob("*.safetensors")):
         from trimflow.models.adapters import load_unmerged  # peft takes ~2 s to import
 
         return load_unmerged(path).to(device)
-    if (path / ONNX_FILE).is_file():
+    runtime = variant_runtime(path)
+    if runtime == "openvino":
+        from trimflow.compress.openvino import OpenVinoClassifier  # only where one is loaded
+
+        return OpenVinoClassifier(path / OPENVINO_FILE, num_threads, device)
+    if runtime == "onnxruntime":
         return OnnxClassifier(path / ONNX_FILE, num_threads, device)
     if (path / SCHEME_FILE).is_file():
         return load_quantized(path).to(device)
@@ -91,3 +120,29 @@ def save_onnx_variant(
             "reduced_range": scheme != "onnx_fp32" and not has_int8_dot_product(),
         },
     )
+
+
+def save_openvino_variant(
+    model: nn.Module,
+    source_dir: Path,
+    out_dir: Path,
+    scheme: str,
+    sample: dict[str, Tensor],
+    calibration: list[dict[str, Tensor]],
+) -> None:
+    """Export `model` to ONNX, convert it to OpenVINO IR and quantize it per `scheme` (one of
+    `OPENVINO_QUANTIZERS`, calibrated on `calibration`): `save_onnx_variant`'s arguments."""
+    from trimflow.compress.openvino import OPENVINO_QUANTIZERS, save_openvino
+
+    if scheme not in OPENVINO_QUANTIZERS:
+        raise ValueError(f"unknown OpenVINO scheme '{scheme}'")
+    copy_metadata(source_dir, out_dir)
+    record = save_openvino(model, sample, out_dir / OPENVINO_FILE, scheme, calibration)
+    write_json(out_dir / OPENVINO_SCHEME_FILE, record)
+
+
+# How the quantize stage saves a variant of each exported runtime (torch: compress.quantize).
+EXPORTED_VARIANT_BUILDERS = {
+    "onnxruntime": save_onnx_variant,
+    "openvino": save_openvino_variant,
+}

@@ -47,9 +47,19 @@ class DatasetConfig(Section):
     max_test_samples: int | None = Field(default=None, gt=0)
 
 
+# Which tokens of a text longer than `model.max_length` the model reads.
+Truncation = Literal["head", "tail", "head_tail"]
+
+
 class ModelConfig(Section):
     name: str
     max_length: int = Field(gt=8, le=8192)
+    # The tokens kept of a longer text (its special tokens always are): `head` the first
+    # max_length, `tail` the last, `head_tail` a quarter of the budget from the head and the rest
+    # from the tail (Sun et al., 2019, "How to fine-tune BERT for text classification?": 128 +
+    # 382 of 510). Recorded in the label map of data/tokenized and of every model directory, so
+    # the served model reads what training read. NER: head only. Absent (older params): head.
+    truncation: Truncation = "head"
 
 
 class ClassificationTask(Section):
@@ -120,7 +130,14 @@ class RecoveryConfig(Section):
     prune_every_n_steps: int = Field(ge=1)
 
 
-class StructuredPruning(Section):
+class PruneSource(Section):
+    """What every pruned variant sets: the variant it prunes, the fine-tuned model or a
+    distilled student (compound compression: a smaller student made narrower)."""
+
+    source: str
+
+
+class StructuredPruning(PruneSource):
     """Physically remove attention heads and FFN neurons, least important first."""
 
     method: Literal["structured"]
@@ -128,7 +145,7 @@ class StructuredPruning(Section):
     ffn_fraction: float = Fraction
 
 
-class MagnitudePruning(Section):
+class MagnitudePruning(PruneSource):
     """Zero the smallest weights (global L1); stored dense, compressed on disk."""
 
     method: Literal["magnitude"]
@@ -327,6 +344,10 @@ class EvaluateConfig(Section):
     rounds: int = Field(ge=1)
     latency: LatencyConfig
     throughput: ThroughputConfig
+    # Score each merged adapter's base model + adapter too and compare it with the merged
+    # weights (merge_max_abs_diff, merge_agreement): a check of the merge, at the cost of
+    # scoring those variants twice.
+    merge_check: bool
 
     @field_validator("device")
     @classmethod
@@ -471,12 +492,13 @@ class TrimflowConfig(Section):
     monitor: MonitorConfig
 
     def variant_kinds(self) -> dict[str, str]:
-        """Every variant the pipeline builds -> the stage that builds it, in report order."""
+        """Every variant the pipeline builds -> the stage that builds it, in build and report
+        order: a variant after the one it is built from."""
         kinds = {FINETUNED: "finetune"}
         for stage, names in (
             ("adapt", self.adapt.variants),
-            ("prune", self.prune.variants),
             ("distill", self.distill.students),
+            ("prune", self.prune.variants),
             ("quantize", self.quantize.variants),
         ):
             for name in names:
@@ -492,6 +514,13 @@ class TrimflowConfig(Section):
     @model_validator(mode="after")
     def _variants_are_consistent(self) -> TrimflowConfig:
         kinds = self.variant_kinds()
+        prunable = [FINETUNED, *self.distill.students]
+        for name, variant in self.prune.variants.items():
+            if variant.source not in prunable:
+                raise ValueError(
+                    f"prune.variants.{name}.source: '{variant.source}' is neither the fine-tuned "
+                    f"model nor a distilled student ({', '.join(prunable)})"
+                )
         unquantized = [name for name, kind in kinds.items() if kind != "quantize"]
         for name, variant in self.quantize.variants.items():
             if variant.source not in unquantized:
@@ -520,6 +549,16 @@ class TrimflowConfig(Section):
             raise ValueError(
                 f"report.guard_metrics: {', '.join(unknown)} not measured for task "
                 f"'{self.task.type}' (choose from {', '.join(self.task.quality_metrics)})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _truncation_fits_the_task(self) -> TrimflowConfig:
+        if self.task.type == "ner" and self.model.truncation != "head":
+            raise ValueError(
+                f"model.truncation: '{self.model.truncation}' is for classification; NER keeps "
+                "the head of each sentence (its labels are aligned to the words kept): set "
+                "model.truncation=head"
             )
         return self
 

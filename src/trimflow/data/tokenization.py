@@ -1,7 +1,8 @@
 """Batched tokenization of prepared splits; no padding on disk, truncation counted.
 
-Classification: one label per text. NER: word lists with one tag each, labels aligned to word
-pieces (`trimflow.data.token_labels`).
+Classification: one label per text, the tokens `model.truncation` keeps of a long one
+(`trimflow.data.truncation`). NER: word lists with one tag each, labels aligned to word pieces
+(`trimflow.data.token_labels`), the head of a long sentence kept.
 """
 
 from __future__ import annotations
@@ -13,21 +14,27 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from trimflow.data.token_labels import TruncationCount, tokenize_words
+from trimflow.data.truncation import DEFAULT_TRUNCATION, truncate_texts
 
 MAP_BATCH_SIZE = 1000
 
 
 def tokenize_split(
-    data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    data: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    truncation: str = DEFAULT_TRUNCATION,
 ) -> tuple[datasets.Dataset, int]:
-    """Tokenize the `text` column; return the dataset and how many examples were truncated."""
+    """Tokenize the `text` column keeping `truncation`'s tokens of a long text; return the
+    dataset and how many examples were truncated."""
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        kept = truncate_texts(tokenizer, batch["text"], max_length, truncation)
+        encoded = dict(kept.inputs)
         encoded["labels"] = batch["label_id"]
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
-        encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
-        return dict(encoded)
+        encoded["truncated"] = kept.truncated
+        return encoded
 
     tokenized = _map_batches(data, encode)
     truncated = int(sum(tokenized["truncated"]))

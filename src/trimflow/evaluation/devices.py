@@ -1,6 +1,7 @@
 """Where each variant is evaluated: the configured device, except where its kernels exist for
-the CPU only (torch dynamic int8) or its runtime has no GPU build installed (ONNX Runtime
-without onnxruntime-gpu). Such a variant is measured on the CPU in the same run and marked so."""
+the CPU only (torch dynamic int8, OpenVINO) or its runtime has no GPU build installed (ONNX
+Runtime without onnxruntime-gpu). Such a variant is measured on the CPU in the same run and
+marked so."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def cpu_reason(cfg: TrimflowConfig, variant: str, kind: str) -> str | None:
     scheme = QUANTIZE_SCHEMES[scheme_name]
     if scheme.cpu_only:
         return f"{scheme_name} kernels exist for the CPU only"
-    if scheme.onnx and not onnx_runs_on_cuda():
+    if scheme.runtime == "onnxruntime" and not onnx_runs_on_cuda():
         return "ONNX Runtime has no CUDA provider here (install onnxruntime-gpu)"
     return None
 

@@ -29,10 +29,13 @@ def _weight_tensors(model: nn.Module) -> Iterator[Tensor]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(total, non-zero) parameter counts; quantized weights count like fp32 ones.
+    """(total, non-zero) parameter counts; quantized weights count like fp32 ones. An exported
+    graph (ONNX Runtime, OpenVINO: no nn.Module) counts its own (`parameter_counts`).
 
     A magnitude-pruned model should be made permanent first, or `weight_orig` is counted.
     """
+    if not isinstance(model, nn.Module):
+        return model.parameter_counts()
     total = nonzero = 0
     with torch.no_grad():
         for tensor in _weight_tensors(model):

@@ -1,6 +1,6 @@
-"""reports/metrics.json from evaluate's measurements: each variant's headline numbers and the
-device it was measured on, the NER baselines' and the recommendation. Pure: no model, file or
-tracking server."""
+"""reports/metrics.json from evaluate's measurements: each variant's headline numbers, the
+device and runtime it was measured on, the NER baselines' and the recommendation. Pure: no
+model, file or tracking server."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def summarise(
     """The metrics.json payload: the `measured.names` fields of every variant and baseline,
     and the variant recommended on `objective` against `baseline` (see `recommend`)."""
     variants = {
-        variant: {key: detail[key] for key in (*measured.names, "device")}
+        variant: {key: detail[key] for key in (*measured.names, "device", "runtime")}
         for variant, detail in measured.details.items()
     }
     baselines = {

@@ -25,8 +25,10 @@ from trimflow.layout import ADAPTATION_FILE, LABEL_MAP_FILE
 from trimflow.models.families import ENCODER_FAMILIES
 from trimflow.utils.atomic import write_json
 
-# Files holding a variant's weights; everything else in its directory is shared metadata.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx")
+# Files holding a variant's weights; everything else in its directory is shared metadata. An
+# OpenVINO IR's graph (.xml, ~0.3 MB for MiniLM) counts with its weights (.bin), as an ONNX
+# file's graph does.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".onnx", ".xml")
 log = logging.getLogger(__name__)
 
 

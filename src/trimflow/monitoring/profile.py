@@ -44,6 +44,7 @@ def reference_profile(
         "task": "ner" if model.token_task else "classification",
         "split": split,
         "max_length": model.max_length,
+        "truncation": model.truncation,
         "texts": len(texts),
         "records": records,
     }

@@ -10,7 +10,7 @@ One JSON object per text:
     chars           characters of the text
     pieces          its word pieces (those truncation cut off included; no special tokens)
     unknown_pieces  how many of them are the tokenizer's unknown token
-    truncated       whether the model saw only its first max_length tokens
+    truncated       whether the text was longer than max_length tokens (model.truncation cut it)
     text            only with serve.prediction_log.raw_text: the text, masked
 
 Other keys are allowed (and ignored), so that logs written elsewhere may carry their own.

@@ -21,6 +21,8 @@ METRIC_LABELS = {
     "recall": "entity recall",
     "token_accuracy": "token accuracy",
 }
+# Display name of each runtime a variant runs on (compress.variants.variant_runtime).
+RUNTIME_LABELS = {"torch": "torch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 # How the recommendation sentence describes the variant each report.objective picks.
 OBJECTIVE_PHRASES = {
     "latency": "the fastest variant",
@@ -140,6 +142,7 @@ def variant_columns(metric: str = "accuracy", gpu: bool = False) -> tuple[Column
     device and GPU memory of each variant)."""
     return (
         Column("Variant", _variant_cell, numeric=False),
+        Column("Runtime", lambda row: RUNTIME_LABELS[row["runtime"]], numeric=False),
         *_quality_columns(metric),
         *(GPU_COLUMNS if gpu else ()),
         *MEASURE_COLUMNS,
@@ -215,6 +218,54 @@ def cost_table(metrics: Mapping[str, Any], trained: Collection[str]) -> Table:
         if name in trained and values["train_s"] is not None
     ]
     return Table("Cost to train", COST_COLUMNS, rows)
+
+
+def runtime_table(metrics: Mapping[str, Any], models: Mapping[str, Sequence[str]]) -> Table:
+    """Per trained model (`models`: model -> its variants, itself first), the batch-1 p50 of its
+    fastest form on each runtime measured, and which form is fastest on this machine: why a
+    variant runs where it does. Empty when no model was measured on more than one runtime."""
+    variants = metrics["variants"]
+    runtimes = [r for r in RUNTIME_LABELS if any(v["runtime"] == r for v in variants.values())]
+    rows = []
+    for model, forms in models.items():
+        by_runtime = {
+            runtime: min(
+                (name for name in forms if variants[name]["runtime"] == runtime),
+                key=lambda name: variants[name]["latency_ms_p50"],
+                default=None,
+            )
+            for runtime in runtimes
+        }
+        if sum(name is not None for name in by_runtime.values()) > 1:
+            fastest = min(forms, key=lambda name: variants[name]["latency_ms_p50"])
+            rows.append({"model": model, "forms": by_runtime, "fastest": fastest})
+
+    def p50_cell(runtime: str) -> Callable[[Row], str]:
+        def cell(row: Row) -> str:
+            name = row["forms"][runtime]
+            return "–" if name is None else f"{variants[name]['latency_ms_p50']:.2f} ({name})"
+
+        return cell
+
+    columns = (
+        Column("Model", lambda row: row["model"], numeric=False),
+        *(Column(f"{RUNTIME_LABELS[r]} p50 (ms)", p50_cell(r)) for r in runtimes),
+        Column("Fastest here", lambda row: row["fastest"], numeric=False),
+    )
+    return Table("Runtimes on this machine (batch 1, fastest form on each)", columns, rows)
+
+
+def runtime_note(metrics: Mapping[str, Any], runtimes: Table) -> str:
+    """Which runtime the recommended variant runs on, and why."""
+    name = metrics["recommended"]
+    runtime = RUNTIME_LABELS[metrics["variants"][name]["runtime"]]
+    if not any(row["fastest"] == name for row in runtimes.rows):
+        return f"The recommended variant, {name}, runs on {runtime}."
+    return (
+        f"The recommended variant, {name}, runs on {runtime}: of the runtimes its model was "
+        "measured on in this run, the fastest at batch 1 on this CPU (table above; int8 "
+        "kernels differ most between CPUs with and without VNNI/AMX)."
+    )
 
 
 def format_cells(row: Row, columns: Sequence[Column]) -> list[str]:

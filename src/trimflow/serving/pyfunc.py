@@ -1,14 +1,15 @@
 """An MLflow pyfunc serving any saved variant: texts in, labels or entity spans out.
 
 The logged model holds the variant directory as its artifact (HF, pruned, sparse, torch int8 or
-ONNX: `load_variant` reads them all) and `model_config` with `max_chars` (longest accepted text)
-and `max_length` (tokens; longer texts are truncated and flagged `"truncated": true`).
+ONNX: `load_variant` reads them all) and `model_config` with `max_chars` (longest accepted text),
+`max_length` (tokens; longer texts are truncated and flagged `"truncated": true`) and
+`truncation` (which tokens of a longer text are kept: the mode the variant was trained with, from
+its label map; `trimflow.data.truncation` tokenizes for it as the tokenize stage did).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from tokenizers import Encoding
 from torch import Tensor
 from transformers import AutoConfig, BatchEncoding, PreTrainedTokenizerBase
 
-from trimflow.compress.variants import load_variant
+from trimflow.compress.variants import load_variant, variant_runtime
 from trimflow.data.token_labels import word_predictions
+from trimflow.data.truncation import DEFAULT_TRUNCATION, recorded_truncation, truncate_texts
 from trimflow.layout import read_label_map
 from trimflow.models.loading import (
     TASK_MODELS,
@@ -57,6 +59,8 @@ RUNTIME_PACKAGES = (
     "pandas",
     "peft",  # a prefix-tuned variant runs as base model + adapter
 )
+# What a variant of a runtime imports besides (openvino pulls openvino-telemetry, unused).
+RUNTIME_EXTRAS = {"openvino": ("openvino",)}
 OUTPUT_EXAMPLES = {
     "classification": [{"label": "earn", "score": 0.9, "truncated": False}],
     "ner": [
@@ -171,6 +175,7 @@ class VariantModel(mlflow.pyfunc.PythonModel):
             context.artifacts[VARIANT_ARTIFACT],
             max_chars=int(context.model_config["max_chars"]),
             max_length=int(context.model_config["max_length"]),
+            truncation=context.model_config.get("truncation"),
         )
 
     def load(
@@ -178,9 +183,11 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         variant_dir: str | Path,
         max_chars: int = DEFAULT_MAX_CHARS,
         max_length: int | None = None,
+        truncation: str | None = None,
     ) -> VariantModel:
         """Load a variant directory itself (`trimflow serve --variant`); `max_length` defaults
-        to the model's limit. Returns this model."""
+        to the model's limit, `truncation` to the one it was trained with (`head` if its label
+        map records none). Returns this model."""
         variant_dir = Path(variant_dir)
         self.model = load_variant(variant_dir, num_threads=torch.get_num_threads())
         self.token_task = is_token_task(variant_dir)
@@ -192,6 +199,12 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         self.max_length = (
             default_max_length(variant_dir, self.tokenizer) if max_length is None else max_length
         )
+        self.truncation = recorded_truncation(variant_dir) if truncation is None else truncation
+        if self.token_task and self.truncation != DEFAULT_TRUNCATION:
+            raise ValueError(
+                f"{variant_dir}: truncation '{self.truncation}' is for classification; NER keeps "
+                "the head of each sentence"
+            )
         return self
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[dict]:
@@ -221,47 +234,44 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         predict_batch = self._entities if self.token_task else self._labels
         rows, encodings = [], []
         for start in range(0, len(texts), batch_size):
-            batch_rows, encoded = predict_batch(texts[start : start + batch_size])
+            batch_rows, batch_encodings = predict_batch(texts[start : start + batch_size])
             rows += batch_rows
-            encodings += encoded.encodings
+            encodings += batch_encodings
         return rows, encodings
 
-    def _probabilities(
-        self, texts: Sequence, split_into_words: bool = False
-    ) -> tuple[Tensor, BatchEncoding]:
-        """(softmax over labels, the tokenizer's encoding) of one batch, truncated."""
+    def _probabilities(self, encoded: BatchEncoding) -> Tensor:
+        """The softmax over labels of one padded batch."""
+        with torch.inference_mode():
+            logits = self.model(**encoded).logits
+        return logits.float().softmax(dim=-1)
+
+    def _labels(self, texts: list[str]) -> tuple[list[dict], list[Encoding]]:
+        """Rows of one batch of texts, tokenized as the tokenize stage did (`truncate_texts`),
+        and each text's whole encoding."""
+        kept = truncate_texts(self.tokenizer, texts, self.max_length, self.truncation)
+        probabilities = self._probabilities(self.tokenizer.pad(kept.inputs, return_tensors="pt"))
+        scores, label_ids = probabilities.max(dim=-1)
+        rows = [
+            {"label": self.labels[label_id], "score": score, "truncated": truncated}
+            for label_id, score, truncated in zip(
+                label_ids.tolist(), scores.tolist(), kept.truncated, strict=True
+            )
+        ]
+        return rows, kept.encodings
+
+    def _entities(self, texts: list[str]) -> tuple[list[dict], list[Encoding]]:
+        """Rows of one batch of texts, their words tokenized as the tokenize stage did (the
+        head kept), and each text's encoding (what truncation cut in its overflow)."""
+        words = [list(WORD.finditer(text)) for text in texts]
         encoded = self.tokenizer(
-            list(texts),
-            is_split_into_words=split_into_words,
+            [[match.group() for match in matches] for matches in words],
+            is_split_into_words=True,
             padding=True,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
         )
-        with torch.inference_mode():
-            logits = self.model(**encoded).logits
-        return logits.float().softmax(dim=-1), encoded
-
-    def _labels(self, texts: list[str]) -> tuple[list[dict], BatchEncoding]:
-        probabilities, encoded = self._probabilities(texts)
-        scores, label_ids = probabilities.max(dim=-1)
-        rows = [
-            {
-                "label": self.labels[label_id],
-                "score": score,
-                "truncated": bool(encoding.overflowing),
-            }
-            for label_id, score, encoding in zip(
-                label_ids.tolist(), scores.tolist(), encoded.encodings, strict=True
-            )
-        ]
-        return rows, encoded
-
-    def _entities(self, texts: list[str]) -> tuple[list[dict], BatchEncoding]:
-        words = [list(WORD.finditer(text)) for text in texts]
-        probabilities, encoded = self._probabilities(
-            [[match.group() for match in matches] for matches in words], split_into_words=True
-        )
+        probabilities = self._probabilities(encoded)
         rows = [
             {
                 "entities": text_entities(
@@ -271,7 +281,7 @@ class VariantModel(mlflow.pyfunc.PythonModel):
             }
             for row, text in enumerate(texts)
         ]
-        return rows, encoded
+        return rows, encoded.encodings
 
 
 def signature(token_task: bool) -> ModelSignature:
@@ -282,9 +292,11 @@ def signature(token_task: bool) -> ModelSignature:
     return ModelSignature(Schema([ColSpec("string")]), inferred.outputs)
 
 
-def runtime_requirements() -> list[str]:
-    """The packages the model imports, pinned to the versions installed here."""
-    return [f"{package}=={version(package)}" for package in RUNTIME_PACKAGES]
+def runtime_requirements(variant_dir: str | Path | None = None) -> list[str]:
+    """The packages the model imports (those of `variant_dir`'s runtime included), pinned to
+    the versions installed here."""
+    extras = RUNTIME_EXTRAS.get(variant_runtime(variant_dir), ()) if variant_dir else ()
+    return [f"{package}=={version(package)}" for package in (*RUNTIME_PACKAGES, *extras)]
 
 
 def log_variant_model(
@@ -295,7 +307,7 @@ def log_variant_model(
     max_length: int | None = None,
 ) -> ModelInfo:
     """Log `variant_dir` as a pyfunc model (in the active run); `max_length` defaults to the
-    model's limit."""
+    model's limit; the truncation is the one the variant was trained with."""
     variant_dir = Path(variant_dir)
     if max_length is None:
         max_length = default_max_length(variant_dir, load_tokenizer(str(variant_dir)))
@@ -305,7 +317,11 @@ def log_variant_model(
         artifacts={VARIANT_ARTIFACT: str(variant_dir)},
         signature=signature(is_token_task(variant_dir)),
         input_example=INPUT_EXAMPLE,
-        pip_requirements=runtime_requirements(),
-        model_config={"max_chars": max_chars, "max_length": max_length},
+        pip_requirements=runtime_requirements(variant_dir),
+        model_config={
+            "max_chars": max_chars,
+            "max_length": max_length,
+            "truncation": recorded_truncation(variant_dir),
+        },
         registered_model_name=registered_model_name,
     )

@@ -16,8 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from trimflow.compress.onnx import OnnxClassifier
-from trimflow.compress.variants import load_variant
+from trimflow.compress.variants import load_variant, variant_runtime
 from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.evaluation.baselines import baseline_scores
 from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, throughput_summary
@@ -109,11 +108,20 @@ def _measure_variants(
         directory = layout.model_dir(variant)
         models[variant] = load_variant(directory, cfg.evaluate.num_threads, devices[variant])
         details[variant] = _score_variant(models[variant], directory, inputs, scorer)
-        details[variant].update(training_cost(directory), source=source, device=devices[variant])
+        details[variant].update(
+            training_cost(directory),
+            source=source,
+            device=devices[variant],
+            runtime=variant_runtime(directory),
+        )
         details[variant]["agreement"] = agreement(
             details[variant]["predictions"], details[source]["predictions"]
         )
-        details[variant].update(_check_merge(models[variant], directory, inputs))
+        details[variant].update(
+            _check_merge(models[variant], directory, inputs)
+            if cfg.evaluate.merge_check
+            else dict.fromkeys(MERGE_FIELDS)
+        )
     log.info("timing %d variants in %d interleaved rounds", len(models), cfg.evaluate.rounds)
     for variant, timing in _time_variants(models, inputs, cfg).items():
         details[variant].update(timing)
@@ -143,20 +151,13 @@ def _score_variant(
     model, directory: Path, inputs: TestInputs, scorer: LabelScorer | EntityScorer
 ) -> dict:
     """Quality scores, predictions, size and parameter counts of one variant."""
-    params, nonzero = _parameter_counts(model)
+    params, nonzero = count_parameters(model)
     return {
         **scorer.score(model, inputs.sorted_batches, inputs.order),
         "size_mb": _weights_size_mb(directory),
         "params": params,
         "nonzero_params": nonzero,
     }
-
-
-def _parameter_counts(model) -> tuple[int, int]:
-    """(total, non-zero) weights of a torch module or an ONNX Runtime graph."""
-    if isinstance(model, OnnxClassifier):
-        return model.parameter_counts()
-    return count_parameters(model)
 
 
 def _weights_size_mb(directory: Path) -> float:
@@ -287,6 +288,7 @@ def _log(
             active,
             [str(detail_files[variant])],
             values["device"],
+            values["runtime"],
         )
     tracker.log_metrics(
         {

@@ -32,7 +32,8 @@ PRUNING_FILE = "pruning.json"
 
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
-    """Prune the fine-tuned model per selected `prune.variants` entry (see `_prune_variant`).
+    """Prune each selected `prune.variants` entry's source, the fine-tuned model or a distilled
+    student (see `_prune_variant`).
 
     A model family without a row in the family table stops here, before any data or training.
     """
@@ -53,12 +54,13 @@ def _make_pruner(cfg: TrimflowConfig, model, spec, datamodule):
 
 
 def _prune_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
-    """Prune the fine-tuned model per `prune.variants.<name>` and save it as models/<name>."""
+    """Prune `prune.variants.<name>`'s source per its spec and save it as models/<name>."""
     L.seed_everything(cfg.seed, workers=True)
     spec, recovery = cfg.prune.variants[name], cfg.prune.recovery
-    label_map = read_label_map(layout.finetuned)
-    model = load_classifier(layout.finetuned)
-    tokenizer = load_tokenizer(str(layout.finetuned))
+    source = layout.model_dir(spec.source)
+    label_map = read_label_map(source)
+    model = load_classifier(source)
+    tokenizer = load_tokenizer(str(source))
     params_before, _ = count_parameters(model)
     datamodule = build_datamodule(cfg, layout)
     datamodule.setup()

@@ -1,4 +1,5 @@
-"""quantize: one quantized variant per `quantize.variants` entry (torch or ONNX Runtime)."""
+"""quantize: one quantized variant per `quantize.variants` entry (torch, ONNX Runtime or
+OpenVINO)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import itertools
 import logging
 
 from trimflow.compress.quantize import quantize_model, save_quantized
-from trimflow.compress.variants import load_variant, save_onnx_variant
+from trimflow.compress.variants import EXPORTED_VARIANT_BUILDERS, load_variant
 from trimflow.config.schema import TrimflowConfig
 from trimflow.config.schemes import QUANTIZE_SCHEMES
 from trimflow.evaluation.inference import model_inputs
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: TrimflowConfig, layout: Layout, variant: str | None = None) -> None:
     """For each selected `quantize.variants` entry: load its source variant, quantize it with its
-    scheme (torch, or ONNX export calibrated on validation batches), save models/<variant>."""
+    scheme (torch, or an ONNX export for ONNX Runtime or OpenVINO calibrated on validation
+    batches), save models/<variant>."""
     for name in selected_variants(cfg.quantize.variants, variant, "quantize.variants"):
         _quantize_variant(cfg, layout, name)
 
@@ -33,18 +35,21 @@ def _quantize_variant(cfg: TrimflowConfig, layout: Layout, name: str) -> None:
     digest = read_label_map(source)["dataset_digest"]
     with Tracker(cfg).stage_run("quantize", digest, builds=name):
         model = load_variant(source)
-        if QUANTIZE_SCHEMES[spec.scheme].onnx:
-            calibration = _calibration_batches(cfg, layout)
-            with atomic_dir(layout.model_dir(name)) as out:
-                save_onnx_variant(model, source, out, spec.scheme, calibration[0], calibration)
-        else:
+        runtime = QUANTIZE_SCHEMES[spec.scheme].runtime
+        if runtime == "torch":
             quantized = quantize_model(model, spec.scheme)
             save_quantized(quantized, source, layout.model_dir(name), spec.scheme)
+        else:
+            calibration = _calibration_batches(cfg, layout)
+            save = EXPORTED_VARIANT_BUILDERS[runtime]
+            with atomic_dir(layout.model_dir(name)) as out:
+                save(model, source, out, spec.scheme, calibration[0], calibration)
     log.info("quantized %s with %s -> %s", spec.source, spec.scheme, name)
 
 
 def _calibration_batches(cfg: TrimflowConfig, layout: Layout) -> list[dict]:
-    """The first `quantize.calibration_batches` validation batches, without labels."""
+    """The first `quantize.calibration_batches` validation batches, without labels (the first
+    is also the sample the export traces)."""
     data = inference_data(layout, cfg.finetune.eval_batch_size)
     batches = itertools.islice(data.val_dataloader(), cfg.quantize.calibration_batches)
     return [model_inputs(batch) for batch in batches]

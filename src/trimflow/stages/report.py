@@ -28,6 +28,8 @@ from trimflow.report.tables import (
     per_type_table,
     ran_on_gpu,
     recommendation_text,
+    runtime_note,
+    runtime_table,
     variant_columns,
     variant_rows,
 )
@@ -46,9 +48,13 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     environment = read_json(layout.variant_details / "environment.json")
     details = _variant_details(cfg, layout)
     tables = _report_tables(cfg, metrics, details)
+    runtimes = runtime_table(metrics, _model_forms(cfg))
+    if runtimes.rows:
+        tables.append(runtimes)
     summary = recommendation_text(metrics["recommendation"])
     excluded = exclusion_lines(metrics["recommendation"])
     notes = [
+        runtime_note(metrics, runtimes),
         f"Measured on {environment['cpu_model']} ({environment['machine']}; "
         f"{', '.join(environment['cpu_flags']) or 'no AVX2'}), {environment['cpu_count']} CPUs, "
         f"{environment['num_threads']} torch threads, "
@@ -93,6 +99,14 @@ def _trained_variants(cfg: TrimflowConfig) -> list[str]:
     """The variants a stage may have trained: every kind but quantize (which copies its
     source's training files)."""
     return [name for name, kind in cfg.variant_kinds().items() if kind != "quantize"]
+
+
+def _model_forms(cfg: TrimflowConfig) -> dict[str, list[str]]:
+    """Each trained variant -> itself and its quantized forms."""
+    forms = {name: [name] for name in _trained_variants(cfg)}
+    for name, spec in cfg.quantize.variants.items():
+        forms[spec.source].append(name)
+    return forms
 
 
 def _histories(cfg: TrimflowConfig, layout: Layout) -> dict[str, pd.DataFrame]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import datasets
 import pandas as pd
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.tokenization import tokenize_split, tokenize_tagged_split
+from trimflow.data.truncation import LABEL_MAP_KEY
 from trimflow.layout import (
     LABEL_MAP_FILE,
     SPLITS,
@@ -28,18 +28,22 @@ STATS_FILE = "tokenization.json"
 
 def run(cfg: TrimflowConfig, layout: Layout) -> None:
     """Tokenize every prepared split (no padding) and count what truncation cut; write the Arrow
-    splits, the tokenizer, the label map and tokenization.json; log the truncation counts."""
+    splits, the tokenizer, the label map (with `model.truncation`, which every model directory
+    carries on, so the served model truncates as training did) and tokenization.json; log the
+    truncation counts."""
     tokenizer = load_task_tokenizer(cfg.model.name, cfg.task.type)
-    labels = read_label_map(layout.prepared)["labels"]
+    label_map = read_label_map(layout.prepared)
+    labels = label_map["labels"]
     tokenized, stats = {}, {}
     for split in SPLITS:
         frame = pd.read_parquet(layout.prepared / f"{split}.parquet")
         tokenized[split], stats[split] = _tokenize_table(cfg, frame, tokenizer, labels)
         log.info(
-            "%s: %s (max_length %d)",
+            "%s: %s (max_length %d, truncation %s)",
             split,
             ", ".join(f"{key} {value}" for key, value in stats[split].items()),
             cfg.model.max_length,
+            cfg.model.truncation,
         )
         if stats[split].get("entities_cut"):
             log.warning(
@@ -51,13 +55,20 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
 
     tracker = Tracker(cfg)
     with (
-        tracker.stage_run("tokenize", read_label_map(layout.prepared)["dataset_digest"]),
+        tracker.stage_run("tokenize", label_map["dataset_digest"]),
         atomic_dir(layout.tokenized) as out,
     ):
         datasets.DatasetDict(tokenized).save_to_disk(str(out / TOKENIZED_SPLITS))
         tokenizer.save_pretrained(out / TOKENIZER)
-        shutil.copy(layout.prepared / LABEL_MAP_FILE, out / LABEL_MAP_FILE)
-        write_json(out / STATS_FILE, {"max_length": cfg.model.max_length, "splits": stats})
+        write_json(out / LABEL_MAP_FILE, {**label_map, LABEL_MAP_KEY: cfg.model.truncation})
+        write_json(
+            out / STATS_FILE,
+            {
+                "max_length": cfg.model.max_length,
+                "truncation": cfg.model.truncation,
+                "splits": stats,
+            },
+        )
         tracker.log_metrics(
             {
                 f"{split}_{key}": value
@@ -88,7 +99,9 @@ def _tokenize_table(
             "entities_cut": cut.entities,
         }
     else:
-        tokenized, count = tokenize_split(data, tokenizer, cfg.model.max_length)
+        tokenized, count = tokenize_split(
+            data, tokenizer, cfg.model.max_length, cfg.model.truncation
+        )
         truncated = {"truncated": count}
     lengths = tokenized["length"]
     return tokenized, {

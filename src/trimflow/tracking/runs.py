@@ -38,6 +38,7 @@ BUILDS_TAG = "trimflow.builds"  # a variant stage run (prune@pruned): the varian
 # A variant run of evaluate, or a registered model version: the variant it measures or holds.
 VARIANT_TAG = "trimflow.variant"
 DEVICE_TAG = "trimflow.device"  # where evaluate measured a variant: cpu or cuda
+RUNTIME_TAG = "trimflow.runtime"  # what ran it: torch, onnxruntime or openvino
 SWEEP_TAG = "trimflow.sweep"  # a sweep run: the sweep directory
 RECOMMENDED_TAG = "trimflow.recommended"  # a pipeline run: the variant it recommends
 OBJECTIVE_TAG = "trimflow.objective"  # a registered model version: its task metric
@@ -473,10 +474,11 @@ def log_variant_run(
     stage_run: Any,
     artifacts: list[str],
     device: str,
+    runtime: str,
 ) -> None:
     """A run per evaluated variant, sibling of the stage runs, with shared metric names and
-    the device it was measured on as a tag; a None value (a figure the variant lacks) is not
-    logged."""
+    the device and runtime it was measured on as tags; a None value (a figure the variant
+    lacks) is not logged."""
     if stage_run is None:
         return
     from mlflow.entities import Metric, Param
@@ -492,6 +494,7 @@ def log_variant_run(
             STAGE_TAG: "evaluate",
             VARIANT_TAG: variant,
             DEVICE_TAG: device,
+            RUNTIME_TAG: runtime,
             RUN_NAME_TAG: f"variant:{variant}",
         },
     )
