@@ -57,7 +57,7 @@ def test_default_is_lean_and_zoo_adds_every_other_scheme():
         "distilled_pruned",
     }
     assert set(zoo.prune.variants) == {"pruned", "distilled_pruned", "sparse80"}
-    assert set(zoo.distill.students) == {"distilled", "distilled2"}
+    assert set(zoo.distill.students) == {"distilled", "distilled_third"}
     assert set(zoo.adapt.variants) == {"lora", "bitfit", "adalora", "ia3", "prefix", "bottleneck"}
     assert set(zoo.quantize.variants) > set(default.quantize.variants)
     assert {v.scheme for v in zoo.quantize.variants.values()} == set(QUANTIZE_SCHEMES) - {"fp16"}
@@ -66,12 +66,12 @@ def test_default_is_lean_and_zoo_adds_every_other_scheme():
 def test_a_pruned_variant_prunes_the_fine_tuned_model_or_a_student():
     with pytest.raises(ConfigError, match=r"prune.variants.pruned.source: 'lora' is neither"):
         compose_config(["experiment=zoo", "prune.variants.pruned.source=lora"])
-    cfg = compose_config(["experiment=zoo", "prune.variants.sparse80.source=distilled2"])
+    cfg = compose_config(["experiment=zoo", "prune.variants.sparse80.source=distilled_third"])
     order = list(cfg.variant_kinds())
-    assert order.index("distilled2") < order.index("sparse80")  # built after its source
+    assert order.index("distilled_third") < order.index("sparse80")  # built after its source
     units = stage_keys(cfg)
     other = stage_keys(
-        compose_config(["experiment=zoo", "distill.students.distilled2.num_layers=1"])
+        compose_config(["experiment=zoo", "distill.students.distilled_third.layer_fraction=0.2"])
     )
     assert units["prune@sparse80"] != other["prune@sparse80"]  # keyed on its source's config
     assert units["prune@pruned"] == other["prune@pruned"]

@@ -24,7 +24,7 @@ SHAPE = dict(layers=4, hidden=64, heads=4, ffn=256)
 # family-specific layout (half precision, int8 embeddings, the other ONNX forms, OpenVINO) run
 # on the tiny BERT in tests/test_pipeline.py.
 LEAN = (
-    "~distill.students.distilled2",
+    "~distill.students.distilled_third",
     *(
         f"~quantize.variants.{name}"
         for name in (
@@ -122,7 +122,7 @@ def family_ner_run(request, tmp_path_factory, tracking_db):
         "+adapt.variants={lora:{method:lora,r:4,alpha:8,dropout:0.0,target_modules:null}}",
         "~prune.variants.sparse80",
         "~prune.variants.distilled_pruned",
-        "~distill.students.distilled2",
+        "~distill.students.distilled_third",
         "~quantize.variants",
         "+quantize.variants={onnx_int8:{source:finetuned,scheme:onnx_dynamic_int8},"
         "distilled_onnx_int8:{source:distilled,scheme:onnx_dynamic_int8}}",

@@ -28,7 +28,7 @@ LEAN = (
     "~prune.variants.sparse80",
     "~prune.variants.distilled_pruned",
     "~distill.students.distilled",
-    "~distill.students.distilled2",
+    "~distill.students.distilled_third",
     *(
         f"~quantize.variants.{name}"
         for name in (
@@ -71,7 +71,7 @@ def finished(tmp_path_factory, tiny_encoder_dir, tracking_db):
 def test_metrics_file_has_every_declared_variant_and_field(finished):
     cfg, _, metrics = finished
     assert list(metrics["variants"]) == list(cfg.variant_kinds())
-    assert len(metrics["variants"]) == 23
+    assert len(metrics["variants"]) == 28
     devices = variant_devices(cfg)
     for name, values in metrics["variants"].items():
         assert set(values) == {*MLFLOW_NAMES, "device", "runtime"}
@@ -120,8 +120,12 @@ def test_quantized_variants_agree_with_their_source(finished):
     variants = metrics["variants"]
     assert variants["finetuned"]["agreement"] == 1.0
     assert variants["onnx"]["agreement"] == 1.0  # fp32 ONNX Runtime == PyTorch
-    for name in ("quantized", "onnx_int8", "onnx_static_int8", "bf16"):
+    for name in ("quantized", "onnx_int8", "onnx_static_int8", "bf16", "openvino_int8"):
         assert variants[name]["agreement"] >= 0.8, name
+    assert variants["openvino"]["agreement"] == 1.0  # fp32, the same graph as onnx
+    runtimes = {name: values["runtime"] for name, values in variants.items()}
+    assert runtimes["openvino"] == runtimes["distilled_pruned_openvino_int8"] == "openvino"
+    assert runtimes["onnx_int8"] == "onnxruntime" and runtimes["quantized"] == "torch"
 
 
 def test_pruned_variants_are_smaller_as_declared(finished):
@@ -131,6 +135,10 @@ def test_pruned_variants_are_smaller_as_declared(finished):
     assert pruning["heads_removed"] == 4  # half of 2 x 4 heads
     assert pruning["ffn_neurons_removed"] == 64  # half of 2 x 64 neurons
     assert variants["pruned"]["params"] == pruning["params_after"] < variants["finetuned"]["params"]
+    compound = json.loads((layout.model_dir("distilled_pruned") / "pruning.json").read_text())
+    assert compound["params_before"] == variants["distilled"]["params"]  # the student, pruned
+    assert compound["heads_removed"] == 2  # half of its 1 x 4 heads
+    assert variants["distilled_pruned"]["params"] == compound["params_after"]
     model = load_variant(layout.model_dir("pruned_quantized"))
     assert model.bert.encoder.layer[0].attention.self.num_attention_heads < 4
     sparse = json.loads((layout.model_dir("sparse80") / "pruning.json").read_text())
