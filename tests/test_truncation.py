@@ -283,7 +283,8 @@ def test_the_logged_model_carries_the_mode(tmp_path, tracking_db, monkeypatch, w
 def test_every_model_preset_declares_the_mode():
     presets = sorted(path.stem for path in (conf_dir() / "model").glob("*.yaml"))
     for preset in presets:
-        assert compose_raw([f"model={preset}"]).model.truncation == "head", preset
+        assert compose_raw([f"model={preset}"]).model.truncation == "head_tail", preset
+        assert compose_config([f"model={preset}", "task=ner"]).model.truncation == "head"
         tail = compose_config([f"model={preset}", "model.truncation=tail"])
         assert tail.model.truncation == "tail"
 
