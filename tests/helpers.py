@@ -60,6 +60,43 @@ def perturbed(model: nn.Module, scale: float) -> nn.Module:
     return model
 
 
+# What the tests of whole processes (`dvc repro`, `dvc exp run`, a pipeline in a subprocess)
+# leave out of the smoke preset: the adaptation methods, pruning method, student and
+# quantization schemes whose code the in-process smoke run (test_pipeline.py) already covers
+# variant by variant. What stays still has every stage kind, a pruned student and an int8 form
+# on each runtime, so DVC's foreach stages, deps and caching run on each, in half the stages.
+E2E_LEAN = tuple(
+    f"~{key}"
+    for key in (
+        *(f"adapt.variants.{name}" for name in ("adalora", "ia3", "prefix", "bottleneck")),
+        "prune.variants.sparse80",
+        "distill.students.distilled_third",
+        *(
+            f"quantize.variants.{name}"
+            for name in (
+                "quantized",
+                "quantized_emb",
+                "bf16",
+                "fp16",
+                "onnx",
+                "onnx_static_int8",
+                "openvino",
+                "openvino_int8",
+                "pruned_quantized",
+                "distilled_onnx_int8",
+                "distilled_pruned_onnx_int8",
+            )
+        ),
+    )
+)
+E2E_SMOKE = ("experiment=smoke", *E2E_LEAN)
+
+
+def dvc_set(overrides) -> list[str]:
+    """`overrides` as `dvc exp run` options: -S before each."""
+    return [arg for override in overrides for arg in ("-S", override)]
+
+
 def smoke_pipeline_command(encoder_dir, *overrides: str, multirun: bool = False) -> list[str]:
     """`trimflow pipeline [-m]` (in a subprocess) on the smoke preset, the tiny encoder and a
     few dozen rows, plus `overrides`. (Hydra's parser wants `-m` before the overrides.)"""

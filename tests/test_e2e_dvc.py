@@ -8,28 +8,29 @@ import time
 
 import pandas as pd
 import pytest
-from helpers import copy_project, mlflow_runs, project_env, shell
+from helpers import E2E_SMOKE, copy_project, dvc_set, mlflow_runs, project_env, shell
 from seqeval.metrics import f1_score
 
 from trimflow.config.loading import compose_config
 from trimflow.layout import stage_units, unit_name
 from trimflow.tracking.runs import COMMIT_TAG, FINISHED, HEADLINE_PREFIX, RECOMMENDED_TAG
 
-SMOKE = compose_config(["experiment=smoke"])
+SMOKE = compose_config(list(E2E_SMOKE))
 UNITS = [unit_name(stage, variant) for stage, variant in stage_units(SMOKE)]
 # The NER smoke run: a higher learning rate and 3 epochs so the model finds some entities.
-NER_SMOKE = ["experiment=smoke", "task=ner", "finetune.lr=5e-4", "finetune.max_epochs=3"]
+NER_SMOKE = [*E2E_SMOKE, "task=ner", "finetune.lr=5e-4", "finetune.max_epochs=3"]
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A git-initialised copy of the project with params.yaml composed for the smoke preset."""
+    """A git-initialised copy of the project with params.yaml composed for the smoke preset
+    (less the variants E2E_LEAN leaves out)."""
     copy = tmp_path_factory.mktemp("project")
     copy_project(copy)
     sh = shell(copy, project_env(copy))
     sh("git", "init", "-q")
-    sh("trimflow", "params", "experiment=smoke")
+    sh("trimflow", "params", *E2E_SMOKE)
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "copy")
     first_run = sh("trimflow", "repro")
@@ -116,7 +117,7 @@ def test_every_mlflow_run_of_the_repro_is_nested_and_tagged(project):
 def test_dvc_exp_run_with_one_variant_override_reruns_only_that_variant_onwards(project):
     copy, sh, _ = project
     override = "prune.variants.pruned.ffn_fraction=0.25"
-    output = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", override)
+    output = sh("dvc", "exp", "run", *dvc_set(E2E_SMOKE), "-S", override)
     ran = ran_stages(output)
     assert ran[0] == "prune@pruned" and ran[-2:] == ["evaluate", "report"]
     assert sorted(ran[1:-2]) == sorted(
@@ -130,7 +131,7 @@ def test_dvc_exp_run_with_one_variant_override_reruns_only_that_variant_onwards(
 @pytest.mark.slow
 def test_ner_experiment_runs_every_stage_and_reports_seqeval_of_its_saved_predictions(project):
     copy, sh, _ = project
-    output = sh("dvc", "exp", "run", *(arg for o in NER_SMOKE for arg in ("-S", o)))
+    output = sh("dvc", "exp", "run", *dvc_set(NER_SMOKE))
     ner = compose_config(NER_SMOKE)
     assert sorted(ran_stages(output)) == sorted(unit_name(*unit) for unit in stage_units(ner))
     metrics = json.loads((copy / "reports/metrics.json").read_text())
@@ -170,7 +171,7 @@ def experiment_points(shown) -> dict[float, dict]:
 @pytest.mark.slow
 def test_queued_dvc_experiments_run_and_dvc_exp_show_lists_them(project):
     _, sh, _ = project
-    sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "finetune.lr=2e-5,5e-5")
+    sh("dvc", "exp", "run", "--queue", *dvc_set(E2E_SMOKE), "-S", "finetune.lr=2e-5,5e-5")
     sh("dvc", "queue", "start", "--jobs", "1")
     try:
         deadline = time.monotonic() + 1800

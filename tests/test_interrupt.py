@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers import signal_once_training, smoke_pipeline_command
+from helpers import E2E_LEAN, signal_once_training, smoke_pipeline_command
 from safetensors.torch import load_file
 
 from trimflow.config.loading import compose_config
@@ -195,6 +195,7 @@ def test_sigterm_to_trimflow_finetune_exits_143_naming_the_stage_and_how_to_resu
 def test_sigint_to_a_sweep_point_exits_130_and_keeps_no_model(tmp_path, tiny_encoder_dir):
     command = smoke_pipeline_command(
         tiny_encoder_dir,
+        *E2E_LEAN,
         "finetune.max_epochs=50",
         "finetune.lr=1e-4,5e-4",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import E2E_SMOKE
 
 from trimflow.serving.server import LocalMlflowServer
 from trimflow.tracking.runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
@@ -59,7 +60,7 @@ def smoke_store(tmp_path_factory, tiny_encoder_dir):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = compose_config(
         [
-            "experiment=smoke",
+            *E2E_SMOKE,
             f"model.name={tiny_encoder_dir}",
             f"tracking.uri={uri}",
             f"tracking.experiment={root.name}",

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import copy_project, project_env, shell
+from helpers import E2E_SMOKE, copy_project, project_env, shell
 
 from trimflow.tracking.team import S3_CREDENTIALS as AWS
 
@@ -34,11 +34,12 @@ def ran_stages(output: str) -> list[str]:
 
 
 def tiny_params(encoder_dir: Path, *extra: str) -> list[str]:
-    """`trimflow params` for the smoke preset on the tiny encoder and a few rows."""
+    """`trimflow params` for the smoke preset (less E2E_LEAN) on the tiny encoder and a few
+    rows."""
     return [
         "trimflow",
         "params",
-        "experiment=smoke",
+        *E2E_SMOKE,
         f"model.name={encoder_dir}",
         "dataset.max_train_samples=80",
         "dataset.max_test_samples=24",

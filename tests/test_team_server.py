@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import smoke_pipeline_command
+from helpers import E2E_LEAN, E2E_SMOKE, smoke_pipeline_command
 
 from trimflow.config.loading import compose_config
 from trimflow.tracking.runs import SWEEP_TAG
@@ -63,6 +63,7 @@ def run_pipeline(encoder_dir, uri: str, experiment: str, cwd: Path, *overrides: 
     """A smoke `trimflow pipeline` logging to the team server (a started process)."""
     command = smoke_pipeline_command(
         encoder_dir,
+        *E2E_LEAN,
         f"tracking.uri={uri}",
         f"tracking.experiment={experiment}",
         *overrides,
@@ -183,7 +184,7 @@ def test_two_concurrent_pipelines_lose_no_run_or_metric(
             run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
         ]
         variants = [run for run in children if "test/accuracy" in run.data.metrics]
-        smoke_set = compose_config(["experiment=smoke"]).variant_kinds()
+        smoke_set = compose_config(list(E2E_SMOKE)).variant_kinds()
         assert len(variants) == len(smoke_set), [run.info.run_name for run in children]
         assert all(run.info.status == "FINISHED" for run in children)
 
