@@ -53,7 +53,11 @@ from trimflow.compress.variants import (
 from trimflow.config.loading import compose_config
 from trimflow.config.schemes import QUANTIZE_SCHEMES
 from trimflow.data.sources import load_raw_splits
-from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, throughput_summary
+from trimflow.evaluation.benchmark import (
+    latency_and_throughput_timings,
+    latency_summary,
+    throughput_summary,
+)
 from trimflow.evaluation.inputs import build_test_inputs
 from trimflow.evaluation.machine import environment, has_int8_dot_product
 from trimflow.layout import dvc_layout, read_label_map
@@ -258,23 +262,8 @@ def main() -> None:
         inputs, calibration = r8_inputs(cfg, tokenizer)
         models, ct2_skipped = build_runtimes(requested, calibration, work, args.threads)
         differences = max_logit_differences(models, inputs.throughput_batches[0])
-        latency, _ = interleaved_timings(
-            models,
-            inputs.latency_inputs,
-            ev.latency.warmup,
-            ev.latency.repeats,
-            args.rounds,
-            args.threads,
-            desc="latency",
-        )
-        throughput, _ = interleaved_timings(
-            models,
-            inputs.throughput_batches,
-            ev.throughput.warmup,
-            ev.throughput.repeats,
-            args.rounds,
-            args.threads,
-            desc="throughput",
+        (latency, _), (throughput, _) = latency_and_throughput_timings(
+            models, inputs.latency_inputs, inputs.throughput_batches, ev, args.rounds, args.threads
         )
     rows = {
         label: {

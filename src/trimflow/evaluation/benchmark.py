@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,3 +148,25 @@ def interleaved_timings(
             activations = (torch.cuda.max_memory_allocated() - before) / 2**20
             peaks[name] = max(peaks.get(name, 0.0), weights_mb(model) + activations)
     return timings, peaks
+
+
+def latency_and_throughput_timings(
+    models: Mapping[str, nn.Module],
+    latency_inputs: Sequence[dict[str, Tensor]],
+    throughput_batches: Sequence[dict[str, Tensor]],
+    settings: Any,
+    rounds: int,
+    num_threads: int,
+) -> tuple[tuple[dict[str, list[Timing]], dict[str, float]], ...]:
+    """`interleaved_timings` of every model at batch 1 (`latency_inputs`), then on
+    `throughput_batches`, with the warm-up and repeats of `settings` (an `evaluate` config
+    section: its `latency` and `throughput`): ((latency, peaks), (throughput, peaks))."""
+    return tuple(
+        interleaved_timings(
+            models, batches, spec.warmup, spec.repeats, rounds, num_threads, desc=desc
+        )
+        for desc, batches, spec in (
+            ("latency", latency_inputs, settings.latency),
+            ("throughput", throughput_batches, settings.throughput),
+        )
+    )

@@ -19,7 +19,11 @@ import torch
 from trimflow.compress.variants import load_variant, variant_runtime
 from trimflow.config.schema import FINETUNED, TrimflowConfig
 from trimflow.evaluation.baselines import baseline_scores
-from trimflow.evaluation.benchmark import interleaved_timings, latency_summary, throughput_summary
+from trimflow.evaluation.benchmark import (
+    latency_and_throughput_timings,
+    latency_summary,
+    throughput_summary,
+)
 from trimflow.evaluation.cost import training_cost
 from trimflow.evaluation.devices import variant_devices
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
@@ -176,23 +180,8 @@ def _time_variants(models: dict, inputs: TestInputs, cfg: TrimflowConfig) -> dic
     """Latency (batch 1), throughput and, on a GPU, peak GPU memory of every model, measured
     in interleaved rounds."""
     ev = cfg.evaluate
-    latency, latency_peaks = interleaved_timings(
-        models,
-        inputs.latency_inputs,
-        ev.latency.warmup,
-        ev.latency.repeats,
-        ev.rounds,
-        ev.num_threads,
-        desc="latency",
-    )
-    throughput, throughput_peaks = interleaved_timings(
-        models,
-        inputs.throughput_batches,
-        ev.throughput.warmup,
-        ev.throughput.repeats,
-        ev.rounds,
-        ev.num_threads,
-        desc="throughput",
+    (latency, latency_peaks), (throughput, throughput_peaks) = latency_and_throughput_timings(
+        models, inputs.latency_inputs, inputs.throughput_batches, ev, ev.rounds, ev.num_threads
     )
     return {
         name: {
