@@ -156,7 +156,7 @@ def test_compare_reads_from_the_server(logged, team_server, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     table = next((tmp_path / "compare").glob("*.md")).read_text()
-    assert "finetuned" in table and "distilled_onnx_int8" in table
+    assert "finetuned" in table and "distilled_pruned_openvino_int8" in table
 
 
 def test_two_concurrent_pipelines_lose_no_run_or_metric(
