@@ -42,6 +42,8 @@ LEAN = (
             "openvino_int8",
             "distilled_onnx_int8",
             "distilled_pruned_onnx_int8",
+            "distilled_pruned_int8",
+            "distilled_pruned_openvino_int8",
         )
     ),
 )
