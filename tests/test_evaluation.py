@@ -21,7 +21,7 @@ from trimflow.evaluation.benchmark import (
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.cost import TRAINING_FIELDS, training_cost
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
-from trimflow.evaluation.inference import predict
+from trimflow.evaluation.inference import predict_logits
 from trimflow.evaluation.machine import cpu_description
 from trimflow.layout import ADAPTER_DIR, TRAINING_FILE
 
@@ -75,17 +75,17 @@ def test_metrics_are_plain_json():
 # --- prediction --------------------------------------------------------------------------------
 
 
-def test_predict_returns_argmax_ids_and_ignores_labels(tiny_bert, tiny_batches):
+def test_predict_logits_returns_float32_logits_in_order_and_ignores_labels(tiny_bert, tiny_batches):
     with_labels = [{**batch, "labels": torch.tensor([2, 2, 2, 2])} for batch in tiny_batches]
     with torch.no_grad():
-        expected = torch.cat([tiny_bert(**batch).logits.argmax(-1) for batch in tiny_batches])
+        expected = torch.cat([tiny_bert(**batch).logits for batch in tiny_batches])
 
-    predictions = predict(tiny_bert, with_labels)
+    logits = predict_logits(tiny_bert, with_labels)
 
-    assert isinstance(predictions, np.ndarray)
-    assert predictions.shape == (8,)
-    np.testing.assert_array_equal(predictions, expected.numpy())
-    assert predict(tiny_bert, []).shape == (0,)
+    assert isinstance(logits, np.ndarray) and logits.dtype == np.float32
+    assert logits.shape == (8, tiny_bert.config.num_labels)
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-6)
+    assert predict_logits(tiny_bert, []).shape[0] == 0
 
 
 # --- benchmark ---------------------------------------------------------------------------------

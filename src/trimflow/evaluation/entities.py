@@ -65,7 +65,7 @@ def entity_confusion(
     gold, predicted = _aligned_lists(gold, predicted)
     _check_mode(mode)
     sentences = [
-        (_entity_spans(gold_tags, mode), _entity_spans(predicted_tags, mode))
+        (entity_spans(gold_tags, mode), entity_spans(predicted_tags, mode))
         for gold_tags, predicted_tags in zip(gold, predicted, strict=True)
     ]
     _check_known_types(_entity_types(gold + predicted, mode), types)
@@ -105,7 +105,7 @@ def _scheme_args(mode: SeqevalMode) -> dict[str, Any]:
     return {"mode": "strict", "scheme": IOB2} if mode == "strict" else {}
 
 
-def _entity_spans(tags: list[str], mode: SeqevalMode) -> dict[Span, str]:
+def entity_spans(tags: list[str], mode: SeqevalMode) -> dict[Span, str]:
     """Entity type by half-open word span, extracted as seqeval does in `mode`."""
     if mode == "strict":
         return {(e.start, e.end): e.tag for e in Tokens(tags, scheme=IOB2).entities}
@@ -114,7 +114,7 @@ def _entity_spans(tags: list[str], mode: SeqevalMode) -> dict[Span, str]:
 
 def _entity_types(sequences: TagLists, mode: SeqevalMode) -> list[str]:
     """Sorted entity types found in `sequences`, the order seqeval reports per-type scores in."""
-    return sorted({t for tags in sequences for t in _entity_spans(tags, mode).values()})
+    return sorted({t for tags in sequences for t in entity_spans(tags, mode).values()})
 
 
 def _per_type_scores(

@@ -1,4 +1,5 @@
-"""Batched arg-max prediction with a sequence or token classifier, on the device it lives on."""
+"""Batched prediction on the device the model lives on: logits of a sequence classifier,
+arg-max tags of a token classifier."""
 
 from __future__ import annotations
 
@@ -30,16 +31,16 @@ def model_inputs(
     }
 
 
-def predict(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> np.ndarray:
-    """Arg-max label ids for every example in `batches`, in order (sequence classifiers)."""
+def predict_logits(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> np.ndarray:
+    """The float32 logits of every example in `batches`, in order (sequence classifiers)."""
     device = input_device(model)
-    predictions = []
+    logits = []
     with torch.inference_mode():
         for batch in batches:
-            predictions.append(model(**model_inputs(batch, device)).logits.argmax(dim=-1).cpu())
-    if not predictions:
-        return np.empty(0, dtype=np.int64)
-    return torch.cat(predictions).numpy()
+            logits.append(model(**model_inputs(batch, device)).logits.float().cpu())
+    if not logits:
+        return np.empty((0, 0), dtype=np.float32)
+    return torch.cat(logits).numpy()
 
 
 def predict_tokens(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[np.ndarray]:

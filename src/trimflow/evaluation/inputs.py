@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,20 +49,28 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def length_sorted_batches(
+    rows: Sequence[dict], collate: Callable[[list], dict[str, torch.Tensor]], batch_size: int
+) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
+    """`rows` (model inputs each) in batches of similar length, and the row index of each sorted
+    example: little padding, and predictions put back in row order with `order`."""
+    order = np.argsort([len(row["input_ids"]) for row in rows], kind="stable")
+    return [collate([rows[int(i)] for i in part]) for part in chunks(order, batch_size)], order
+
+
 def build_test_inputs(data: TokenizedDataModule, cfg: TrimflowConfig) -> TestInputs:
     """The test split as length-sorted scoring batches, batch-1 latency inputs and file-order
     throughput batches, sized by `cfg.evaluate`."""
     ev = cfg.evaluate
     test = data.splits["test"]
-    lengths = np.array([len(ids) for ids in test["input_ids"]])
-    order = np.argsort(lengths, kind="stable")
 
     def collate(rows) -> dict[str, torch.Tensor]:
         return data.collator([test[int(i)] for i in rows])
 
+    sorted_batches, order = length_sorted_batches(test, data.collator, ev.batch_size)
     throughput_rows = chunks(np.arange(len(test)), throughput_batch_size(ev))
     return TestInputs(
-        sorted_batches=[collate(rows) for rows in chunks(order, ev.batch_size)],
+        sorted_batches=sorted_batches,
         order=order,
         latency_inputs=[collate([i]) for i in range(min(ev.latency.samples, len(test)))],
         throughput_batches=[collate(rows) for rows in throughput_rows[: ev.throughput.repeats]],

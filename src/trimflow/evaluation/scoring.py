@@ -2,7 +2,8 @@
 
 A scorer is built once from the test split; `score(model, batches, order)` runs the model over
 length-sorted batches (`order[k]` is the test row of the k-th sorted example) and returns
-JSON-serialisable metrics plus `predictions` in test-row order.
+JSON-serialisable metrics plus `predictions` in test-row order (and, for classification, the
+`logits`, a NumPy array the caller drops before writing).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from trimflow.config.schema import TrimflowConfig
 from trimflow.data.token_labels import word_predictions
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.entities import SeqevalMode, entity_metrics
-from trimflow.evaluation.inference import predict, predict_tokens
+from trimflow.evaluation.inference import predict_logits, predict_tokens
 from trimflow.layout import Layout
 
 Batches = Sequence[dict[str, Tensor]]
@@ -35,13 +36,15 @@ class LabelScorer:
         self.labels = labels
 
     def score(self, model: nn.Module, batches: Batches, order: np.ndarray) -> dict[str, Any]:
-        """Classification metrics of `model` and its label ids in test-row order."""
-        predictions = np.empty(len(self.truth), dtype=np.int64)
-        predictions[order] = predict(model, batches)
+        """Classification metrics of `model`, its label ids and logits in test-row order."""
+        logits = np.empty((len(self.truth), len(self.labels)), dtype=np.float32)
+        logits[order] = predict_logits(model, batches)
+        predictions = logits.argmax(axis=-1)
         return {
             **classification_metrics(self.truth, predictions.tolist(), self.labels),
             "label_names": self.labels,
             "predictions": predictions.tolist(),
+            "logits": logits,
         }
 
 

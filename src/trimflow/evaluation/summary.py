@@ -39,9 +39,11 @@ MEASURE_NAMES = {
 }
 
 
-def mlflow_names(quality_keys: Sequence[str]) -> dict[str, str]:
-    """metrics.json field -> MLflow metric name for every per-variant number."""
-    return {key: f"{TEST_PREFIX}{key}" for key in quality_keys} | MEASURE_NAMES
+def mlflow_names(quality_keys: Sequence[str], beyond: Sequence[str] = ()) -> dict[str, str]:
+    """metrics.json field -> MLflow metric name for every per-variant number: the quality
+    figures, the measures, and the `beyond`-accuracy figures (evaluation/beyond_accuracy.py)."""
+    quality = {key: f"{TEST_PREFIX}{key}" for key in quality_keys}
+    return quality | MEASURE_NAMES | {key: f"{TEST_PREFIX}{key}" for key in beyond}
 
 
 @dataclass
@@ -68,6 +70,7 @@ def summarise(
     and the variant recommended on `objective` against `baseline` (see `recommend`)."""
     variants = {
         variant: {key: detail[key] for key in (*measured.names, "device", "runtime")}
+        | ({"worst_slice": detail["worst_slice"]} if "worst_slice" in detail else {})
         for variant, detail in measured.details.items()
     }
     baselines = {

@@ -3,6 +3,7 @@ logged or registered trimflow model (by default the task's champion)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -12,11 +13,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from trimflow.config.schema import TrimflowConfig
+from trimflow.evaluation.calibration import served_temperature
 from trimflow.layout import dvc_layout
 from trimflow.serving.pyfunc import VariantModel
 from trimflow.serving.registry import champion_uri
 from trimflow.tracking.runs import tracking_uri
+from trimflow.utils.atomic import read_json
 
+log = logging.getLogger(__name__)
 MODELS_SCHEME = "models:/"
 
 
@@ -41,11 +45,33 @@ def model_source(cfg: TrimflowConfig, model_uri: str | None, variant: str | None
         if not (variant_dir / "config.json").is_file():
             raise FileNotFoundError(f"{variant_dir}: no such variant (run the pipeline first)")
         return ModelSource(
-            variant, partial(VariantModel().load, variant_dir, max_length=cfg.model.max_length)
+            variant,
+            partial(
+                VariantModel().load,
+                variant_dir,
+                max_length=cfg.model.max_length,
+                temperature=evaluated_temperature(variant),
+            ),
         )
     tracking = tracking_uri(cfg.tracking)
     uri = pinned_version(model_uri or champion_uri(cfg.task.type), tracking)
     return ModelSource(uri, partial(load_registered, uri, tracking))
+
+
+def evaluated_temperature(variant: str) -> float:
+    """The temperature this project's last evaluate fitted for `variant` (reports/metrics.json),
+    1.0 (logits as they are) when there is none."""
+    metrics_file = dvc_layout().metrics_file
+    if not metrics_file.is_file():
+        return 1.0
+    temperature = served_temperature(read_json(metrics_file), variant)
+    log.info(
+        "%s: scores at temperature %.3f (fitted by evaluate: %s)",
+        variant,
+        temperature,
+        metrics_file,
+    )
+    return temperature
 
 
 def pinned_version(model_uri: str, tracking: str) -> str:

@@ -4,7 +4,9 @@ The logged model holds the variant directory as its artifact (HF, pruned, sparse
 ONNX: `load_variant` reads them all) and `model_config` with `max_chars` (longest accepted text),
 `max_length` (tokens; longer texts are truncated and flagged `"truncated": true`) and
 `truncation` (which tokens of a longer text are kept: the mode the variant was trained with, from
-its label map; `trimflow.data.truncation` tokenizes for it as the tokenize stage did).
+its label map; `trimflow.data.truncation` tokenizes for it as the tokenize stage did) and
+`temperature` (scores are the softmax of logits / temperature: evaluate fits it on the validation
+split, so that a score of 0.9 is right 90% of the time).
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ class VariantModel(mlflow.pyfunc.PythonModel):
             max_chars=int(context.model_config["max_chars"]),
             max_length=int(context.model_config["max_length"]),
             truncation=context.model_config.get("truncation"),
+            temperature=float(context.model_config.get("temperature", 1.0)),
         )
 
     def load(
@@ -184,12 +187,21 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         max_chars: int = DEFAULT_MAX_CHARS,
         max_length: int | None = None,
         truncation: str | None = None,
+        temperature: float = 1.0,
+        model=None,
     ) -> VariantModel:
         """Load a variant directory itself (`trimflow serve --variant`); `max_length` defaults
         to the model's limit, `truncation` to the one it was trained with (`head` if its label
-        map records none). Returns this model."""
+        map records none); scores are the softmax of the logits divided by `temperature` (the
+        one evaluate fitted: see evaluation/calibration.py). `model`: the variant already
+        loaded from `variant_dir`. Returns this model."""
         variant_dir = Path(variant_dir)
-        self.model = load_variant(variant_dir, num_threads=torch.get_num_threads())
+        if temperature <= 0:
+            raise ValueError(f"{variant_dir}: temperature {temperature} is not positive")
+        if model is None:
+            model = load_variant(variant_dir, num_threads=torch.get_num_threads())
+        self.model = model
+        self.temperature = temperature
         self.token_task = is_token_task(variant_dir)
         self.tokenizer = load_task_tokenizer(
             str(variant_dir), "ner" if self.token_task else "classification"
@@ -240,10 +252,10 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         return rows, encodings
 
     def _probabilities(self, encoded: BatchEncoding) -> Tensor:
-        """The softmax over labels of one padded batch."""
+        """The softmax over labels of one padded batch, at the model's temperature."""
         with torch.inference_mode():
             logits = self.model(**encoded).logits
-        return logits.float().softmax(dim=-1)
+        return (logits.float() / self.temperature).softmax(dim=-1)
 
     def _labels(self, texts: list[str]) -> tuple[list[dict], list[Encoding]]:
         """Rows of one batch of texts, tokenized as the tokenize stage did (`truncate_texts`),
@@ -305,9 +317,11 @@ def log_variant_model(
     registered_model_name: str | None = None,
     max_chars: int = DEFAULT_MAX_CHARS,
     max_length: int | None = None,
+    temperature: float = 1.0,
 ) -> ModelInfo:
     """Log `variant_dir` as a pyfunc model (in the active run); `max_length` defaults to the
-    model's limit; the truncation is the one the variant was trained with."""
+    model's limit; the truncation is the one the variant was trained with; `temperature`
+    divides its logits before the softmax (evaluate's temperature scaling)."""
     variant_dir = Path(variant_dir)
     if max_length is None:
         max_length = default_max_length(variant_dir, load_tokenizer(str(variant_dir)))
@@ -322,6 +336,7 @@ def log_variant_model(
             "max_chars": max_chars,
             "max_length": max_length,
             "truncation": recorded_truncation(variant_dir),
+            "temperature": temperature,
         },
         registered_model_name=registered_model_name,
     )

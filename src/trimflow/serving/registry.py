@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from trimflow.config.schema import TrimflowConfig
+from trimflow.evaluation.calibration import served_temperature
 from trimflow.layout import Layout
 from trimflow.serving.pyfunc import log_variant_model
 from trimflow.tracking.runs import OBJECTIVE_TAG, VARIANT_TAG, tracking_uri
@@ -100,7 +101,11 @@ def publish_recommended(
     variant = metrics["recommended"]
     objective = metrics["variants"][variant][metrics["metric"]]
     model_name = registered_model_name(cfg.task.type)
-    info = log_variant_model(layout.model_dir(variant), max_length=cfg.model.max_length)
+    info = log_variant_model(
+        layout.model_dir(variant),
+        max_length=cfg.model.max_length,
+        temperature=served_temperature(metrics, variant),
+    )
     client = MlflowClient(tracking_uri(cfg.tracking))
     result = register_recommended(client, run_id, info.model_uri, model_name, objective, variant)
     outcome = (

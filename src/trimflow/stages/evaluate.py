@@ -24,6 +24,14 @@ from trimflow.evaluation.benchmark import (
     latency_summary,
     throughput_summary,
 )
+from trimflow.evaluation.beyond_accuracy import (
+    BeyondInputs,
+    against_baseline,
+    attribution_figures,
+    beyond_fields,
+    build_beyond_inputs,
+    variant_figures,
+)
 from trimflow.evaluation.cost import training_cost
 from trimflow.evaluation.devices import variant_devices
 from trimflow.evaluation.footprint import count_parameters, size_on_disk_mb
@@ -60,14 +68,20 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     6. Log a run per variant, the baselines, metrics.json and the profile to MLflow.
     """
     label_map = read_label_map(layout.finetuned)
-    inputs = build_test_inputs(inference_data(layout, cfg.evaluate.batch_size), cfg)
+    data = inference_data(layout, cfg.evaluate.batch_size)
+    inputs = build_test_inputs(data, cfg)
     scorer = make_scorer(cfg, layout, label_map["labels"])
+    beyond = (
+        build_beyond_inputs(cfg, layout, data, label_map["labels"])
+        if cfg.task.type == "classification"
+        else None
+    )
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate", label_map["dataset_digest"]) as active:
         measured = Measurements(
-            _measure_variants(cfg, layout, inputs, scorer),
+            _measure_variants(cfg, layout, inputs, scorer, beyond),
             _score_baselines(cfg, layout),
-            mlflow_names(scorer.quality_keys),
+            mlflow_names(scorer.quality_keys, beyond_fields(cfg)),
         )
         summary = summarise(
             measured,
@@ -102,16 +116,22 @@ def _variant_sources(cfg: TrimflowConfig) -> dict[str, str]:
 
 
 def _measure_variants(
-    cfg: TrimflowConfig, layout: Layout, inputs: TestInputs, scorer: LabelScorer | EntityScorer
+    cfg: TrimflowConfig,
+    layout: Layout,
+    inputs: TestInputs,
+    scorer: LabelScorer | EntityScorer,
+    beyond: BeyondInputs | None,
 ) -> dict[str, dict]:
-    """Score every variant (each loaded from disk) and read its cost to train, then time them
-    all together."""
+    """Score every variant (each loaded from disk), measure what it changes besides accuracy
+    (`beyond`: classification only) and read its cost to train, then time them all together."""
     models, details = {}, {}
     devices = variant_devices(cfg)
     for variant, source in progress(_variant_sources(cfg).items(), "score", log, unit="variant"):
         directory = layout.model_dir(variant)
         models[variant] = load_variant(directory, cfg.evaluate.num_threads, devices[variant])
         details[variant] = _score_variant(models[variant], directory, inputs, scorer)
+        if beyond is not None:
+            details[variant].update(variant_figures(cfg, models[variant], details[variant], beyond))
         details[variant].update(
             training_cost(directory),
             source=source,
@@ -126,10 +146,47 @@ def _measure_variants(
             if cfg.evaluate.merge_check
             else dict.fromkeys(MERGE_FIELDS)
         )
+    _compare_with_baseline(cfg, layout, details, models, scorer, beyond)
     log.info("timing %d variants in %d interleaved rounds", len(models), cfg.evaluate.rounds)
     for variant, timing in _time_variants(models, inputs, cfg).items():
         details[variant].update(timing)
     return details
+
+
+def _compare_with_baseline(
+    cfg: TrimflowConfig,
+    layout: Layout,
+    details: dict[str, dict],
+    models: dict,
+    scorer: LabelScorer | EntityScorer,
+    beyond: BeyondInputs | None,
+) -> None:
+    """Add each variant's loyalty to `report.baseline`, its flip set and (classification, when
+    `evaluate.explanations.sample`) the agreement of its word attributions with the
+    baseline's; drop the logits, which no file keeps."""
+    baseline = cfg.report.baseline
+    if beyond is None:
+        test = pd.read_parquet(layout.prepared / "test.parquet")
+        truth, texts = scorer.gold, test["tokens"].map(list).tolist()
+    else:
+        truth, texts = beyond.truth.tolist(), beyond.texts
+    for variant, figures in against_baseline(cfg, details, baseline, truth, texts).items():
+        details[variant].update(figures)
+    if beyond is not None and beyond.explained:
+        served = {
+            name: VariantModel().load(
+                layout.model_dir(name), max_length=cfg.model.max_length, model=model
+            )
+            for name, model in models.items()
+        }
+        log.info("explaining %d test texts with every variant", len(beyond.explained))
+        top_k = cfg.evaluate.explanations.top_k
+        for variant, figures in attribution_figures(
+            served, baseline, beyond.explained, top_k
+        ).items():
+            details[variant].update(figures)
+    for detail in details.values():
+        detail.pop("logits", None)
 
 
 def _check_merge(merged, directory: Path, inputs: TestInputs) -> dict[str, float | None]:
