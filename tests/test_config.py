@@ -228,11 +228,24 @@ def test_guard_metrics_default_to_the_task_quality_figures():
         (["report.guard_metrics=[accuracy,f1]"], r"report\.guard_metrics: f1 not measured"),
         (["task=ner", "report.guard_metrics=[accuracy]"], r"report\.guard_metrics: accuracy"),
         (["report.guard_metrics=[]"], r"report\.guard_metrics"),
+        (["report.guard_metrics=[nll]"], r"report\.guard_metrics: nll not measured.*ece"),
+        (
+            ["report.guard_metrics=[accuracy_typo1]", "evaluate.robustness.perturbations=[case]"],
+            r"accuracy_typo1 not measured .*accuracy_case",
+        ),
+        (["task=ner", "report.guard_metrics=[ece]"], r"report\.guard_metrics: ece"),
     ],
 )
 def test_unknown_guard_metrics_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(overrides)
+
+
+def test_beyond_accuracy_figures_can_be_guarded():
+    cfg = compose_config(["report.guard_metrics=[accuracy,ece_calibrated,accuracy_typo1]"])
+    assert cfg.guard_metrics() == ["accuracy", "ece_calibrated", "accuracy_typo1"]
+    ner = compose_config(["task=ner", "report.guard_metrics=[f1,label_loyalty]"])
+    assert ner.guard_metrics() == ["f1", "label_loyalty"]
 
 
 def test_guard_metrics_are_quality_fields_evaluate_writes():

@@ -109,6 +109,18 @@ def test_unknown_format_names_the_key(tmp_path):
         load_raw_splits(cfg.dataset)
 
 
+def test_extra_columns_of_a_file_reach_the_prepared_splits(tmp_path):
+    """evaluate slices the test split by them (evaluate.slices.columns)."""
+    train = [{**row, "region": f"r{i % 2}"} for i, row in enumerate(topic_rows(10))]
+    test = [{**row, "region": "north"} for row in topic_rows(2, 100)]
+    cfg = files_config(tmp_path, train, test, "csv", "dataset.text_column=text")
+    layout = dvc_layout(tmp_path)
+    prepare.run(cfg, layout)
+    frame = pd.read_parquet(layout.prepared / "test.parquet")
+    assert list(frame["region"]) == ["north"] * 6
+    assert set(pd.read_parquet(layout.prepared / "train.parquet")["region"]) == {"r0", "r1"}
+
+
 def test_prepare_writes_splits_card_and_reports_shared_texts(tmp_path):
     train = topic_rows(10)
     test = topic_rows(2, 100) + [dict(train[0])]

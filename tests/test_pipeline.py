@@ -22,7 +22,6 @@ from trimflow.stages import run_stage
 from trimflow.tracking.runs import FINISHED, HEADLINE_PREFIX, RECOMMENDED_TAG
 
 # metrics.json field -> MLflow name, classification
-MLFLOW_NAMES = mlflow_names(LabelScorer.quality_keys)
 # Overrides leaving one structured-pruned and two quantized variants (for the sweep).
 LEAN = (
     "~prune.variants.sparse80",
@@ -47,6 +46,11 @@ LEAN = (
         )
     ),
 )
+
+
+def mlflow_names_of(cfg) -> dict[str, str]:
+    """metrics.json field -> MLflow name of every per-variant number evaluate writes for `cfg`."""
+    return mlflow_names(LabelScorer.quality_keys, cfg.beyond_metrics())
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def test_metrics_file_has_every_declared_variant_and_field(finished):
     assert len(metrics["variants"]) == 28
     devices = variant_devices(cfg)
     for name, values in metrics["variants"].items():
-        assert set(values) == {*MLFLOW_NAMES, "device", "runtime"}
+        assert set(values) == {*mlflow_names_of(cfg), "device", "runtime", "worst_slice"}
         assert values["device"] == devices[name]
         assert (values["peak_gpu_mem_mb"] is None) == (devices[name] == "cpu")
         assert 0.0 <= values["accuracy"] <= 1.0
@@ -84,6 +88,29 @@ def test_metrics_file_has_every_declared_variant_and_field(finished):
         assert values["throughput_sps"] > 0 and values["size_mb"] > 0
     assert metrics["recommended"] in metrics["variants"]
     assert metrics["recommendation"]["variant"] == metrics["recommended"]
+
+
+def test_every_variant_has_its_beyond_accuracy_figures_against_the_baseline(finished):
+    cfg, layout, metrics = finished
+    variants = metrics["variants"]
+    baseline = variants[cfg.report.baseline]
+    assert baseline["label_loyalty"] == 1.0 and baseline["flip_rate"] == 0.0
+    assert baseline["probability_loyalty"] == pytest.approx(1.0)
+    assert baseline["slice_gap_change"] == 0.0 and baseline["attribution_topk_overlap"] == 1.0
+    for name, values in variants.items():
+        for key in ("ece", "ece_calibrated", "brier", "label_loyalty", "worst_slice_accuracy"):
+            assert 0.0 <= values[key] <= 1.0, (name, key)
+        assert values["temperature"] > 0 and values["explain_ms"] > 0, name
+        for kind in cfg.evaluate.robustness.perturbations:
+            assert 0.0 <= values[f"accuracy_{kind}"] <= 1.0, (name, kind)
+        assert values["worst_slice"].split("=")[0] in ("class", "length", "truncated"), name
+        detail = json.loads((layout.variant_details / f"{name}.json").read_text())
+        bins = detail["reliability_calibrated"]
+        assert len(bins) == cfg.evaluate.calibration.bins
+        assert sum(b["count"] for b in bins) == len(detail["predictions"])
+        assert detail["flips"]["flips"] == round(values["flip_rate"] * len(detail["predictions"]))
+        assert set(detail["slices"]["slicings"]) == {"class", "length", "truncated"}
+        assert "logits" not in detail
 
 
 def test_trained_variants_carry_their_cost_to_train_and_quantized_their_sources(finished):
@@ -192,8 +219,9 @@ def test_every_mlflow_run_has_metrics_and_tags(finished):
     assert sorted(r.data.tags["trimflow.variant"] for r in variants) == sorted(cfg.variant_kinds())
     for run in variants:  # every number but the figures a variant lacks (None)
         values = metrics["variants"][run.data.tags["trimflow.variant"]]
-        numbers = {k: v for k, v in values.items() if k not in ("device", "runtime")}
-        logged = {MLFLOW_NAMES[key] for key, value in numbers.items() if value is not None}
+        numbers = {k: v for k, v in values.items() if k not in ("device", "runtime", "worst_slice")}
+        names = mlflow_names_of(cfg)
+        logged = {names[key] for key, value in numbers.items() if value is not None}
         assert logged <= set(run.data.metrics)
         assert run.data.tags["trimflow.device"] == values["device"]
         assert run.data.tags["trimflow.runtime"] == values["runtime"]

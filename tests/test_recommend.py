@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from trimflow.evaluation.recommend import guard_failures, headline, recommend
+from trimflow.evaluation.recommend import drop_points, guard_failures, headline, recommend
 
 ACCURACY = ["accuracy"]
 CLASSIFICATION_GUARDS = ["accuracy", "macro_f1"]
@@ -153,3 +153,19 @@ def test_headline_names_an_objective_other_than_latency():
     line = headline(recommend(COSTED, "finetuned", 1.0, ACCURACY, "train_memory"))
     assert line.startswith("recommended adapted (objective train_memory): 1.00x faster at batch 1")
     assert "objective" not in headline(recommend(COSTED, "finetuned", 1.0, ACCURACY))
+
+
+def test_lower_is_better_guards_count_a_rise_as_the_drop():
+    base = {**_variant(0.95, 10.0, 100.0), "ece_calibrated": 0.02, "accuracy_typo1": 0.93}
+    worse_calibrated = {**_variant(0.95, 2.0, 20.0), "ece_calibrated": 0.05, "accuracy_typo1": 0.93}
+    fragile = {**_variant(0.95, 3.0, 20.0), "ece_calibrated": 0.01, "accuracy_typo1": 0.80}
+    steady = {**_variant(0.95, 4.0, 20.0), "ece_calibrated": 0.025, "accuracy_typo1": 0.925}
+    variants = {"base": base, "worse": worse_calibrated, "fragile": fragile, "steady": steady}
+    result = recommend(variants, "base", 1.0, ["accuracy", "ece_calibrated", "accuracy_typo1"])
+    assert result["variant"] == "steady"
+    assert result["excluded"] == {
+        "worse": {"ece_calibrated": 3.0},
+        "fragile": {"accuracy_typo1": 13.0},
+    }
+    assert result["drop_pts"] == {"accuracy": 0.0, "ece_calibrated": 0.5, "accuracy_typo1": 0.5}
+    assert drop_points(fragile, base, "ece_calibrated") == pytest.approx(-1.0)

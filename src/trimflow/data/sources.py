@@ -1,7 +1,8 @@
 """Read a dataset's raw splits from its source: one table, `SOURCES`, with a row per
 `dataset.source` that reads a split for either task.
 
-classification: DataFrames with columns text, label, source, row (the source's row numbers);
+classification: DataFrames with columns text, label, source, row (the source's row numbers) and
+the source's other columns;
 ner: tagged sentences. Sources: local files (csv, jsonl, parquet, Orange .tab, or CoNLL for
 ner; also `package://` files shipped in wheels) and Hugging Face datasets via
 `datasets.load_dataset`. A new source is a row here, its readers, and its name in the schema's
@@ -32,6 +33,8 @@ SUFFIX_FORMATS = {
 # Orange .tab files carry three header lines: names, types, flags.
 ORANGE_EXTRA_HEADER_ROWS = [1, 2]
 Split = TypeVar("Split", pd.DataFrame, list[Sentence])
+# The columns every classification split has (read, then prepared).
+STANDARD_COLUMNS = ("text", "label", "source", "row", "label_id")
 
 
 @dataclass(frozen=True)
@@ -151,13 +154,21 @@ def _check_columns(columns: list[str], cfg: DatasetConfig, source: str) -> None:
 def _select_columns(
     frame: pd.DataFrame, cfg: DatasetConfig, source: str, first_row: int
 ) -> pd.DataFrame:
+    """text, label, source, row, then the source's other columns as they are (evaluate slices
+    the test split by them: `evaluate.slices`); one named like those four is left out."""
     _check_columns(list(frame.columns), cfg, source)
+    extra = [
+        column
+        for column in frame.columns
+        if column not in (cfg.text_column, cfg.label_column, *STANDARD_COLUMNS)
+    ]
     return pd.DataFrame(
         {
             "text": frame[cfg.text_column].to_numpy(),
             "label": frame[cfg.label_column].astype(str).to_numpy(),
             "source": source,
             "row": range(first_row, first_row + len(frame)),
+            **{column: frame[column].to_numpy() for column in extra},
         }
     )
 
@@ -166,3 +177,8 @@ SOURCES = {
     "files": DatasetSource(read_texts=_read_table_file, read_tagged=_read_conll_file),
     "hf": DatasetSource(read_texts=_read_hf_texts, read_tagged=_read_hf_tagged),
 }
+
+
+def extra_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns a classification split carries from its source beyond the standard ones."""
+    return [column for column in frame.columns if column not in STANDARD_COLUMNS]

@@ -20,6 +20,7 @@ import torch
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
+from trimflow.data.sources import extra_columns
 from trimflow.data.truncation import truncate_texts
 from trimflow.evaluation.calibration import calibrate, calibration_scores, softmax
 from trimflow.evaluation.inference import predict_logits
@@ -124,7 +125,7 @@ def build_beyond_inputs(
 def _extra_columns(test: pd.DataFrame, columns: list[str] | None) -> pd.DataFrame | None:
     """The prepared test split's extra columns to slice by (`evaluate.slices.columns`; None:
     all of them); a named column the dataset lacks is a ValueError naming the key."""
-    available = [c for c in test.columns if c not in ("text", "label", "source", "row")]
+    available = extra_columns(test)
     chosen = available if columns is None else columns
     missing = [c for c in chosen if c not in available]
     if missing:
@@ -229,20 +230,3 @@ def attribution_figures(
         }
         for name, values in attributions.items()
     }
-
-
-def beyond_fields(cfg: TrimflowConfig) -> list[str]:
-    """The per-variant beyond-accuracy numbers evaluate writes to metrics.json and MLflow."""
-    fields = ["label_loyalty", "flip_rate", "forgotten"]
-    if cfg.task.type == "ner":
-        return fields
-    ev = cfg.evaluate
-    fields += ["probability_loyalty", "flip_accuracy", "ece", "nll", "brier"]
-    if ev.calibration.temperature_scaling:
-        fields += ["temperature", "ece_calibrated", "nll_calibrated", "brier_calibrated"]
-    for kind in ev.robustness.perturbations:
-        fields += [f"accuracy_{kind}", f"invariance_failure_{kind}"]
-    fields += ["worst_slice_accuracy", "slice_gap", "slice_gap_change"]
-    if ev.explanations.sample:
-        fields += ["attribution_topk_overlap", "attribution_rank_correlation", "explain_ms"]
-    return fields

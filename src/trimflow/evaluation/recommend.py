@@ -18,11 +18,22 @@ OBJECTIVE_FIELDS = {
 LATENCY = "latency"
 
 
+# Guardable figures where lower is better (calibration error, flips, sensitivity, slice gap).
+LOWER_IS_BETTER = ("ece", "brier", "flip_rate", "invariance_failure_", "slice_gap")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller `metric` is the better one (ECE, Brier score, flip rate, ...)."""
+    return metric.startswith(LOWER_IS_BETTER)
+
+
 def drop_points(
     variant: Mapping[str, Any], baseline: Mapping[str, Any], metric: str = "accuracy"
 ) -> float:
-    """How many points of `metric` `variant` loses against `baseline` (negative: it gains)."""
-    return 100 * (baseline[metric] - variant[metric])
+    """How many points of `metric` `variant` loses against `baseline` (negative: it gains); for
+    a metric where lower is better, how many points it rises."""
+    drop = 100 * (baseline[metric] - variant[metric])
+    return -drop if lower_is_better(metric) else drop
 
 
 def guard_failures(

@@ -28,7 +28,6 @@ from trimflow.evaluation.beyond_accuracy import (
     BeyondInputs,
     against_baseline,
     attribution_figures,
-    beyond_fields,
     build_beyond_inputs,
     variant_figures,
 )
@@ -81,7 +80,7 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
         measured = Measurements(
             _measure_variants(cfg, layout, inputs, scorer, beyond),
             _score_baselines(cfg, layout),
-            mlflow_names(scorer.quality_keys, beyond_fields(cfg)),
+            mlflow_names(scorer.quality_keys, cfg.beyond_metrics()),
         )
         summary = summarise(
             measured,

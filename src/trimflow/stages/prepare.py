@@ -9,7 +9,7 @@ import pandas as pd
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.card import build_card, label_summary
 from trimflow.data.ner import prepare_tagged
-from trimflow.data.sources import load_raw_splits
+from trimflow.data.sources import extra_columns, load_raw_splits
 from trimflow.data.splits import split_validation, subsample
 from trimflow.data.validation import check_labels_known, check_rows, shared_texts
 from trimflow.layout import LABEL_MAP_FILE, Layout
@@ -63,7 +63,8 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
 
 
 def _prepare_labelled(cfg: TrimflowConfig) -> tuple[dict[str, pd.DataFrame], list[str], dict]:
-    """Classification tables (text, label, label_id) per split, the labels, the card summary."""
+    """Classification tables (text, label, label_id and the source's extra columns) per split,
+    the labels, the card summary."""
     data_cfg = cfg.dataset
     raw = load_raw_splits(data_cfg)
     for frame in raw.values():
@@ -93,6 +94,7 @@ def _prepare_labelled(cfg: TrimflowConfig) -> tuple[dict[str, pd.DataFrame], lis
                 "text": frame["text"].to_numpy(),
                 "label": frame["label"].to_numpy(),
                 "label_id": frame["label"].map(label_ids).to_numpy(),
+                **{column: frame[column].to_numpy() for column in extra_columns(frame)},
             }
         )
         for split, frame in splits.items()

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from trimflow.evaluation.recommend import LOWER_IS_BETTER
 from trimflow.tracking.runs import BENCH_PREFIX, MODEL_PREFIX, TEST_PREFIX, TRAINING_PREFIX
 
 # Metrics where smaller is better: their ratio is baseline/run (a speedup), others run/baseline.
@@ -17,6 +18,8 @@ SMALLER_IS_BETTER = (
     f"{TRAINING_PREFIX}seconds",
     f"{TRAINING_PREFIX}peak_mem_mb",
     f"{TRAINING_PREFIX}adapter_mb",
+    *(f"{TEST_PREFIX}{name}" for name in LOWER_IS_BETTER),
+    f"{TEST_PREFIX}nll",
 )
 METRIC_ORDER = (TEST_PREFIX, BENCH_PREFIX, MODEL_PREFIX, TRAINING_PREFIX)
 
@@ -148,14 +151,13 @@ def differing_params(runs: list[ComparedRun]) -> dict[str, dict[str, str | None]
 
 
 def smaller_is_better(metric: str) -> bool:
-    """Latency, size and training-cost metrics, also as `<variant>/bench/latency...` in
-    sweeps."""
+    """Latency, size, training-cost and error metrics (ECE, NLL, flips, ...), also as
+    `<variant>/bench/latency...` in sweeps."""
     return any(metric.startswith(p) or f"/{p}" in metric for p in SMALLER_IS_BETTER)
 
 
 def ratio_direction(metric: str) -> str:
-    """'baseline/run' for latency, size and training-cost metrics, 'run/baseline' for the
-    others."""
+    """'baseline/run' for the `smaller_is_better` metrics, 'run/baseline' for the others."""
     return "baseline/run" if smaller_is_better(metric) else "run/baseline"
 
 

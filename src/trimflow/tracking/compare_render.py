@@ -14,7 +14,7 @@ from trimflow.utils.atomic import atomic_file, write_json
 RATIO_NOTE = (
     "(×): ratio to the baseline, baseline/run for "
     + " and ".join(f"{prefix}*" for prefix in SMALLER_IS_BETTER)
-    + " (>1: faster or smaller), run/baseline for the other metrics (>1: higher)"
+    + " (>1: faster, smaller or fewer errors), run/baseline for the other metrics (>1: higher)"
 )
 
 
