@@ -239,3 +239,32 @@ def test_the_cli_exit_status(project, tmp_path, monkeypatch, caplog):
     assert main(["predict", "--variant", "tiny", "--input", str(good), "--output", "x.csv"]) == 2
     assert "no column 'text'" in caplog.text
     assert not (project / "x.csv").exists() and no_leftovers(project) == []
+
+
+def test_a_project_variant_scores_at_the_temperature_evaluate_fitted(
+    project, tmp_path, monkeypatch, caplog
+):
+    """`--variant` reads reports/metrics.json's temperature (1.0 without one)."""
+    monkeypatch.chdir(project)
+    source = write_table(pd.DataFrame({"text": TEXTS[:3]}), tmp_path / "in.csv")
+
+    def scores(name: str) -> list[float]:
+        output = tmp_path / f"{name}.csv"
+        assert (
+            main(["predict", "--variant", "tiny", "--input", str(source), "--output", str(output)])
+            == 0
+        )
+        return read_table(output)["score"].astype(float).tolist()
+
+    plain = scores("plain")
+    metrics = project / "reports" / "metrics.json"
+    metrics.parent.mkdir(exist_ok=True)
+    metrics.write_text(json.dumps({"variants": {"tiny": {"temperature": 3.0}}}))
+    try:
+        with caplog.at_level(logging.INFO):
+            softened = scores("softened")
+    finally:
+        metrics.unlink()
+    assert "tiny: scores at temperature 3.000" in caplog.text
+    assert all(soft < sharp for soft, sharp in zip(softened, plain, strict=True))
+    assert all(score > 1 / len(TINY_LABELS) for score in softened)

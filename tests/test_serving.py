@@ -29,7 +29,7 @@ from trimflow.compress.variants import load_variant, save_onnx_variant, save_ope
 from trimflow.data.token_labels import word_predictions
 from trimflow.layout import dvc_layout
 from trimflow.models.loading import save_model_dir
-from trimflow.serving.pyfunc import log_variant_model
+from trimflow.serving.pyfunc import VariantModel, log_variant_model
 from trimflow.serving.registry import (
     CHAMPION,
     OBJECTIVE_TAG,
@@ -136,6 +136,24 @@ def test_pyfunc_predicts_what_the_variant_predicts(
     scores = torch.tensor([row["score"] for row in predictions])
     torch.testing.assert_close(scores, expected.max(-1).values, atol=1e-5, rtol=0)
     assert not any(row["truncated"] for row in predictions)
+
+
+def test_a_logged_temperature_divides_the_logits_before_the_softmax(
+    experiment, variant_dirs, packaged_tokenizer
+):
+    """evaluate's temperature scaling, as the report registers it (model_config) and as
+    `trimflow serve --variant` loads it."""
+    logits = in_process_logits(variant_dirs["onnx_int8"], packaged_tokenizer, TEXTS)
+    expected = (logits / 2.5).softmax(-1).max(-1).values
+    with mlflow.start_run(experiment_id=experiment):
+        uri = log_variant_model(variant_dirs["onnx_int8"], temperature=2.5).model_uri
+    served = mlflow.pyfunc.load_model(uri).predict(TEXTS)
+    local = VariantModel().load(variant_dirs["onnx_int8"], temperature=2.5).predict_texts(TEXTS)
+    for rows in (served, local):
+        scores = torch.tensor([row["score"] for row in rows])
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="temperature 0.0 is not positive"):
+        VariantModel().load(variant_dirs["onnx_int8"], temperature=0.0)
 
 
 def test_pruned_pyfunc_serves_the_pruned_architecture(loaded):
