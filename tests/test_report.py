@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import re
 
 import pandas as pd
 import pytest
 
+from trimflow.report.beyond import beyond_figures, beyond_section, forgotten_section
 from trimflow.report.pareto import pareto_front
 from trimflow.report.plots import (
     FRONTIER_LABEL,
@@ -17,6 +19,7 @@ from trimflow.report.plots import (
 )
 from trimflow.report.render import render_html, render_markdown
 from trimflow.report.tables import (
+    Column,
     Table,
     cost_table,
     markdown_table,
@@ -459,3 +462,337 @@ def test_ner_tradeoff_plots_entity_f1(ner_metrics, tmp_path):
     fig = tradeoff_figure(ner_metrics, "latency_ms_p50", "p50 latency (ms)")
     assert fig.axes[0].get_ylabel() == "entity F1 (%)"
     assert saved_png(fig, tmp_path).startswith(PNG_MAGIC)
+
+
+# --- beyond accuracy -----------------------------------------------------------------------------
+
+
+def beyond(accuracy, loyalty, forgotten):
+    """Hand-made beyond-accuracy figures of one classification variant, every part turned on."""
+    return {
+        "label_loyalty": loyalty,
+        "probability_loyalty": 0.99,
+        "flip_rate": 1 - loyalty,
+        "flip_accuracy": None if loyalty == 1 else 0.25,
+        "forgotten": forgotten,
+        "ece": 0.12,
+        "nll": 0.4,
+        "brier": 0.2,
+        "temperature": 1.5,
+        "ece_calibrated": 0.05,
+        "nll_calibrated": 0.35,
+        "brier_calibrated": 0.18,
+        "sample_accuracy": accuracy + 0.01,
+        "accuracy_typo1": accuracy - 0.02,
+        "invariance_failure_typo1": 0.03,
+        "accuracy_case": accuracy,
+        "invariance_failure_case": 0.0,
+        "worst_slice": "length=>=256",
+        "worst_slice_accuracy": accuracy - 0.2,
+        "slice_gap": 0.25,
+        "slice_gap_change": 0.25 - 0.2,
+        "attribution_topk_overlap": loyalty,
+        "attribution_rank_correlation": 0.5,
+        "explain_ms": 12.34,
+    }
+
+
+@pytest.fixture
+def beyond_metrics(metrics):
+    """`metrics` with the beyond-accuracy figures evaluate writes against finetuned."""
+    loyalty = {"finetuned": (1.0, 0), "pruned": (0.95, 5), "quantized": (0.97, 12)}
+    loyalty["pruned_quantized"] = (0.9, 8)
+    return {
+        **metrics,
+        "variants": {
+            name: {**values, **beyond(values["accuracy"], *loyalty[name])}
+            for name, values in metrics["variants"].items()
+        },
+    }
+
+
+def reliability(filled):
+    """Five confidence bins over [0, 1]; `filled`: bin index -> (confidence, accuracy, count)."""
+    return [
+        {
+            "low": index / 5,
+            "high": (index + 1) / 5,
+            "count": filled.get(index, (None, None, 0))[2],
+            "confidence": filled.get(index, (None, None, 0))[0],
+            "accuracy": filled.get(index, (None, None, 0))[1],
+        }
+        for index in range(5)
+    ]
+
+
+def slice_report(class_accuracy, length_accuracy):
+    """A slice report as evaluate writes it, with the class and length slicings."""
+
+    def slicing(scores):
+        slices = {value: {"accuracy": score, "count": 4} for value, score in scores.items()}
+        return {"slices": slices, "gap": max(scores.values()) - min(scores.values())}
+
+    return {
+        "metric": "accuracy",
+        "min_size": 2,
+        "slicings": {"class": slicing(class_accuracy), "length": slicing(length_accuracy)},
+        "worst_slice": "length=>=256",
+        "worst_slice_accuracy": min(length_accuracy.values()),
+        "slice_gap": 0.25,
+        "slice_gap_column": "length",
+    }
+
+
+def classification_detail(shift, forgotten_examples=(), score_change=None):
+    """The beyond-accuracy part of a variant's detail file; `shift` moves its scores."""
+    lengths = {"128-255": 0.8 - shift, "<64": 0.95 - shift, ">=256": 0.7 - shift}
+    return {
+        "reliability": reliability({3: (0.7, 0.6 - shift, 10), 4: (0.9, 0.85 - shift, 30)}),
+        "reliability_calibrated": reliability({3: (0.65, 0.6, 12), 4: (0.88, 0.86, 28)}),
+        "slices": slice_report({"earn": 0.9 - shift, "acq": 0.8}, {**lengths, "64-127": 0.85}),
+        "flips": {
+            "flips": len(forgotten_examples) + 2,
+            "flip_rate": 0.03,
+            "flip_accuracy": 0.25,
+            "baseline_flip_accuracy": 0.75,
+            "forgotten": len(forgotten_examples),
+            "learned": 2,
+            "forgotten_examples": list(forgotten_examples),
+        },
+        "score_change": score_change or {"earn": 0.0, "acq": 0.0},
+    }
+
+
+FORGOTTEN = [
+    {"row": row, "text": f"text\n{row}", "truth": "earn", "baseline": "earn", "variant": "acq"}
+    for row in range(12)
+]
+
+
+@pytest.fixture
+def details():
+    """Detail files of the baseline and the recommended variant."""
+    return {
+        "finetuned": classification_detail(0.0),
+        "quantized": classification_detail(
+            0.05, FORGOTTEN, {"earn": -0.05, "acq": 0.02, "crude": -0.005}
+        ),
+    }
+
+
+def section_lines(table):
+    return markdown_table(table.rows, table.columns).splitlines()
+
+
+def test_beyond_accuracy_has_a_table_per_theme_each_with_its_source(beyond_metrics):
+    section = beyond_section(beyond_metrics, "finetuned", {})
+    assert section.heading == "Beyond accuracy"
+    loyalty, calibration, robustness, slices, explanations = section.tables
+    sources = ["Xu et al. 2021", "Guo et al. 2017", "CheckList", "MetricFrame", "Krishna et al."]
+    for table, source in zip(section.tables, sources, strict=True):
+        assert source in table.note
+    assert loyalty.heading == "Loyalty to finetuned"
+    lines = section_lines(loyalty)
+    assert lines[0] == (
+        "| Variant | Label loyalty | Probability loyalty | Flipped | Accuracy on flips"
+        " | Forgotten |"
+    )
+    assert lines[2] == "| finetuned | 100.00% | 0.990 | 0.00% | – | 0 |"
+    assert lines[4] == "| quantized (recommended) | 97.00% | 0.990 | 3.00% | 25.00% | 12 |"
+    assert section_lines(calibration)[4] == (
+        "| quantized (recommended) | 0.120 → 0.050 | 0.400 → 0.350 | 0.200 → 0.180 | 1.50 |"
+    )
+    lines = section_lines(robustness)
+    assert lines[0] == "| Variant | Clean | typo1 (Δ pts) | case (Δ pts) | typo1 INV | case INV |"
+    assert (
+        lines[4]
+        == "| quantized (recommended) | 90.00% | 87.00% (-3.00) | 89.00% (-1.00) | 3.00% | 0.00% |"
+    )
+    assert section_lines(slices)[4] == (
+        "| quantized (recommended) | length=>=256 | 69.00% | 25.00 | +5.00 |"
+    )
+    assert section_lines(explanations)[3] == "| pruned | 0.950 | +0.500 | 12.3 |"
+
+
+def test_beyond_accuracy_shows_only_the_figures_evaluate_wrote(beyond_metrics):
+    dropped = {"temperature", "ece_calibrated", "nll_calibrated", "brier_calibrated"}
+    dropped |= {"attribution_topk_overlap", "attribution_rank_correlation", "explain_ms"}
+    dropped |= {"accuracy_case", "invariance_failure_case"}
+    for values in beyond_metrics["variants"].values():
+        for key in dropped:
+            del values[key]
+    section = beyond_section(beyond_metrics, "finetuned", {})
+    headings = [table.heading for table in section.tables]
+    assert headings == ["Loyalty to finetuned", "Calibration", "Robustness", "Slices"]
+    calibration, robustness = section.tables[1:3]
+    lines = section_lines(calibration)
+    assert lines[0] == "| Variant | ECE | NLL | Brier |"
+    assert lines[2] == "| finetuned | 0.120 | 0.400 | 0.200 |"
+    assert [c.header for c in robustness.columns] == [
+        "Variant",
+        "Clean",
+        "typo1 (Δ pts)",
+        "typo1 INV",
+    ]
+
+
+def test_ner_reports_show_only_loyalty_and_no_figures(ner_metrics, metrics):
+    loyalty = {"label_loyalty": 0.98, "flip_rate": 0.1, "forgotten": 2}
+    for values in ner_metrics["variants"].values():
+        values.update(loyalty)
+    section = beyond_section(ner_metrics, "finetuned", {})
+    (table,) = section.tables
+    assert [c.header for c in table.columns] == ["Variant", "Label loyalty", "Flipped", "Forgotten"]
+    assert section_lines(table)[3] == "| quantized (recommended) | 98.00% | 10.00% | 2 |"
+    ner_details = {name: {"per_type": v["per_type"]} for name, v in ner_metrics["variants"].items()}
+    assert beyond_figures(ner_metrics, ner_details, "finetuned") == {}
+    assert beyond_section(metrics, "finetuned", {}) is None  # evaluate wrote none of it
+
+
+def test_tradeoff_csv_gains_the_beyond_accuracy_figures(beyond_metrics, metrics, tmp_path):
+    from trimflow.stages.report import _write_tradeoff_csv
+
+    path = tmp_path / "tradeoff.csv"
+    _write_tradeoff_csv(variant_rows(beyond_metrics), "accuracy", path)
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:7] == [
+        "variant",
+        "quality",
+        "latency_ms_p50",
+        "size_mb",
+        "throughput_sps",
+        "label_loyalty",
+        "probability_loyalty",
+    ]
+    assert list(rows[0])[-3:] == [
+        "attribution_topk_overlap",
+        "attribution_rank_correlation",
+        "explain_ms",
+    ]
+    assert {"ece_calibrated", "temperature", "accuracy_case", "invariance_failure_typo1"} < set(
+        rows[0]
+    )
+    assert rows[0]["flip_accuracy"] == "" and rows[2]["forgotten"] == "12"
+    assert rows[2]["worst_slice"] == "length=>=256"
+    _write_tradeoff_csv(variant_rows(metrics), "accuracy", path)
+    assert (
+        path.read_text().splitlines()[0] == "variant,quality,latency_ms_p50,size_mb,throughput_sps"
+    )
+
+
+def test_beyond_figures_are_drawn_and_written(beyond_metrics, details, tmp_path):
+    figures = beyond_figures(beyond_metrics, details, "finetuned")
+    assert {caption: name for caption, (name, _) in figures.items()} == {
+        "Reliability diagram": "reliability.png",
+        "Accuracy under perturbations": "robustness.png",
+        "Accuracy per slice": "slices.png",
+    }
+    before, after = figures["Reliability diagram"][1].axes
+    assert [ax.get_title() for ax in (before, after)] == [
+        "uncalibrated",
+        "temperature-scaled",
+    ]
+    diagonal, finetuned, quantized = before.get_lines()
+    assert list(diagonal.get_xdata()) == [0, 100] == list(diagonal.get_ydata())
+    assert quantized.get_label() == "quantized"
+    assert list(quantized.get_xdata()) == pytest.approx([70.0, 90.0])  # the empty bins left out
+    assert list(quantized.get_ydata()) == pytest.approx([55.0, 80.0])
+    (robustness,) = figures["Accuracy under perturbations"][1].axes
+    assert [label.get_text() for label in robustness.get_yticklabels()] == list(
+        beyond_metrics["variants"]
+    )
+    _ranges, clean, typo1, case = robustness.collections
+    assert [clean.get_label(), typo1.get_label(), case.get_label()] == ["clean", "typo1", "case"]
+    assert typo1.get_offsets()[:, 0].tolist() == pytest.approx([88.0, 86.0, 87.0, 85.0])
+    by_class, by_length = figures["Accuracy per slice"][1].axes
+    assert [label.get_text() for label in by_length.get_yticklabels()] == [
+        "<64 (n=4)",
+        "64-127 (n=4)",
+        "128-255 (n=4)",
+        ">=256 (n=4)",
+    ]
+    widths = [bar.get_width() for bar in by_class.patches]
+    assert widths == pytest.approx([90.0, 80.0, 85.0, 80.0])  # finetuned's bars, quantized's
+    for name, figure in figures.values():
+        assert saved_png(figure, tmp_path, name).startswith(PNG_MAGIC)
+
+
+def test_without_temperature_scaling_the_reliability_diagram_has_one_panel(beyond_metrics, details):
+    for detail in details.values():
+        del detail["reliability_calibrated"]
+    _, figure = beyond_figures(beyond_metrics, details, "finetuned")["Reliability diagram"]
+    assert [ax.get_title() for ax in figure.axes] == ["uncalibrated"]
+
+
+def test_the_forgotten_section_lists_ten_examples_and_the_recall_losses(beyond_metrics, details):
+    section = forgotten_section(beyond_metrics, details, "finetuned")
+    assert section.heading == "What the recommended variant forgot"
+    assert section.intro.startswith(
+        "quantized misses 12 test examples finetuned got right and gets 2 right that finetuned"
+    )
+    examples, losses = section.tables
+    assert examples.heading == "Forgotten examples (the first 10 of 12)"
+    lines = section_lines(examples)
+    assert lines[0] == "| Row | Text | Truth | finetuned | quantized |"
+    assert lines[2] == "| 0 | text 0 | earn | earn | acq |"  # the text's line break a space
+    assert len(lines) == 2 + 10
+    assert losses.heading == "Classes whose recall fell by more than 1 point"
+    assert section_lines(losses)[2:] == ["| earn | -5.00 |"]  # crude lost only 0.5 points
+
+
+def test_the_forgotten_section_says_when_no_class_lost_recall(beyond_metrics, details):
+    details["quantized"] = classification_detail(0.05)
+    section = forgotten_section(beyond_metrics, details, "finetuned")
+    assert section.tables == []
+    assert section.intro.endswith("No class lost more than 1 point of recall.")
+    beyond_metrics["recommended"] = "finetuned"
+    assert forgotten_section(beyond_metrics, details, "finetuned") is None
+
+
+def test_the_forgotten_section_of_a_ner_variant_lists_entities(ner_metrics):
+    entity = {"row": 4, "text": "New York", "truth": "LOC", "variant": "B-ORG I-ORG"}
+    flips = {"entity_flips": 3, "flip_rate": 0.1, "forgotten": 1, "learned": 0}
+    details = {
+        "finetuned": {},
+        "quantized": {
+            "flips": {**flips, "forgotten_examples": [entity]},
+            "score_change": {"LOC": -0.2, "PER": 0.0},
+        },
+    }
+    section = forgotten_section(ner_metrics, details, "finetuned")
+    assert section.intro.startswith("quantized misses 1 test entities finetuned got right")
+    examples, losses = section.tables
+    assert section_lines(examples)[0] == "| Sentence | Entity | Type | quantized's tags |"
+    assert section_lines(examples)[2] == "| 4 | New York | LOC | B-ORG I-ORG |"
+    assert losses.heading == "Entity types whose F1 fell by more than 1 point"
+    assert section_lines(losses)[2] == "| LOC | -20.00 |"
+
+
+def test_report_pages_put_the_sections_after_the_variant_table(
+    rows, beyond_metrics, details, images
+):
+    later = Table("Later", (Column("Variant", lambda row: row["variant"], numeric=False),), rows)
+    tables = [Table("", variant_columns(), rows), later]
+    sections = [
+        beyond_section(beyond_metrics, "finetuned", images),
+        forgotten_section(beyond_metrics, details, "finetuned"),
+    ]
+    text = render_markdown("Report", "R", tables, {}, [], sections=sections)
+    order = [
+        markdown_table(rows),
+        "## Beyond accuracy",
+        "### Loyalty to finetuned\n\nWhether each variant still answers as finetuned does",
+        "### Explanations",
+        "### Accuracy vs latency\n\n![Accuracy vs latency]",
+        "## What the recommended variant forgot\n\nquantized misses 12",
+        "### Forgotten examples",
+        "## Later",
+    ]
+    positions = [text.index(part) for part in order]
+    assert positions == sorted(positions)
+    page = render_html("Report", "R", tables, {}, [], sections=sections)
+    assert "<h3>Calibration</h3>\n<p>Whether confidence reads as a probability" in page
+    assert page.count("data:image/png;base64,") == len(images)
+    assert page.index("<h2>Beyond accuracy</h2>") < page.index("<h2>Later</h2>")
+    assert "<td>quantized (recommended)</td>" in page

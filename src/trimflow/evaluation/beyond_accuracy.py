@@ -154,6 +154,9 @@ def variant_figures(
         )
     else:
         figures = calibration_scores(logits, inputs.truth, ev.calibration.bins)
+    if inputs.perturbed:
+        clean = predictions[inputs.sample] == inputs.truth[inputs.sample]
+        figures["sample_accuracy"] = float(clean.mean())
     for kind, perturbed in inputs.perturbed.items():
         predicted = perturbed.logits(model).argmax(axis=-1)
         figures[f"accuracy_{kind}"] = float((predicted == perturbed.truth).mean())

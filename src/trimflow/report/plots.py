@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,6 +118,109 @@ def score_heatmap(
     for (row, col), value in np.ndenumerate(values):
         color = "black" if value > 0.6 else "white"
         ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    return fig
+
+
+def reliability_figure(panels: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> Figure:
+    """Reliability diagrams, a panel each (title -> model -> evaluate's confidence bins): each
+    model's accuracy against its mean confidence in every non-empty bin, and the diagonal a
+    calibrated model follows."""
+    fig = Figure(figsize=(5.2 * len(panels), 5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, models) in zip(axes, panels.items(), strict=True):
+        ax.plot([0, 100], [0, 100], color="0.6", linestyle="--", label="calibrated")
+        for index, (name, bins) in enumerate(models.items()):
+            filled = [b for b in bins if b["count"]]
+            ax.plot(
+                [100 * b["confidence"] for b in filled],
+                [100 * b["accuracy"] for b in filled],
+                color=f"C{index}",
+                marker="o",
+                label=name,
+            )
+        ax.set(
+            title=title,
+            xlabel="confidence (%)",
+            ylabel="accuracy (%)",
+            xlim=(0, 100),
+            ylim=(0, 100),
+        )
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+PERTURBATION_MARKERS = "oDs^vP*X"
+
+
+def robustness_figure(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
+    """A dot plot of accuracy (%): a row per variant (variant -> condition -> accuracy), a
+    marker per condition (clean text and each perturbation), joined by the row's range."""
+    names = list(accuracies)
+    conditions = list(dict.fromkeys(c for values in accuracies.values() for c in values))
+    fig = Figure(figsize=(8.4, 1.5 + 0.4 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    rows = range(len(names))
+    spans = [[100 * value for value in accuracies[name].values()] for name in names]
+    ax.hlines(rows, [min(s) for s in spans], [max(s) for s in spans], color="0.8", zorder=1)
+    for index, condition in enumerate(conditions):
+        ax.scatter(
+            [100 * accuracies[name][condition] for name in names],
+            rows,
+            color=f"C{index}",
+            marker=PERTURBATION_MARKERS[index % len(PERTURBATION_MARKERS)],
+            zorder=2,
+            label=condition,
+        )
+    ax.set_yticks(rows, names)
+    ax.invert_yaxis()
+    ax.set(xlabel="accuracy (%)", title="Accuracy on clean and perturbed test texts")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def _slice_order(column: str, values: Sequence[str]) -> list[str]:
+    """Slice values in reading order: length buckets ("<64", "64-127", ">=256") by their lower
+    bound, others as given."""
+    if column != "length":
+        return list(values)
+    return sorted(values, key=lambda v: (not v.startswith("<"), int(re.search(r"\d+", v)[0])))
+
+
+def slice_figure(reports: Mapping[str, Mapping[str, Any]], columns: Sequence[str]) -> Figure | None:
+    """Per slicing in `columns` that the reports have (a panel each), every slice's score (%)
+    as a bar per model (model -> evaluate's slice report), the slice's size in its label; None
+    when the reports have none of `columns`."""
+    first = next(iter(reports.values()))
+    metric = first["metric"]
+    shown = [column for column in columns if column in first["slicings"]]
+    if not shown:
+        return None
+    most = max(len(first["slicings"][column]["slices"]) for column in shown)
+    fig = Figure(figsize=(5.2 * len(shown), 1.5 + 0.3 * most * len(reports)), layout="constrained")
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    width = 0.8 / len(reports)
+    for ax, column in zip(axes, shown, strict=True):
+        sizes = first["slicings"][column]["slices"]
+        values = _slice_order(column, list(sizes))
+        positions = np.arange(len(values))
+        for index, (name, report) in enumerate(reports.items()):
+            slices = report["slicings"][column]["slices"]
+            ax.barh(
+                positions + index * width,
+                [100 * slices[value][metric] for value in values],
+                height=width,
+                color=f"C{index}",
+                label=name,
+            )
+        labels = [f"{value} (n={sizes[value]['count']})" for value in values]
+        ax.set_yticks(positions + width * (len(reports) - 1) / 2, labels)
+        ax.invert_yaxis()
+        ax.set(title=f"{metric} per {column}", xlabel=f"{metric} (%)", xlim=(0, 100))
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     return fig
 
 

@@ -7,7 +7,15 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 
-from trimflow.report.tables import FRONTIER_MARK, Column, Row, Table, format_cells, markdown_table
+from trimflow.report.tables import (
+    FRONTIER_MARK,
+    Column,
+    Row,
+    Section,
+    Table,
+    format_cells,
+    markdown_table,
+)
 
 READING_GUIDE = (
     "Each row is one model variant, evaluated on the same test split on the same machine.",
@@ -37,6 +45,26 @@ figcaption { font-style: italic; color: #555; }
 """
 
 
+def _markdown_table(table: Table, level: int) -> list[str]:
+    """A table under its heading (`level` #s) and note, where it has them."""
+    parts = [f"{'#' * level} {table.heading}"] if table.heading else []
+    if table.note:
+        parts.append(table.note)
+    parts.append(markdown_table(table.rows, table.columns).rstrip("\n"))
+    return parts
+
+
+def _markdown_figures(images: Mapping[str, str | Path]) -> list[str]:
+    return [f"### {caption}\n\n![{caption}]({path})" for caption, path in images.items()]
+
+
+def _markdown_section(section: Section) -> list[str]:
+    parts = [f"## {section.heading}", section.intro]
+    for table in section.tables:
+        parts.extend(_markdown_table(table, level=3))
+    return parts + _markdown_figures(section.images)
+
+
 def render_markdown(
     title: str,
     summary: str,
@@ -44,21 +72,25 @@ def render_markdown(
     images: Mapping[str, str],
     notes: Sequence[str],
     excluded: Sequence[str] = (),
+    sections: Sequence[Section] = (),
 ) -> str:
-    """The report as markdown; the first table is the variant table, the others follow under
-    their headings; `images` maps each caption to a relative PNG path; `excluded` lists the
-    variants the quality guards excluded (one line each)."""
+    """The report as markdown; the first table is the variant table, `sections` follow it,
+    then the other tables under their headings; `images` (and each section's) map each caption
+    to a relative PNG path; `excluded` lists the variants the quality guards excluded (one line
+    each)."""
     parts = [f"# {title}", f"**{summary}**"]
     if excluded:
         parts.append(EXCLUDED_INTRO + "\n\n" + "\n".join(f"- {line}" for line in excluded))
     parts.extend(READING_GUIDE)
-    for table in tables:
-        if table.heading:
-            parts.append(f"## {table.heading}")
-        parts.append(markdown_table(table.rows, table.columns).rstrip("\n"))
+    main, *others = tables
+    parts.extend(_markdown_table(main, level=2))
+    for section in sections:
+        parts.extend(_markdown_section(section))
+    for table in others:
+        parts.extend(_markdown_table(table, level=2))
     if images:
         parts.append("## Figures")
-        parts.extend(f"### {caption}\n\n![{caption}]({path})" for caption, path in images.items())
+        parts.extend(_markdown_figures(images))
     if notes:
         parts.append("## Notes")
         parts.append("\n".join(f"- {note}" for note in notes))
@@ -84,13 +116,16 @@ def _html_row(row: Row, columns: Sequence[Column]) -> str:
     return f"<tr{css_class}>{cells}</tr>"
 
 
-def _html_table(table: Table) -> str:
-    """An HTML table with the same columns as the markdown one, under its heading if any."""
+def _html_table(table: Table, level: int = 2) -> str:
+    """An HTML table with the same columns as the markdown one, under its heading (an
+    h`level`) and note, where it has them."""
     header = "".join(f"<th>{escape(column.header)}</th>" for column in table.columns)
     body = "\n".join(_html_row(row, table.columns) for row in table.rows)
-    heading = f"<h2>{escape(table.heading)}</h2>\n" if table.heading else ""
+    heading = f"<h{level}>{escape(table.heading)}</h{level}>\n" if table.heading else ""
+    note = f"<p>{escape(table.note)}</p>\n" if table.note else ""
     return (
-        f"{heading}<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+        f"{heading}{note}<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n"
+        "</table>"
     )
 
 
@@ -106,6 +141,13 @@ def _html_figure(caption: str, path: Path) -> str:
     )
 
 
+def _html_section(section: Section) -> str:
+    parts = [f"<h2>{escape(section.heading)}</h2>", f"<p>{escape(section.intro)}</p>"]
+    parts.extend(_html_table(table, level=3) for table in section.tables)
+    parts.extend(_html_figure(caption, Path(path)) for caption, path in section.images.items())
+    return "\n".join(parts)
+
+
 def render_html(
     title: str,
     summary: str,
@@ -113,14 +155,19 @@ def render_html(
     images: Mapping[str, str | Path],
     notes: Sequence[str],
     excluded: Sequence[str] = (),
+    sections: Sequence[Section] = (),
 ) -> str:
-    """The report as one self-contained HTML page: inline CSS, images embedded as data URIs."""
+    """The report as one self-contained HTML page: inline CSS, images embedded as data URIs;
+    laid out as `render_markdown`."""
     parts = [f"<h1>{escape(title)}</h1>", f"<p><strong>{escape(summary)}</strong></p>"]
     if excluded:
         parts.append(f"<p>{escape(EXCLUDED_INTRO)}</p>\n{_html_list(excluded)}")
+    main, *others = tables
     parts += [
         *(f"<p>{escape(paragraph)}</p>" for paragraph in READING_GUIDE),
-        *(_html_table(table) for table in tables),
+        _html_table(main),
+        *(_html_section(section) for section in sections),
+        *(_html_table(table) for table in others),
     ]
     if images:
         parts.append("<h2>Figures</h2>")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trimflow.config.schema import FINETUNED
@@ -151,11 +152,24 @@ def variant_columns(metric: str = "accuracy", gpu: bool = False) -> tuple[Column
 
 @dataclass(frozen=True)
 class Table:
-    """A report table: a heading (empty for the main one), its columns and rows."""
+    """A report table: a heading (empty for the main one), its columns and rows, and a note
+    printed under the heading (what the figures mean, where they come from)."""
 
     heading: str
     columns: tuple[Column, ...]
     rows: Sequence[Row]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A report section after the variant table: a heading, an introduction, its tables (under
+    sub-headings) and its figures (caption -> PNG path)."""
+
+    heading: str
+    intro: str
+    tables: Sequence[Table] = ()
+    images: Mapping[str, str | Path] = field(default_factory=dict)
 
 
 def per_type_table(details: Mapping[str, Mapping[str, Any]]) -> Table:
@@ -276,11 +290,12 @@ def format_cells(row: Row, columns: Sequence[Column]) -> list[str]:
 def markdown_grid(
     header: Sequence[str], rows: Iterable[Sequence[str]], rules: Sequence[str] | None = None
 ) -> str:
-    """A GitHub markdown table of text cells, '|' in cells escaped; `rules` is the line under
-    the header that aligns the columns (default: '---' each)."""
+    """A GitHub markdown table of text cells, '|' in cells escaped and line breaks made spaces;
+    `rules` is the line under the header that aligns the columns (default: '---' each)."""
     lines = [header, rules or ["---"] * len(header), *rows]
     return "\n".join(
-        "| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines
+        "| " + " | ".join(" ".join(cell.replace("|", "\\|").splitlines()) for cell in line) + " |"
+        for line in lines
     )
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from trimflow.config.schema import TrimflowConfig
 from trimflow.layout import HISTORY_FILE, Layout, read_label_map
+from trimflow.report.beyond import beyond_figures, beyond_keys, beyond_section, forgotten_section
 from trimflow.report.pareto import quality_metric, quality_points
 from trimflow.report.plots import (
     confusion_figure,
@@ -21,6 +25,7 @@ from trimflow.report.plots import (
 from trimflow.report.render import render_html, render_markdown
 from trimflow.report.tables import (
     METRIC_LABELS,
+    Section,
     Table,
     baseline_table,
     cost_table,
@@ -77,12 +82,13 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     tracker = Tracker(cfg)
     with tracker.stage_run("report", label_map["dataset_digest"]) as active:
         images = _draw_plots(cfg, layout, metrics, details)
+        sections = _sections(cfg, layout, metrics, details)
         _write_tradeoff_csv(tables[0].rows, quality_metric(metrics), layout.plots / TRADEOFF_CSV)
-        relative = {
-            caption: str(path.relative_to(layout.reports)) for caption, path in images.items()
-        }
-        markdown = render_markdown(cfg.report.title, summary, tables, relative, notes, excluded)
-        page = render_html(cfg.report.title, summary, tables, images, notes, excluded)
+        linked = [replace(s, images=_relative(s.images, layout)) for s in sections]
+        markdown = render_markdown(
+            cfg.report.title, summary, tables, _relative(images, layout), notes, excluded, linked
+        )
+        page = render_html(cfg.report.title, summary, tables, images, notes, excluded, sections)
         with atomic_file(layout.reports / "report.md") as handle:
             handle.write(markdown)
         with atomic_file(layout.report_file) as handle:
@@ -118,9 +124,16 @@ def _histories(cfg: TrimflowConfig, layout: Layout) -> dict[str, pd.DataFrame]:
     }
 
 
+def _relative(images: Mapping[str, Path], layout: Layout) -> dict[str, str]:
+    """Each image's path relative to reports/, as report.md links it."""
+    return {caption: str(path.relative_to(layout.reports)) for caption, path in images.items()}
+
+
 def _write_tradeoff_csv(rows: list[dict], metric: str, path: Path) -> None:
-    """The numbers behind the trade-off plots, for `dvc plots show`; `quality` is `metric`."""
+    """The numbers behind the trade-off plots, for `dvc plots show`, and the beyond-accuracy
+    figures evaluate wrote; `quality` is `metric`."""
     fields = ["variant", "quality", "latency_ms_p50", "size_mb", "throughput_sps"]
+    fields += beyond_keys(rows)
     with atomic_file(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -180,11 +193,28 @@ def _draw_plots(
     curves = training_curves_figure(_histories(cfg, layout))
     if curves is not None:
         figures["Training curves"] = ("training_curves.png", curves)
+    return _save_figures(figures, plots)
+
+
+def _save_figures(figures: Mapping[str, tuple[str, Figure]], plots: Path) -> dict[str, Path]:
+    """Save each figure (caption -> file name, figure) under `plots`; caption -> PNG path."""
     images = {}
     for caption, (name, figure) in figures.items():
         save_figure(figure, plots / name)
         images[caption] = plots / name
     return images
+
+
+def _sections(
+    cfg: TrimflowConfig, layout: Layout, metrics: dict, details: dict[str, dict]
+) -> list[Section]:
+    """The "Beyond accuracy" section with its figures, and what the recommended variant
+    forgot, where evaluate wrote their figures."""
+    baseline = cfg.report.baseline
+    images = _save_figures(beyond_figures(metrics, details, baseline), layout.plots)
+    beyond = beyond_section(metrics, baseline, images)
+    forgotten = forgotten_section(metrics, details, baseline)
+    return [section for section in (beyond, forgotten) if section is not None]
 
 
 def _report_tables(cfg: TrimflowConfig, metrics: dict, details: dict[str, dict]) -> list[Table]:
