@@ -34,6 +34,7 @@ FINETUNE_RECIPE = (
     "monitor",
     "early_stopping_patience",
     "checkpoint_every_n_steps",
+    "adversarial",
 )
 # The params each stage reads; `{variant}` stands for the variant a foreach stage builds.
 # dvc.yaml's `params:` lists the same, with ${key} for {variant} (a test holds them equal).

@@ -49,6 +49,8 @@ class DatasetConfig(Section):
 
 # Which tokens of a text longer than `model.max_length` the model reads.
 Truncation = Literal["head", "tail", "head_tail"]
+# One typo per text, three, one word dropped, upper case (evaluation/perturbations.py).
+Perturbation = Literal["typo1", "typo3", "word_drop", "case"]
 
 
 class ModelConfig(Section):
@@ -100,6 +102,31 @@ class NerTask(Section):
 TaskConfig = Annotated[ClassificationTask | NerTask, Field(discriminator="type")]
 
 
+class AdversarialConfig(Section):
+    """Embedding-space adversarial training (models.adversarial) in every training stage.
+
+    Each step also trains on the word-embedding output shifted by at most `epsilon` (L2 per
+    example) along the loss gradient: FGM (Miyato et al., 2017) one step of size `epsilon`, PGD
+    (Madry et al., 2018; FreeLB, Zhu et al., 2020) `steps` steps of size `alpha` projected onto
+    the epsilon ball (Madry: alpha ~ 2.5 epsilon / steps). The loss trained on is
+    (1 - weight) * clean + weight * adversarial. `none`: plain training.
+    """
+
+    method: Literal["none", "fgm", "pgd"] = "none"
+    epsilon: float = Field(default=1.0, gt=0.0)
+    steps: int | None = Field(default=None, ge=1)
+    alpha: float | None = Field(default=None, gt=0.0)
+    weight: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _steps_are_pgds(self) -> AdversarialConfig:
+        if self.method == "pgd" and (self.steps is None or self.alpha is None):
+            raise ValueError("method pgd needs steps and alpha (its step count and size)")
+        if self.method == "fgm" and (self.steps is not None or self.alpha is not None):
+            raise ValueError("steps and alpha are pgd's: fgm takes one step of size epsilon")
+        return self
+
+
 class FinetuneConfig(Section):
     lr: float = Field(gt=0.0, lt=1.0)
     weight_decay: float = Field(ge=0.0)
@@ -116,6 +143,8 @@ class FinetuneConfig(Section):
     monitor: Literal["val/accuracy", "val/macro_f1", "val/f1", "val/token_accuracy", "val/loss"]
     early_stopping_patience: int = Field(ge=0)
     checkpoint_every_n_steps: int = Field(gt=0)
+    # Absent (older params): off.
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
 
 
 class RecoveryConfig(Section):
@@ -335,6 +364,65 @@ class ThroughputConfig(Section):
     repeats: int = Field(gt=0)
 
 
+# Beyond-accuracy figures no guard can take (see TrimflowConfig.guardable_metrics).
+NOT_GUARDABLE = (
+    "forgotten",
+    "flip_accuracy",
+    "temperature",
+    "nll",
+    "nll_calibrated",
+    "slice_gap_change",
+    "explain_ms",
+)
+
+
+class CalibrationConfig(Section):
+    """ECE, NLL, Brier score and temperature scaling (evaluation/calibration.py)."""
+
+    # Equal-width bins of the top-label confidence over [0, 1] for ECE and the reliability
+    # diagram (Guo et al. 2017 use 15).
+    bins: int = Field(ge=2, le=100)
+    # Fit a temperature per variant on the validation split; the report registers it with the
+    # model and `trimflow serve` / `trimflow predict` divide the logits by it.
+    temperature_scaling: bool
+
+
+class RobustnessConfig(Section):
+    """Accuracy under seeded perturbations of a sample of test texts
+    (evaluation/perturbations.py)."""
+
+    # Kinds of evaluation.perturbations.PERTURBATIONS; empty: no robustness figures.
+    perturbations: list[Perturbation]
+    # Test texts perturbed (a seeded sample; all of them when the split is smaller).
+    sample: int = Field(gt=0)
+    seed: int
+
+
+class SlicesConfig(Section):
+    """Quality per slice of the test split with Fairlearn's MetricFrame
+    (evaluation/slices.py): by gold class, length in word pieces, truncated or not, and
+    extra columns of the dataset."""
+
+    # Bucket edges in word pieces: [64, 128, 256] makes <64, 64-127, 128-255, >=256.
+    length_edges: list[int] = Field(min_length=1)
+    # Extra dataset columns to slice by; None: every column the dataset carries besides text
+    # and label.
+    columns: list[str] | None = None
+    # Slices with fewer test examples are listed but left out of the worst slice and the gap.
+    min_size: int = Field(ge=1)
+
+
+class ExplanationsConfig(Section):
+    """Word attributions (feature ablation) of every variant on a seeded sample of test texts,
+    compared with the baseline's (explain/agreement.py)."""
+
+    # Test texts explained per variant; 0: no attribution agreement.
+    sample: int = Field(ge=0)
+    # Words compared by the top-k overlap.
+    top_k: int = Field(gt=0)
+    seed: int
+
+
 class EvaluateConfig(Section):
     # auto: CUDA when torch sees a GPU. Torch dynamic int8 variants run on the CPU whatever
     # the device (their kernels are CPU-only), and so do ONNX variants without onnxruntime-gpu.
@@ -348,6 +436,10 @@ class EvaluateConfig(Section):
     # weights (merge_max_abs_diff, merge_agreement): a check of the merge, at the cost of
     # scoring those variants twice.
     merge_check: bool
+    calibration: CalibrationConfig
+    robustness: RobustnessConfig
+    slices: SlicesConfig
+    explanations: ExplanationsConfig
 
     @field_validator("device")
     @classmethod
@@ -508,8 +600,35 @@ class TrimflowConfig(Section):
         return kinds
 
     def guard_metrics(self) -> list[str]:
-        """The quality metrics the recommendation keeps within `report.max_drop_pts`."""
+        """The metrics the recommendation keeps within `report.max_drop_pts`."""
         return list(self.report.guard_metrics or self.task.default_guards)
+
+    def beyond_metrics(self) -> list[str]:
+        """The beyond-accuracy numbers evaluate writes per variant with this config
+        (evaluation/beyond_accuracy.py): loyalty to the baseline; for classification also
+        calibration, accuracy under each perturbation, slices and attribution agreement."""
+        fields = ["label_loyalty", "flip_rate", "forgotten"]
+        if self.task.type == "ner":
+            return fields
+        ev = self.evaluate
+        fields += ["probability_loyalty", "flip_accuracy", "ece", "nll", "brier"]
+        if ev.calibration.temperature_scaling:
+            fields += ["temperature", "ece_calibrated", "nll_calibrated", "brier_calibrated"]
+        if ev.robustness.perturbations:
+            fields.append("sample_accuracy")  # clean, on the texts that are perturbed
+        for kind in ev.robustness.perturbations:
+            fields += [f"accuracy_{kind}", f"invariance_failure_{kind}"]
+        fields += ["worst_slice_accuracy", "slice_gap", "slice_gap_change"]
+        if ev.explanations.sample:
+            fields += ["attribution_topk_overlap", "attribution_rank_correlation", "explain_ms"]
+        return fields
+
+    def guardable_metrics(self) -> list[str]:
+        """What `report.guard_metrics` may name: the task's quality metrics and the
+        beyond-accuracy figures that are shares of the test texts (not counts, times, the
+        temperature, NLL or changes already taken against the baseline)."""
+        shares = [m for m in self.beyond_metrics() if m not in NOT_GUARDABLE]
+        return [*self.task.quality_metrics, *shares]
 
     @model_validator(mode="after")
     def _variants_are_consistent(self) -> TrimflowConfig:
@@ -544,11 +663,13 @@ class TrimflowConfig(Section):
             raise ValueError(
                 f"report.baseline: '{self.report.baseline}' is not one of {list(kinds)}"
             )
-        unknown = [m for m in self.guard_metrics() if m not in self.task.quality_metrics]
+        guardable = self.guardable_metrics()
+        unknown = [m for m in self.guard_metrics() if m not in guardable]
         if unknown:
             raise ValueError(
                 f"report.guard_metrics: {', '.join(unknown)} not measured for task "
-                f"'{self.task.type}' (choose from {', '.join(self.task.quality_metrics)})"
+                f"'{self.task.type}' with this evaluate config (choose from "
+                f"{', '.join(guardable)})"
             )
         return self
 

@@ -22,7 +22,8 @@ from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from trimflow.compress.pruned import is_structurally_pruned
 from trimflow.config.loading import ConfigError
-from trimflow.config.schema import StudentConfig
+from trimflow.config.schema import AdversarialConfig, StudentConfig
+from trimflow.models.adversarial import LossTerms
 from trimflow.models.families import EncoderFamily, family_of, submodule
 from trimflow.models.loading import load_base_classifier, load_tokenizer
 from trimflow.models.module import ClassifierModule, cross_entropy, labelled_positions
@@ -231,6 +232,7 @@ class DistillationClassifier(ClassifierModule):
 
     The teacher is held outside the module tree: it is not optimized, not saved in
     checkpoints, not moved by Lightning (done in `on_fit_start`) and stays in eval mode.
+    With `adversarial`, the student reads perturbed embeddings, the teacher the clean ones.
     """
 
     def __init__(
@@ -245,8 +247,11 @@ class DistillationClassifier(ClassifierModule):
         alpha: float,
         hidden_weight: float = 0.0,
         class_weights: Tensor | None = None,
+        adversarial: AdversarialConfig | None = None,
     ) -> None:
-        super().__init__(model, lr, weight_decay, warmup_ratio, class_weights)
+        super().__init__(
+            model, lr, weight_decay, warmup_ratio, class_weights, adversarial=adversarial
+        )
         _check_weights(temperature, alpha)
         if hidden_weight < 0:
             raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}")
@@ -277,25 +282,30 @@ class DistillationClassifier(ClassifierModule):
         """Put the teacher on the student's device and dtype, in eval mode."""
         self.teacher.to(device=self.device, dtype=self.dtype).eval()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """KD + cross-entropy (+ hidden-state) loss of a batch, each term logged."""
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        """A student pass over `batch` against the teacher's (run once, here): the KD and
+        cross-entropy (and hidden-state) terms and their mix as `loss`."""
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         states = {"output_hidden_states": True} if self.hidden_weight else {}
-        student = self.model(**inputs, **states)
         with torch.no_grad():
             teacher = self.teacher(**inputs, **states)
-        kd, ce = distillation_terms(
-            student.logits, teacher.logits, batch["labels"], self.temperature, self.class_weights
-        )
-        loss = self.alpha * kd + (1 - self.alpha) * ce
-        size = batch["labels"].shape[0]
-        if self.hidden_weight:
-            hidden = hidden_state_loss(
-                student.hidden_states[1:], teacher.hidden_states[1:], inputs["attention_mask"]
+
+        def student_terms() -> dict[str, Tensor]:
+            student = self.model(**inputs, **states)
+            kd, ce = distillation_terms(
+                student.logits,
+                teacher.logits,
+                batch["labels"],
+                self.temperature,
+                self.class_weights,
             )
-            loss = loss + self.hidden_weight * hidden
-            self.log("train/hidden_loss", hidden, batch_size=size)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/kd_loss", kd, batch_size=size)
-        self.log("train/ce_loss", ce, batch_size=size)
-        return loss
+            terms = {"loss": self.alpha * kd + (1 - self.alpha) * ce, "kd_loss": kd, "ce_loss": ce}
+            if self.hidden_weight:
+                hidden = hidden_state_loss(
+                    student.hidden_states[1:], teacher.hidden_states[1:], inputs["attention_mask"]
+                )
+                terms["loss"] = terms["loss"] + self.hidden_weight * hidden
+                terms["hidden_loss"] = hidden
+            return terms
+
+        return student_terms

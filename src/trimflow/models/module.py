@@ -12,7 +12,9 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
+from trimflow.config.schema import AdversarialConfig
 from trimflow.data.token_labels import IGNORE_INDEX
+from trimflow.models.adversarial import LossTerms, adversarial_terms
 from trimflow.models.entity_metric import EntityF1
 from trimflow.models.loading import is_token_classifier
 
@@ -81,7 +83,8 @@ class ClassifierModule(L.LightningModule):
 
     `class_weights` (see `class_weights`) weigh the training loss per label; validation loss
     stays unweighted. `regularizer`, if given, adds `regularizer_weight` times its value to the
-    training loss (AdaLoRA's orthogonality penalty).
+    training loss (AdaLoRA's orthogonality penalty). `adversarial` (None: off) trains on
+    perturbed embeddings too (models.adversarial), whatever loss a subclass's `loss_terms` has.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class ClassifierModule(L.LightningModule):
         class_weights: Tensor | None = None,
         regularizer: Callable[[], Tensor] | None = None,
         regularizer_weight: float = 0.0,
+        adversarial: AdversarialConfig | None = None,
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode: enable dropout
@@ -102,6 +106,7 @@ class ClassifierModule(L.LightningModule):
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.regularizer = regularizer
         self.regularizer_weight = regularizer_weight
+        self.adversarial = adversarial or AdversarialConfig()
         self.val_metrics = nn.ModuleDict(validation_metrics(model))
         self.main_metric = MAIN_METRIC[is_token_classifier(model)]
 
@@ -109,15 +114,25 @@ class ClassifierModule(L.LightningModule):
         """The wrapped model's output for a batch of model inputs."""
         return self.model(**batch)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """The (class-weighted) cross-entropy of a batch, logged as train/loss."""
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        """A training pass over `batch`: the (class-weighted) cross-entropy as `loss`."""
         inputs = {key: value for key, value in batch.items() if key != "labels"}
-        loss = cross_entropy(self.model(**inputs).logits, batch["labels"], self.class_weights)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return lambda: {
+            "loss": cross_entropy(self.model(**inputs).logits, batch["labels"], self.class_weights)
+        }
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The loss of a batch (`loss_terms`, adversarial if configured), each term logged as
+        train/<name>, plus the regularizer if any."""
+        size = batch["labels"].shape[0]
+        terms = adversarial_terms(self.model, self.adversarial, self.loss_terms(batch))
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size)
+        loss = terms["loss"]
         if self.regularizer is None or not self.regularizer_weight:
             return loss
         penalty = self.regularizer()
-        self.log("train/regularizer", penalty, batch_size=batch["labels"].shape[0])
+        self.log("train/regularizer", penalty, batch_size=size)
         return loss + self.regularizer_weight * penalty
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

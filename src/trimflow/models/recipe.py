@@ -13,6 +13,7 @@ import lightning as L
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.layout import HISTORY_FILE, TRAINING_FILE, Layout
+from trimflow.models.adversarial import adversarial_settings
 from trimflow.models.module import ClassifierModule, class_weights
 from trimflow.models.training import FitResult, fit_resumable, trains_on_gpu
 from trimflow.tracking.runs import Tracker
@@ -51,6 +52,7 @@ def mlflow_logger(tracker: Tracker, active_run) -> L.pytorch.loggers.Logger | bo
 def write_training_outputs(out, result: FitResult, extra: dict) -> None:
     """The history CSV and a JSON summary of how training went and what it took."""
     result.history.write_csv(out / HISTORY_FILE)
+    steps_run = result.global_step - (result.resumed_from_step or 0)
     write_json(
         out / TRAINING_FILE,
         {
@@ -60,6 +62,7 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
             "best_score": result.best_score,
             # This run's training loop (a resumed run's only), samples of every process.
             "train_s": round(result.pace.seconds, 3),
+            "train_s_per_step": round(result.pace.seconds / max(steps_run, 1), 4),
             "train_samples_per_s": round(result.pace.samples_per_s, 2),
             "trainable_params": result.pace.trainable_params,
             "total_params": result.pace.total_params,
@@ -67,9 +70,11 @@ def write_training_outputs(out, result: FitResult, extra: dict) -> None:
             "peak_train_mem_mb": round(result.pace.peak_mem_mb, 1),
             # Rank 0's memory when the loop started (on the CPU: libraries, data and model).
             "start_train_mem_mb": round(result.pace.start_mem_mb, 1),
-            # Real tokens of every process per second, and model FLOPs utilisation (flops.py).
+            # Real tokens of every process per second, and model FLOPs utilisation (flops.py:
+            # a clean pass's FLOPs, so adversarial training's extra passes lower it).
             "train_tokens_per_s": round(result.pace.tokens_per_s, 1),
             "train_mfu": round(result.pace.mfu, 5),
+            "adversarial": result.adversarial,
             **extra,
         },
     )
@@ -83,8 +88,8 @@ def classifier_module(
 
 
 def shared_module_settings(cfg: TrimflowConfig, model, datamodule: TokenizedDataModule) -> dict:
-    """The module settings every training stage takes from `finetune`: weight decay, warm-up
-    and the class weights of the loss (`finetune.class_balance`)."""
+    """The module settings every training stage takes from `finetune`: weight decay, warm-up,
+    the class weights of the loss (`finetune.class_balance`) and adversarial training."""
     balance = cfg.finetune.class_balance
     return {
         "weight_decay": cfg.finetune.weight_decay,
@@ -95,6 +100,7 @@ def shared_module_settings(cfg: TrimflowConfig, model, datamodule: TokenizedData
             if balance
             else None
         ),
+        "adversarial": adversarial_settings(cfg),
     }
 
 

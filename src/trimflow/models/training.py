@@ -322,6 +322,8 @@ class FitResult:
     best_score: float | None
     history: HistoryRecorder
     pace: TrainingPace
+    # The module's adversarial-training settings (models.adversarial): a step's extra passes.
+    adversarial: dict[str, Any]
 
 
 def fit_resumable(
@@ -431,5 +433,11 @@ def fit_resumable(
         module.load_state_dict(state["state_dict"])
         best_score = float(best.best_model_score)
     return FitResult(
-        trainer.global_step, trainer.current_epoch, resumed_from, best_score, history, pace
+        trainer.global_step,
+        trainer.current_epoch,
+        resumed_from,
+        best_score,
+        history,
+        pace,
+        module.adversarial.model_dump(),
     )
