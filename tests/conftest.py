@@ -4,6 +4,7 @@ Plain functions tests share live in helpers.py."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +31,25 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def logging_as_found():
+    """Give every test the logging set-up the one before found: an in-process CLI or Hydra run
+    (`main([...])`) configures the root logger, with streams pytest closes after the test."""
+    root = logging.getLogger()
+    found = {
+        logger: (logger.level, logger.propagate, logger.disabled, logger.handlers[:])
+        for logger in (root, *logging.Logger.manager.loggerDict.values())
+        if isinstance(logger, logging.Logger)
+    }
+    disabled_below = logging.root.manager.disable
+    yield
+    for logger, (level, propagate, disabled, handlers) in found.items():
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
+        logger.handlers[:] = handlers
+    logging.disable(disabled_below)
 
 
 @pytest.fixture(scope="session")
