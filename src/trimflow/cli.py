@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 
+from trimflow.explain import METHODS
 from trimflow.layout import STAGES, VARIANT_STAGES, dvc_layout, unit_name
 from trimflow.utils.distributed import is_main_process
 from trimflow.utils.interrupt import StageInterrupted, naming_stage, signals_raise
@@ -176,6 +177,50 @@ def _add_model_source(sub: argparse.ArgumentParser, verb: str) -> None:
     source.add_argument("--variant", help=f"{verb} models/VARIANT of this project instead")
 
 
+def read_text_lines(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file; `DataError` naming it when it cannot be read or
+    holds no text."""
+    from pathlib import Path
+
+    from trimflow.data.errors import DataError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read it as UTF-8 text ({err})") from None
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise DataError(f"{path}: holds no text (one text a line)")
+    return texts
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    """`trimflow explain`: 0 when the explanations were written, 2 (nothing written) for an
+    unreadable --input, an empty or too long text, or a variant it cannot explain."""
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    from trimflow.config.loading import load_params
+    from trimflow.explain.attribution import ExplainError, explain_texts
+    from trimflow.explain.render import write_explanations
+    from trimflow.serving.loading import model_source
+
+    texts = [args.text] if args.input is None else read_text_lines(args.input)
+    source = model_source(load_params(args.params), None, args.variant)
+    try:
+        explanations = explain_texts(source.load(), texts, args.method)
+    except ExplainError as err:
+        log.error("%s: %s", source.name, err)
+        return 2
+    except MlflowException as err:  # a bad text
+        log.error("%s: %s", args.input or "--text", err.message)
+        return 2
+    for path in write_explanations(Path(args.out), source.name, explanations):
+        log.info("wrote %s", path)
+    return 0
+
+
 def monitor_command(args: argparse.Namespace) -> int:
     """`trimflow monitor`: 0 no drift, 1 drift, 2 bad input (monitoring/monitor.py)."""
     from pathlib import Path
@@ -273,6 +318,24 @@ def run_command(argv: list[str]) -> int:
     monitor.add_argument("--out", default="reports/monitor", help="monitor.json, monitor.html")
     monitor.add_argument("--params", default="params.yaml", help="settings: its monitor section")
     monitor.add_argument("overrides", nargs="*", help="e.g. monitor.psi_threshold=0.25")
+    explain = commands.add_parser(
+        "explain", help="word attributions of a variant's predicted labels: JSON and HTML"
+    )
+    explain.add_argument("--variant", required=True, help="explain models/VARIANT of this project")
+    texts = explain.add_mutually_exclusive_group(required=True)
+    texts.add_argument("--text", help="one text")
+    texts.add_argument("--input", help="a UTF-8 file of texts, one a line")
+    explain.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="ig: integrated gradients (torch variants), ablation: feature ablation (any "
+        "variant), auto (default): ig where it can run",
+    )
+    explain.add_argument(
+        "--out", default="reports/explain", help="explanations.json, explanations.html"
+    )
+    explain.add_argument("--params", default="params.yaml", help="settings: model.max_length")
     dag = commands.add_parser("dag", help="dvc.yaml's code deps from the imports of each stage")
     mode = dag.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="list wrong code deps; exit 1 if any")
@@ -308,6 +371,8 @@ def run_command(argv: list[str]) -> int:
             return predict_command(args)
         elif args.command == "monitor":
             return monitor_command(args)
+        elif args.command == "explain":
+            return explain_command(args)
         elif args.command == "repro":
             from trimflow.pipeline import dvc_repro
 

@@ -418,6 +418,9 @@ class ExplanationsConfig(Section):
 
     # Test texts explained per variant; 0: no attribution agreement.
     sample: int = Field(ge=0)
+    # Tokens each explained text keeps (model.truncation chooses them): feature ablation takes
+    # a forward pass per word, so its cost grows with the square of the length.
+    max_length: int = Field(gt=8)
     # Words compared by the top-k overlap.
     top_k: int = Field(gt=0)
     seed: int

@@ -4,8 +4,9 @@ The model is the pyfunc's `VariantModel` (from a registered model, or a variant 
 this project), so it answers `POST /invocations` as `mlflow models serve` does: the same request
 formats, `{"predictions": [...]}`, 400 naming a bad item. Around it: micro-batching
 (`batching.py`), a bearer token and a rate limit (`access.py`), Prometheus metrics
-(`metrics.py`), `/health` (alive, no token) and `/ready` (model loaded and warmed up), and the
-opt-in prediction log (`prediction_log.py`). The model loads in the background once the port is
+(`metrics.py`), `/health` (alive, no token) and `/ready` (model loaded and warmed up), the
+opt-in prediction log (`prediction_log.py`), and `POST /explain`: word attributions of the
+predicted labels (`trimflow.explain`). The model loads in the background once the port is
 open; SIGTERM lets in-flight requests finish.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import json
 import logging
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -29,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.server import HANDLED_SIGNALS
 
 from trimflow.config.schema import ServeConfig, TrimflowConfig
+from trimflow.explain.attribution import ExplainError, explain_texts, explanation_method
 from trimflow.serving.access import AccessControl, error_response, read_tokens
 from trimflow.serving.batching import BatcherClosed, MicroBatcher
 from trimflow.serving.loading import ModelLoadError, model_source
@@ -43,7 +46,7 @@ from trimflow.serving.pyfunc import (
 )
 
 OPEN_PATHS = frozenset({"/health"})
-ROUTES = frozenset({"/health", "/ready", "/metrics", "/invocations"})
+ROUTES = frozenset({"/health", "/ready", "/metrics", "/invocations", "/explain"})
 # MLflow's scoring protocol: a list of texts, or a frame with a `text` (or single) column.
 LIST_FORMATS = ("inputs", "instances")
 FRAME_FORMATS = {
@@ -79,6 +82,16 @@ def request_texts(payload: Any) -> list:
     except (TypeError, ValueError, KeyError) as error:
         raise invalid_input(f"{key}: not a data frame ({error})") from None
     return input_texts(frame)
+
+
+def explain_request(payload: Any) -> tuple[list, str]:
+    """The texts and method of an /explain request: `{"text": "..."}` or `{"texts": [...]}`,
+    and `"method"`: `ablation` (the default: it explains any variant), `ig` or `auto`."""
+    keys = payload.keys() if isinstance(payload, dict) else ()
+    if ("text" in keys) == ("texts" in keys):
+        raise invalid_input('expected a JSON object with "text" (a text) or "texts" (a list)')
+    texts = [payload["text"]] if "text" in keys else input_texts(payload["texts"])
+    return texts, payload.get("method", "ablation")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -124,6 +137,8 @@ class Service:
             PredictionLog(cfg.prediction_log, model_name) if cfg.prediction_log.path else None
         )
         self.model: VariantModel | None = None
+        # Held while integrated gradients hook the model's embedding layer: no batch may pass.
+        self.gradient_hooks = threading.Lock()
         self.batcher: MicroBatcher | None = None
         self.loading: asyncio.Task | None = None
         self.failure: Exception | None = None
@@ -161,11 +176,12 @@ class Service:
 
     def _predict_batch(self, model: VariantModel, texts: list[str]) -> list[dict]:
         """One micro-batch, in the batcher's worker thread: predict, count, log."""
-        if self.prediction_log is None:
-            rows = model.predict_texts(texts, batch_size=self.cfg.max_batch)
-        else:
-            rows, pieces = model.predict_with_pieces(texts, batch_size=self.cfg.max_batch)
-            self.prediction_log.write(texts, rows, pieces)
+        with self.gradient_hooks:
+            if self.prediction_log is None:
+                rows = model.predict_texts(texts, batch_size=self.cfg.max_batch)
+            else:
+                rows, pieces = model.predict_with_pieces(texts, batch_size=self.cfg.max_batch)
+                self.prediction_log.write(texts, rows, pieces)
         self.metrics.observe_batch(rows)
         return rows
 
@@ -179,16 +195,39 @@ class Service:
         if self.prediction_log is not None:
             self.prediction_log.close()
 
+    def loaded_model(self) -> VariantModel:
+        """The model; `Rejected` (503) while it loads."""
+        if self.model is None:
+            raise Rejected(503, "the model is still loading; see /ready")
+        return self.model
+
     async def predict(self, texts: list) -> list[dict]:
         """The rows of a request's texts (checked here), batched with concurrent requests;
         `Rejected` (503) while the model loads or the service shuts down."""
-        if self.model is None:
-            raise Rejected(503, "the model is still loading; see /ready")
-        texts = validate_texts(texts, self.model.max_chars)
+        texts = validate_texts(texts, self.loaded_model().max_chars)
         try:
             return await self.batcher.predict(texts)
         except BatcherClosed as closed:
             raise Rejected(503, str(closed)) from None
+
+    async def explain(self, texts: list, method: str) -> list[dict]:
+        """The explanations of a request's texts (at most `serve.max_batch`) by `method`, in a
+        worker thread; 400 for a method the model cannot use, 503 while it loads."""
+        model = self.loaded_model()
+        if len(texts) > self.cfg.max_batch:
+            raise invalid_input(
+                f"{len(texts)} texts to explain, more than serve.max_batch={self.cfg.max_batch}"
+            )
+        try:
+            method = explanation_method(model, method)
+        except ExplainError as error:
+            raise invalid_input(str(error)) from None
+        return await asyncio.to_thread(self._explain_texts, model, texts, method)
+
+    def _explain_texts(self, model: VariantModel, texts: list, method: str) -> list[dict]:
+        """`explain_texts` in a worker thread; integrated gradients hold `gradient_hooks`."""
+        with self.gradient_hooks if method == "ig" else contextlib.nullcontext():
+            return explain_texts(model, texts, method)
 
 
 def create_app(service: Service, tokens: list[str]) -> FastAPI:
@@ -233,6 +272,21 @@ def create_app(service: Service, tokens: list[str]) -> FastAPI:
         """Predictions of the request's texts, as `mlflow models serve` answers them."""
         payload = parse_json(await read_body(request, service.cfg.max_body_bytes))
         return JSONResponse({"predictions": await service.predict(request_texts(payload))})
+
+    @app.post("/explain")
+    async def explain(request: Request) -> JSONResponse:
+        """Word attributions of the predicted label of each text (`explain_request`), as
+        `trimflow explain` writes them: `{"explanations": [...]}`.
+
+        Cost per text, measured on the MiniLM at 128 tokens (~115 words) on 2 shared AVX2
+        cores: `ablation` (the default) runs a forward pass per word plus one (captum adds < 10%):
+        ~1.4 s at the ~12 ms a pass of the ONNX int8 variant when the cores are idle, 7 to 19 s
+        measured under a load of 3 to 7; 3.4x less on a 3-layer half-pruned one. `ig` runs 50
+        forward and backward passes (14 s measured under a load of 3 on the torch variant),
+        while the predictions of `/invocations` wait.
+        """
+        payload = parse_json(await read_body(request, service.cfg.max_body_bytes))
+        return JSONResponse({"explanations": await service.explain(*explain_request(payload))})
 
     app.add_middleware(
         AccessControl, tokens=tokens, rate=service.cfg.rate_limit, open_paths=OPEN_PATHS

@@ -174,11 +174,15 @@ def _compare_with_baseline(
     if beyond is not None and beyond.explained:
         served = {
             name: VariantModel().load(
-                layout.model_dir(name), max_length=cfg.model.max_length, model=model
+                layout.model_dir(name), max_length=cfg.evaluate.explanations.max_length, model=model
             )
             for name, model in models.items()
         }
-        log.info("explaining %d test texts with every variant", len(beyond.explained))
+        log.info(
+            "explaining %d test texts (%d tokens each) with every variant",
+            len(beyond.explained),
+            cfg.evaluate.explanations.max_length,
+        )
         top_k = cfg.evaluate.explanations.top_k
         for variant, figures in attribution_figures(
             served, baseline, beyond.explained, top_k
