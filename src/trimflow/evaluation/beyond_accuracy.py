@@ -10,6 +10,7 @@ explanations `evaluate.explanations.sample` of them, which bounds their cost.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ from trimflow.evaluation.slices import gap_change, slice_features, slice_report
 from trimflow.layout import Layout
 from trimflow.monitoring.profile import split_texts
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class SplitBatches:
@@ -59,6 +62,23 @@ class SplitBatches:
 
 
 @dataclass
+class PerturbedSample:
+    """One perturbation of the robustness sample: the positions in the sample whose model input
+    it changed, and their inputs (an unchanged input is predicted as it was: no pass needed,
+    e.g. a case change under an uncased tokenizer, or a typo in a part truncation cuts)."""
+
+    changed: np.ndarray
+    batches: SplitBatches | None
+
+    def predictions(self, model, clean: np.ndarray) -> np.ndarray:
+        """`model`'s labels of the perturbed sample, given its `clean` labels of the sample."""
+        predicted = clean.copy()
+        if self.batches is not None:
+            predicted[self.changed] = self.batches.logits(model).argmax(axis=-1)
+        return predicted
+
+
+@dataclass
 class BeyondInputs:
     """What the beyond-accuracy figures need, built once for every variant (classification)."""
 
@@ -66,7 +86,7 @@ class BeyondInputs:
     truth: np.ndarray  # gold label ids of the test split
     validation: SplitBatches
     sample: np.ndarray  # test rows that are perturbed
-    perturbed: dict[str, SplitBatches]  # perturbation kind -> the perturbed sample
+    perturbed: dict[str, PerturbedSample]  # perturbation kind -> the perturbed sample
     slices: pd.DataFrame  # slicing columns, one row per test text
     explained: list[str]  # test texts explained per variant
 
@@ -95,12 +115,28 @@ def build_beyond_inputs(
     validation_rows = [validation[i] for i in range(len(validation))]
     sample = sample_indices(len(texts), ev.robustness.sample, ev.robustness.seed)
     sampled = [texts[i] for i in sample]
-    perturbed = {
-        kind: batches(
-            rows_of(tokenized(perturb_texts(sampled, kind, ev.robustness.seed))), truth[sample]
+    clean_rows = rows_of(tokenized(sampled))
+
+    def perturbation(kind: str) -> PerturbedSample:
+        rows = rows_of(tokenized(perturb_texts(sampled, kind, ev.robustness.seed)))
+        changed = np.flatnonzero(
+            [
+                row["input_ids"] != clean["input_ids"]
+                for row, clean in zip(rows, clean_rows, strict=True)
+            ]
         )
-        for kind in ev.robustness.perturbations
-    }
+        log.info(
+            "robustness: %s changes the model input of %d of %d sampled test texts",
+            kind,
+            len(changed),
+            len(sampled),
+        )
+        if not len(changed):
+            return PerturbedSample(changed, None)
+        kept = [rows[i] for i in changed]
+        return PerturbedSample(changed, batches(kept, truth[sample][changed]))
+
+    perturbed = {kind: perturbation(kind) for kind in ev.robustness.perturbations}
     whole = tokenized(texts)
     extra = _extra_columns(test, ev.slices.columns)
     explained = sample_indices(len(texts), ev.explanations.sample, ev.explanations.seed)
@@ -154,15 +190,13 @@ def variant_figures(
         )
     else:
         figures = calibration_scores(logits, inputs.truth, ev.calibration.bins)
+    clean, sample_truth = predictions[inputs.sample], inputs.truth[inputs.sample]
     if inputs.perturbed:
-        clean = predictions[inputs.sample] == inputs.truth[inputs.sample]
-        figures["sample_accuracy"] = float(clean.mean())
+        figures["sample_accuracy"] = float((clean == sample_truth).mean())
     for kind, perturbed in inputs.perturbed.items():
-        predicted = perturbed.logits(model).argmax(axis=-1)
-        figures[f"accuracy_{kind}"] = float((predicted == perturbed.truth).mean())
-        figures[f"invariance_failure_{kind}"] = invariance_failure_rate(
-            predictions[inputs.sample], predicted
-        )
+        predicted = perturbed.predictions(model, clean)
+        figures[f"accuracy_{kind}"] = float((predicted == sample_truth).mean())
+        figures[f"invariance_failure_{kind}"] = invariance_failure_rate(clean, predicted)
     slices = slice_report(inputs.truth, predictions, inputs.slices, min_size=ev.slices.min_size)
     figures.update(
         slices=slices,
