@@ -46,7 +46,7 @@ from trimflow.evaluation.benchmark import (
     timed_forwards,
     torch_threads,
 )
-from trimflow.evaluation.inference import predict
+from trimflow.evaluation.inference import predict_logits
 from trimflow.evaluation.inputs import (
     TestInputs,
     build_test_inputs,
@@ -202,7 +202,7 @@ def main() -> None:
     if cfg.task.type == "classification":
         served_ids = [labels.index(row["label"]) for row in served]
         with torch_threads(ev.num_threads):
-            same_batches = predict(model, file_order_batches(data, batch_size))
+            same_batches = predict_logits(model, file_order_batches(data, batch_size)).argmax(-1)
         equality["labels_different_from_the_variant_on_the_same_batches"] = int(
             (same_batches != served_ids).sum()
         )
