@@ -11,6 +11,7 @@ naming the features), malformed ones (exit 2, naming the line).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -313,6 +314,22 @@ def synthetic_records(rng: np.random.Generator, count: int) -> list[dict]:
     ]
 
 
+@pytest.fixture
+def monitor_log(caplog):
+    """caplog on the monitor's own logger: what `trimflow monitor` logs is captured whatever an
+    earlier test left on the root logger (in a whole test-all run, the drift lines reached a
+    closed stream and not caplog)."""
+    logger = logging.getLogger("trimflow.monitoring.monitor")
+    propagate, level = logger.propagate, logger.level
+    logger.addHandler(caplog.handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
+    logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, list[dict]]:
     """A synthetic reference profile of R8's size: (its file, its records)."""
@@ -412,7 +429,7 @@ def unsure(records: list[dict]) -> list[dict]:
     ids=["one-label", "long-texts", "low-confidence"],
 )
 def test_shifted_logs_drift_exit_1_naming_the_features(
-    reference, params, tmp_path, caplog, shift, drifted
+    reference, params, tmp_path, monitor_log, shift, drifted
 ):
     path, records = reference
     log = write_log(tmp_path / "log.jsonl", shift(records[::-1]))  # not the reference's first
@@ -422,7 +439,7 @@ def test_shifted_logs_drift_exit_1_naming_the_features(
     for name in drifted:
         result = summary["features"][name]
         assert result["psi"] > 0.2 and result["p_value"] < 0.01
-    assert f"drift in {', '.join(drifted)}" in caplog.text
+    assert f"drift in {', '.join(drifted)}" in monitor_log.text
     page = (tmp_path / "out/monitor.html").read_text()
     assert page.count('<img src="data:image/png;base64,') == len(summary["features"])
     assert f"Drift in {', '.join(drifted)}." in page
@@ -489,7 +506,7 @@ def test_ner_traffic_without_entities_drifts_on_entities_per_text(params, tmp_pa
     ids=["json", "missing", "range", "type", "counts", "task", "answer", "object"],
 )
 def test_a_malformed_line_is_exit_2_naming_file_and_line(
-    reference, params, tmp_path, caplog, line, message
+    reference, params, tmp_path, monitor_log, line, message
 ):
     path, records = reference
     log = write_log(tmp_path / "log.jsonl", records[:2])
@@ -497,19 +514,19 @@ def test_a_malformed_line_is_exit_2_naming_file_and_line(
         handle.write(line + "\n")
         handle.writelines(json.dumps(record) + "\n" for record in records[2:300])
     assert run_monitor(path, log, tmp_path / "out", params) == 2
-    assert f"{log}{message}" in caplog.text
+    assert f"{log}{message}" in monitor_log.text
     assert not (tmp_path / "out").exists()
 
 
-def test_too_few_texts_or_no_reference_is_exit_2(reference, params, tmp_path, caplog):
+def test_too_few_texts_or_no_reference_is_exit_2(reference, params, tmp_path, monitor_log):
     path, records = reference
     log = write_log(tmp_path / "log.jsonl", records[:199])
     with open(log, "a") as handle:
         handle.write("\n")  # blank lines are skipped
     assert run_monitor(path, log, tmp_path / "out", params) == 2
-    assert "199 texts logged, fewer than monitor.min_texts=200" in caplog.text
+    assert "199 texts logged, fewer than monitor.min_texts=200" in monitor_log.text
     assert run_monitor(tmp_path / "none.json", log, tmp_path / "out", params) == 2
-    assert "none.json: no reference profile (evaluate writes it" in caplog.text
+    assert "none.json: no reference profile (evaluate writes it" in monitor_log.text
     with pytest.raises(LogFormatError, match="missing.jsonl: cannot read the log"):
         read_log(tmp_path / "missing.jsonl")
     assert not (tmp_path / "out").exists()
