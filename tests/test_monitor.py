@@ -27,6 +27,7 @@ from trimflow.cli import main
 from trimflow.config.loading import ConfigError, load_params, write_params
 from trimflow.layout import dvc_layout
 from trimflow.models.loading import save_model_dir
+from trimflow.monitoring import monitor as monitor_module
 from trimflow.monitoring.features import feature_values
 from trimflow.monitoring.monitor import compare
 from trimflow.monitoring.profile import read_profile, reference_profile, split_texts
@@ -316,18 +317,20 @@ def synthetic_records(rng: np.random.Generator, count: int) -> list[dict]:
 
 @pytest.fixture
 def monitor_log(caplog):
-    """caplog on the monitor's own logger: what `trimflow monitor` logs is captured whatever an
-    earlier test left on the root logger (in a whole test-all run, the drift lines reached a
-    closed stream and not caplog)."""
-    logger = logging.getLogger("trimflow.monitoring.monitor")
-    propagate, level = logger.propagate, logger.level
+    """caplog on the monitor module's own logger, enabled at INFO: what `trimflow monitor` logs
+    is captured whatever earlier tests left on the logging tree (in whole test-all runs the drift
+    lines never reached caplog on the root logger)."""
+    logger = monitor_module.log
+    saved = (logger.level, logger.propagate, logger.disabled, logger.manager.disable)
     logger.addHandler(caplog.handler)
-    logger.propagate = False
     logger.setLevel(logging.INFO)
+    logger.propagate, logger.disabled = False, False
+    logging.disable(logging.NOTSET)
     yield caplog
     logger.removeHandler(caplog.handler)
-    logger.propagate = propagate
-    logger.setLevel(level)
+    logger.setLevel(saved[0])
+    logger.propagate, logger.disabled = saved[1], saved[2]
+    logging.disable(saved[3])
 
 
 @pytest.fixture(scope="module")
