@@ -278,12 +278,11 @@ def create_app(service: Service, tokens: list[str]) -> FastAPI:
         """Word attributions of the predicted label of each text (`explain_request`), as
         `trimflow explain` writes them: `{"explanations": [...]}`.
 
-        Cost per text, measured on the MiniLM at 128 tokens (~115 words) on 2 shared AVX2
-        cores: `ablation` (the default) runs a forward pass per word plus one (captum adds < 10%):
-        ~1.4 s at the ~12 ms a pass of the ONNX int8 variant when the cores are idle, 7 to 19 s
-        measured under a load of 3 to 7; 3.4x less on a 3-layer half-pruned one. `ig` runs 50
-        forward and backward passes (14 s measured under a load of 3 on the torch variant),
-        while the predictions of `/invocations` wait.
+        Cost per R8 text of 128 tokens (112 words), 2 threads of an idle AVX2 EPYC: `ablation`
+        (the default) runs a forward pass per word plus one: 0.75 s on the 3-layer pruned ONNX
+        int8 MiniLM, 2.5 s on the 6-layer one, 2.7 s on the fp32 one; `ig` runs 50 forward and
+        backward passes (3.1 s on the fp32 MiniLM), while the predictions of `/invocations`
+        wait.
         """
         payload = parse_json(await read_body(request, service.cfg.max_body_bytes))
         return JSONResponse({"explanations": await service.explain(*explain_request(payload))})
