@@ -35,6 +35,7 @@ from trimflow.evaluation.loyalty import (
 from trimflow.evaluation.perturbations import (
     invariance_failure_rate,
     perturb_texts,
+    perturbed_accuracy,
     sample_indices,
 )
 from trimflow.evaluation.scoring import agreement
@@ -192,10 +193,10 @@ def variant_figures(
         figures = calibration_scores(logits, inputs.truth, ev.calibration.bins)
     clean, sample_truth = predictions[inputs.sample], inputs.truth[inputs.sample]
     if inputs.perturbed:
-        figures["sample_accuracy"] = float((clean == sample_truth).mean())
+        figures["sample_accuracy"] = perturbed_accuracy(sample_truth, clean)
     for kind, perturbed in inputs.perturbed.items():
         predicted = perturbed.predictions(model, clean)
-        figures[f"accuracy_{kind}"] = float((predicted == sample_truth).mean())
+        figures[f"accuracy_{kind}"] = perturbed_accuracy(sample_truth, predicted)
         figures[f"invariance_failure_{kind}"] = invariance_failure_rate(clean, predicted)
     slices = slice_report(inputs.truth, predictions, inputs.slices, min_size=ev.slices.min_size)
     figures.update(

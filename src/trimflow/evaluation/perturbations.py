@@ -168,7 +168,7 @@ def invariance_failure_rate(
 
 
 def perturbed_accuracy(truth: Sequence[int], predictions: Sequence[int]) -> float:
-    """Accuracy of the predictions on perturbed texts."""
+    """Accuracy of `predictions` (of perturbed texts, or of the same texts clean)."""
     return _share_equal(truth, predictions)
 
 
