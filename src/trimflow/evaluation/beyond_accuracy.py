@@ -41,7 +41,6 @@ from trimflow.evaluation.perturbations import (
 from trimflow.evaluation.scoring import agreement
 from trimflow.evaluation.slices import gap_change, slice_features, slice_report
 from trimflow.layout import Layout
-from trimflow.monitoring.profile import split_texts
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +97,8 @@ def build_beyond_inputs(
     """Validation batches, the perturbed sample's batches and the slicing columns of the test
     split, tokenized as the tokenize stage did."""
     ev = cfg.evaluate
-    texts = split_texts(layout.prepared, "test", "classification")
     test = pd.read_parquet(layout.prepared / "test.parquet")
+    texts = test["text"].tolist()
     truth = np.asarray(data.splits["test"]["labels"])
 
     def batches(rows: list[dict], gold: np.ndarray) -> SplitBatches:
@@ -116,7 +115,9 @@ def build_beyond_inputs(
     validation_rows = [validation[i] for i in range(len(validation))]
     sample = sample_indices(len(texts), ev.robustness.sample, ev.robustness.seed)
     sampled = [texts[i] for i in sample]
-    clean_rows = rows_of(tokenized(sampled))
+    whole = tokenized(texts)
+    whole_rows = rows_of(whole)
+    clean_rows = [whole_rows[i] for i in sample]
 
     def perturbation(kind: str) -> PerturbedSample:
         rows = rows_of(tokenized(perturb_texts(sampled, kind, ev.robustness.seed)))
@@ -138,7 +139,6 @@ def build_beyond_inputs(
         return PerturbedSample(changed, batches(kept, truth[sample][changed]))
 
     perturbed = {kind: perturbation(kind) for kind in ev.robustness.perturbations}
-    whole = tokenized(texts)
     extra = _extra_columns(test, ev.slices.columns)
     explained = sample_indices(len(texts), ev.explanations.sample, ev.explanations.seed)
     return BeyondInputs(
