@@ -315,22 +315,37 @@ def synthetic_records(rng: np.random.Generator, count: int) -> list[dict]:
     ]
 
 
+class LogText(logging.Handler):
+    """Collects the formatted records it handles; `.text` as caplog's."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
 @pytest.fixture
-def monitor_log(caplog):
-    """caplog on the monitor module's own logger, enabled at INFO: what `trimflow monitor` logs
-    is captured whatever earlier tests left on the logging tree (in whole test-all runs the drift
-    lines never reached caplog on the root logger)."""
-    logger = monitor_module.log
-    saved = (logger.level, logger.propagate, logger.disabled, logger.manager.disable)
-    logger.addHandler(caplog.handler)
+def monitor_log():
+    """What `trimflow monitor` logs, read from a handler on the monitor module's own logger, enabled
+    at INFO for the test: independent of the logging tree earlier tests leave (in whole test-all
+    runs the drift lines never reached caplog) and of pytest's per-phase caplog handlers."""
+    logger, handler = monitor_module.log, LogText()
+    saved = (logger.level, logger.disabled, logger.manager.disable)
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate, logger.disabled = False, False
+    logger.disabled = False
     logging.disable(logging.NOTSET)
-    yield caplog
-    logger.removeHandler(caplog.handler)
+    yield handler
+    logger.removeHandler(handler)
     logger.setLevel(saved[0])
-    logger.propagate, logger.disabled = saved[1], saved[2]
-    logging.disable(saved[3])
+    logger.disabled = saved[1]
+    logging.disable(saved[2])
 
 
 @pytest.fixture(scope="module")
