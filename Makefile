@@ -6,12 +6,14 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# mkdocs-material's notice about its successor, printed on every build.
+export NO_MKDOCS_2_WARNING := 1
 # The CPU build of torch==2.13.0 lies in /opt/wheels on our machines; PyPI's would pull CUDA.
 ifneq ($(wildcard /opt/wheels),)
 export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
-.PHONY: install run push team-up team-down test test-all chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving bench-serve-load bench-predict bench-drift bench-families bench-runtimes ui ui-test clean
+.PHONY: install run push team-up team-down test test-all docs docs-serve docs-reference chromium postgres slurm lint format params bench bench-ddp bench-peft bench-serving bench-serve-load bench-predict bench-drift bench-families bench-runtimes ui ui-test clean
 
 $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,7 +22,7 @@ $(VENV)/.installed: requirements.lock requirements-assets.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed  ## the .venv with the pinned requirements.lock and trimflow (editable)
 
 run: install  ## the pipeline on the embedded default (R8 + MiniLM), under one MLflow parent run
 	trimflow repro
@@ -34,17 +36,27 @@ team-up: install  ## PostgreSQL + S3 (moto) + mlflow server with basic auth on 1
 team-down:  ## stop what team-up started (by PID)
 	trimflow team down
 
-lint: install
+lint: install  ## ruff format --check and ruff check of src, tests and bench
 	ruff format --check src tests bench
 	ruff check src tests bench
 
 test: lint  ## before each commit: unit tests + one real `dvc repro` smoke pipeline and its no-op rerun
 	$(PY) -m pytest -m "not slow"
 
-test-all: lint chromium postgres slurm  ## everything (CI): + DVC experiments, sweeps, serving, signals to real processes, browser
+test-all: lint chromium postgres slurm  ## everything (CI): + DVC experiments, sweeps, serving, signals to real processes, browser, the docs site
 	$(PY) -m pytest
 
-format: install
+docs: install  ## the documentation site into site/: generated reference pages up to date, mkdocs build --strict
+	$(PY) -m trimflow.reference --check
+	mkdocs build --strict
+
+docs-serve: install  ## preview the documentation site on http://127.0.0.1:8001 (rebuilds on change)
+	mkdocs serve --dev-addr 127.0.0.1:8001
+
+docs-reference: install  ## regenerate docs/reference/configuration.md and cli.md from the schema and the parsers
+	$(PY) -m trimflow.reference --write
+
+format: install  ## ruff format and ruff check --fix of src, tests and bench
 	ruff format src tests bench
 	ruff check --fix src tests bench
 
@@ -103,5 +115,5 @@ chromium:  ## Debian's Chromium + chromedriver for the browser test (apt, as roo
 ui-test: install chromium  ## the MLflow UI browser test
 	$(PY) -m pytest tests/test_mlflow_ui.py
 
-clean:
+clean:  ## remove outputs/, multirun/ and .trimflow/ (checkpoints)
 	rm -rf outputs multirun .trimflow

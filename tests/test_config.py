@@ -233,7 +233,14 @@ def test_guard_metrics_default_to_the_task_quality_figures():
             ["report.guard_metrics=[accuracy_typo1]", "evaluate.robustness.perturbations=[case]"],
             r"accuracy_typo1 not measured .*accuracy_case",
         ),
-        (["task=ner", "report.guard_metrics=[ece]"], r"report\.guard_metrics: ece"),
+        (
+            ["task=ner", "report.guard_metrics=[f1,accuracy_typo1]"],
+            r"accuracy_typo1 not measured .*f1_typo1",  # NER's robustness score is entity F1
+        ),
+        (
+            ["task=ner", "report.guard_metrics=[f1,attribution_topk_overlap]"],
+            r"attribution_topk_overlap not measured",  # explanations: classification only
+        ),
     ],
 )
 def test_unknown_guard_metrics_are_named(overrides, message):

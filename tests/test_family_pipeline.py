@@ -135,6 +135,11 @@ def test_ner_runs_every_trained_kind_on_the_family_tokenizer(family_ner_run):
     assert tuple(metrics["variants"]) == NER_VARIANTS
     for name, values in metrics["variants"].items():
         assert 0.0 <= values["token_accuracy"] <= 1.0, (family, name)
+        # beyond accuracy at word level: calibration, robustness in entity F1, word slices
+        for key in ("ece", "ece_calibrated", "sample_f1", "f1_typo1", "worst_slice_accuracy"):
+            assert 0.0 <= values[key] <= 1.0, (family, name, key)
+        assert 0.0 <= values["invariance_failure_word_drop"] <= 1.0, (family, name)
+    assert metrics["variants"]["finetuned"]["probability_loyalty"] == 1.0
     words = ["Watching", "the", "game", "at", "Madison", "Square", "Garden"]
     tokenizer = AutoTokenizer.from_pretrained(layout.tokenizer_dir)
     pieces = tokenizer(words, is_split_into_words=True).word_ids()

@@ -187,9 +187,9 @@ def test_experiment_opens_on_its_runs_table_listing_the_child_runs_and_metrics(
 
     wait = WebDriverWait(browser, TIMEOUT_S)
     try:
-        # The experiment link of the README opens on the runs table, not on the (empty) GenAI
-        # overview where a fresh browser lands: MLflow 3.17 routes on its GenAI / Model
-        # training switch, not on the experiment kind tag trimflow sets.
+        # The experiment link of docs/how-to/tracking.md opens on the runs table, not on the
+        # (empty) GenAI overview where a fresh browser lands: MLflow 3.17 routes on its GenAI /
+        # Model training switch, not on the experiment kind tag trimflow sets.
         assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
         browser.get(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}?{MODEL_TRAINING_UI}")
         wait.until(lambda d: _run_name_text(d, parent.info.run_id) == "smoke")

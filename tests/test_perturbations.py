@@ -16,7 +16,9 @@ from trimflow.config.schema import Perturbation
 from trimflow.evaluation.perturbations import (
     KEYBOARD_NEIGHBOURS,
     PERTURBATIONS,
+    SENTENCE_PERTURBATIONS,
     invariance_failure_rate,
+    perturb_sentences,
     perturb_texts,
     perturbed_accuracy,
     sample_indices,
@@ -170,3 +172,31 @@ def test_sample_indices_sorted_seeded_and_all_rows_when_size_covers_them():
 
 def test_the_config_offers_exactly_the_registered_perturbations():
     assert set(get_args(Perturbation)) == set(PERTURBATIONS)
+
+
+SENTENCES = [["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."]] * 10
+
+
+def test_sentence_typos_change_that_many_long_words_by_one_edit_and_keep_every_word():
+    for count, kind in ((1, "typo1"), (3, "typo3")):
+        for words, (perturbed, kept) in zip(
+            SENTENCES, perturb_sentences(SENTENCES, kind, 0), strict=True
+        ):
+            assert kept == list(range(len(words)))
+            changed = [(a, b) for a, b in zip(words, perturbed, strict=True) if a != b]
+            assert len(changed) == count
+            assert all(len(a) >= 3 and a.isalpha() and osa_distance(a, b) == 1 for a, b in changed)
+
+
+def test_sentence_word_drop_keeps_the_other_words_with_their_indices():
+    dropped = perturb_sentences(SENTENCES, "word_drop", 3)
+    for words, (perturbed, kept) in zip(SENTENCES, dropped, strict=True):
+        assert len(kept) == len(words) - 1 and perturbed == [words[i] for i in kept]
+    assert perturb_sentences([["Paris"]], "word_drop", 0) == [(["Paris"], [0])]
+
+
+def test_sentence_perturbations_are_seeded_and_case_upper_cases_every_word():
+    assert perturb_sentences(SENTENCES, "typo3", 5) == perturb_sentences(SENTENCES, "typo3", 5)
+    assert perturb_sentences(SENTENCES, "typo3", 5) != perturb_sentences(SENTENCES, "typo3", 6)
+    assert perturb_sentences([["EU", "lamb"]], "case", 0) == [(["EU", "LAMB"], [0, 1])]
+    assert SENTENCE_PERTURBATIONS.keys() == PERTURBATIONS.keys()

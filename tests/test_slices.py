@@ -7,7 +7,13 @@ import json
 import pandas as pd
 import pytest
 
-from trimflow.evaluation.slices import gap_change, length_buckets, slice_features, slice_report
+from trimflow.evaluation.slices import (
+    gap_change,
+    length_buckets,
+    slice_features,
+    slice_report,
+    word_slice_features,
+)
 
 LABELS = ["earn", "acq"]
 TRUTH = [0, 0, 0, 0, 1, 1, 1, 1]
@@ -104,3 +110,17 @@ def test_gap_change_is_the_variant_gap_minus_the_baseline_gap():
     assert gap_change(without_source, with_source) == -0.5
     empty = slice_report(TRUTH, PREDICTIONS, features(), min_size=9)
     assert gap_change(empty, with_source) is None
+
+
+def test_ner_slices_words_by_gold_entity_type_sentence_length_and_truncation():
+    gold = [["B-PER", "I-PER", "O"], ["B-LOC", "O"]]
+    table = word_slice_features(gold, piece_counts=[5, 80], truncated=[False, True])
+    assert table.to_dict("list") == {
+        "entity": ["PER", "PER", "O", "LOC", "O"],
+        "length": ["<64", "<64", "<64", "64-127", "64-127"],
+        "truncated": ["no", "no", "no", "yes", "yes"],
+    }
+    truth = ["B-PER", "I-PER", "O", "B-LOC", "O"]
+    report = slice_report(truth, ["B-PER", "O", "O", "B-LOC", "O"], table)
+    assert report["slicings"]["entity"]["slices"]["PER"] == {"accuracy": 0.5, "count": 2}
+    assert report["worst_slice"] == "entity=PER" and report["slice_gap"] == 0.5

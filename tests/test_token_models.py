@@ -509,3 +509,10 @@ def test_entity_scorer_scores_first_pieces_per_word_and_truncated_words_as_o(
     assert result["f1"] == pytest.approx(7 / 8)
     assert result["f1"] == pytest.approx(f1_score(gold, result["predictions"]))
     assert result["precision"] == pytest.approx(7 / 8) and result["recall"] == pytest.approx(7 / 8)
+    # The logits of the words read (their first pieces; the 3 cut words have none), in row
+    # order, with the gold ids of those words; their arg-max is the words' predictions.
+    read = [tags[:4] if row == 1 else tags for row, tags in enumerate(gold)]
+    assert result["logits"].shape == (sum(map(len, read)), len(SCORER_TAGS))
+    assert scorer.truth.tolist() == [SCORER_TAGS.index(tag) for tags in read for tag in tags]
+    predicted = [tags[: len(kept)] for tags, kept in zip(result["predictions"], read, strict=True)]
+    assert [SCORER_TAGS[i] for i in result["logits"].argmax(-1)] == sum(predicted, [])

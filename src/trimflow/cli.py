@@ -259,15 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             return report_interruption(err, argv)
 
 
-def run_command(argv: list[str]) -> int:
-    """Parse `argv` and run the command."""
-    if argv and argv[0] == "pipeline":
-        from trimflow.pipeline import hydra_entry
-
-        sys.argv = [f"{sys.argv[0]} pipeline", *argv[1:]]
-        hydra_entry()
-        return 0
-
+def build_parser() -> argparse.ArgumentParser:
+    """The `trimflow` argument parser, every command but `pipeline`'s arguments (Hydra parses
+    those); `trimflow.reference` renders the CLI reference from it."""
     parser = argparse.ArgumentParser(prog="trimflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
@@ -340,7 +334,19 @@ def run_command(argv: list[str]) -> int:
     mode = dag.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="list wrong code deps; exit 1 if any")
     mode.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_command(argv: list[str]) -> int:
+    """Parse `argv` and run the command."""
+    if argv and argv[0] == "pipeline":
+        from trimflow.pipeline import hydra_entry
+
+        sys.argv = [f"{sys.argv[0]} pipeline", *argv[1:]]
+        hydra_entry()
+        return 0
+
+    args = build_parser().parse_args(argv)
 
     from trimflow.config.loading import ConfigError
     from trimflow.data.sources import DataError

@@ -199,7 +199,7 @@ def hydra_entry(raw: DictConfig) -> float:
         raise ConfigError(
             "trainer.devices/trainer.num_nodes: `trimflow pipeline` trains in its own process;"
             " data-parallel training runs as DVC stages (dvc repro, trimflow <stage>) or"
-            " under torchrun/srun (see the README's 'Training on several processes')"
+            " under torchrun/srun (see docs/how-to/distributed.md)"
         )
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:

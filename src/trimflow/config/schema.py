@@ -1,4 +1,8 @@
-"""Typed schema of the composed config: unknown keys, wrong types and bad ranges fail early."""
+"""Typed schema of the composed config: unknown keys, wrong types and bad ranges fail early.
+
+Every field carries a description: `python -m trimflow.reference --write` renders them, with
+each key's type, default and range, into docs/reference/configuration.md.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from pydantic import (
 
 from trimflow.config.schemes import QUANTIZE_SCHEMES
 
-Fraction = Field(ge=0.0, lt=1.0)
 # Variant names become directory names and DVC stage keys (prune@<name>).
 VariantName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
 # A masking pattern's name is also its replacement: `<name>`.
@@ -30,21 +33,60 @@ class Section(BaseModel):
 
 
 class DatasetConfig(Section):
-    name: str
-    source: Literal["files", "hf"]
-    format: Literal["tab", "csv", "jsonl", "parquet", "conll"] | None = None
-    subset: str | None = None
-    train: str
-    # No test file: a test split of `test_fraction` is cut from train with the seed.
-    test: str | None = None
-    validation: str | None = None
-    # Classification: the text and label columns. NER: the token-list and tag-list columns.
-    text_column: str
-    label_column: str
-    validation_fraction: float = Field(gt=0.0, lt=1.0)
-    test_fraction: float = Field(gt=0.0, lt=1.0)
-    max_train_samples: int | None = Field(default=None, gt=0)
-    max_test_samples: int | None = Field(default=None, gt=0)
+    """The data set prepare reads: the embedded R8 (`dataset=r8`), local files
+    (`dataset=files`), a Hugging Face data set (`dataset=hf`) or WNUT-16 for NER."""
+
+    name: str = Field(
+        description="A name for the data set; with `source: hf` the `datasets.load_dataset` "
+        "id (a hub id or a local script or folder)."
+    )
+    source: Literal["files", "hf"] = Field(
+        description="`files`: local (or `package://`) csv, jsonl, parquet, Orange tab or CoNLL "
+        "files; `hf`: `datasets.load_dataset`."
+    )
+    format: Literal["tab", "csv", "jsonl", "parquet", "conll"] | None = Field(
+        default=None,
+        description="The files' format; null: taken from each file's suffix. `conll`: one token "
+        "and its tag a line, sentences split by blank lines (NER).",
+    )
+    subset: str | None = Field(
+        default=None, description="`source: hf`: the data set's configuration (subset) name."
+    )
+    train: str = Field(
+        description="The training file (a path or `package://dist/path` URI), or the split name "
+        "with `source: hf`."
+    )
+    test: str | None = Field(
+        default=None,
+        description="The test file or split; null: a test split of `test_fraction` is cut from "
+        "train with the seed.",
+    )
+    validation: str | None = Field(
+        default=None,
+        description="The validation file or split; null: a stratified, seeded split of "
+        "`validation_fraction` is cut from train.",
+    )
+    text_column: str = Field(
+        description="Classification: the column of texts. NER: the column of token lists."
+    )
+    label_column: str = Field(
+        description="Classification: the column of labels. NER: the column of tag lists (class "
+        "ids are turned into tag names)."
+    )
+    validation_fraction: float = Field(
+        gt=0.0,
+        lt=1.0,
+        description="Share of train cut off as the validation split when none is given.",
+    )
+    test_fraction: float = Field(
+        gt=0.0, lt=1.0, description="Share of train cut off as the test split when none is given."
+    )
+    max_train_samples: int | None = Field(
+        default=None, gt=0, description="Keep at most this many training examples; null: all."
+    )
+    max_test_samples: int | None = Field(
+        default=None, gt=0, description="Keep at most this many test examples; null: all."
+    )
 
 
 # Which tokens of a text longer than `model.max_length` the model reads.
@@ -54,20 +96,33 @@ Perturbation = Literal["typo1", "typo3", "word_drop", "case"]
 
 
 class ModelConfig(Section):
-    name: str
-    max_length: int = Field(gt=8, le=8192)
-    # The tokens kept of a longer text (its special tokens always are): `head` the first
-    # max_length, `tail` the last, `head_tail` a quarter of the budget from the head and the rest
-    # from the tail (Sun et al., 2019, "How to fine-tune BERT for text classification?": 128 +
-    # 382 of 510). Recorded in the label map of data/tokenized and of every model directory, so
-    # the served model reads what training read. NER: head only. Absent (older params): head.
-    truncation: Truncation = "head"
+    """The encoder every variant starts from and how its inputs are cut (`model=` picks a
+    family preset)."""
+
+    name: str = Field(
+        description="The base encoder: a hub id, a local `save_pretrained` folder or a "
+        "`package://dist/path` URI (how the embedded default is found)."
+    )
+    max_length: int = Field(
+        gt=8, le=8192, description="Tokens per text, special tokens included; longer texts are cut."
+    )
+    # Absent (older params): head.
+    truncation: Truncation = Field(
+        default="head",
+        description="The tokens kept of a longer text (its special tokens always are): `head` "
+        "the first `max_length`, `tail` the last, `head_tail` a quarter of the budget from the "
+        "head and the rest from the tail (Sun et al., 2019). Recorded in the label map of "
+        "data/tokenized and of every model folder, so the served model reads what training read. "
+        "NER: `head` only.",
+    )
 
 
 class ClassificationTask(Section):
     """One label per text."""
 
-    type: Literal["classification"]
+    type: Literal["classification"] = Field(
+        description="`classification` (one label per text) or `ner` (one IOB2 tag per word)."
+    )
     # The test metric variants are ranked on, and the validation metrics training may monitor.
     metric: ClassVar[str] = "accuracy"
     monitors: ClassVar[tuple[str, ...]] = ("val/accuracy", "val/macro_f1", "val/loss")
@@ -79,13 +134,20 @@ class ClassificationTask(Section):
 class NerTask(Section):
     """Named-entity recognition: one IOB2 tag per word."""
 
-    type: Literal["ner"]
-    # Label every word piece (B-X's later pieces as I-X), not only a word's first piece.
-    label_all_tokens: bool
-    # Rewrite an I-X that starts an entity as B-X instead of stopping with an error.
-    repair_iob: bool
-    # seqeval entity extraction: "default" (conlleval) or "strict" (IOB2 only).
-    seqeval_mode: Literal["default", "strict"]
+    type: Literal["ner"] = Field(
+        description="`classification` (one label per text) or `ner` (one IOB2 tag per word)."
+    )
+    label_all_tokens: bool = Field(
+        description="Label every word piece (a `B-X` word's later pieces as `I-X`), not only "
+        "a word's first piece."
+    )
+    repair_iob: bool = Field(
+        description="Rewrite an `I-X` that starts an entity as `B-X` (counted in the data "
+        "card) instead of stopping with an error."
+    )
+    seqeval_mode: Literal["default", "strict"] = Field(
+        description="seqeval's entity extraction: `default` (conlleval) or `strict` (IOB2 only)."
+    )
     metric: ClassVar[str] = "f1"
     monitors: ClassVar[tuple[str, ...]] = ("val/f1", "val/token_accuracy", "val/loss")
     # macro_f1: the mean of the per-type entity F1s.
@@ -112,11 +174,26 @@ class AdversarialConfig(Section):
     (1 - weight) * clean + weight * adversarial. `none`: plain training.
     """
 
-    method: Literal["none", "fgm", "pgd"] = "none"
-    epsilon: float = Field(default=1.0, gt=0.0)
-    steps: int | None = Field(default=None, ge=1)
-    alpha: float | None = Field(default=None, gt=0.0)
-    weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    method: Literal["none", "fgm", "pgd"] = Field(
+        default="none",
+        description="`none`: plain training; `fgm`: one step of size `epsilon`; `pgd`: `steps` "
+        "projected steps of size `alpha`.",
+    )
+    epsilon: float = Field(
+        default=1.0, gt=0.0, description="Largest L2 norm of each example's word-embedding shift."
+    )
+    steps: int | None = Field(
+        default=None, ge=1, description="PGD's step count (pgd only; required by it)."
+    )
+    alpha: float | None = Field(
+        default=None, gt=0.0, description="PGD's step size (pgd only; required by it)."
+    )
+    weight: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of the adversarial loss: (1 - weight) * clean + weight * adversarial.",
+    )
 
     @model_validator(mode="after")
     def _steps_are_pgds(self) -> AdversarialConfig:
@@ -128,67 +205,136 @@ class AdversarialConfig(Section):
 
 
 class FinetuneConfig(Section):
-    lr: float = Field(gt=0.0, lt=1.0)
-    weight_decay: float = Field(ge=0.0)
-    warmup_ratio: float = Fraction
-    # Loss weight per class = (its share of training labels) ** -class_balance (0: plain CE).
-    class_balance: float = Field(ge=0.0, le=1.0)
-    batch_size: int = Field(gt=0)
-    eval_batch_size: int = Field(gt=0)
-    accumulate_grad_batches: int = Field(ge=1)
-    gradient_clip_val: float | None = Field(default=None, gt=0.0)
-    max_epochs: int = Field(ge=1)
-    max_steps: int = Field(ge=-1)
-    group_by_length: bool
-    monitor: Literal["val/accuracy", "val/macro_f1", "val/f1", "val/token_accuracy", "val/loss"]
-    early_stopping_patience: int = Field(ge=0)
-    checkpoint_every_n_steps: int = Field(gt=0)
+    """The full fine-tune of the base model (the finetune stage) and the training recipe the
+    adapt stage shares (batch size, warm-up, class balance, monitor, checkpoints)."""
+
+    lr: float = Field(gt=0.0, lt=1.0, description="AdamW's peak learning rate.")
+    weight_decay: float = Field(
+        ge=0.0, description="AdamW's weight decay (none on biases and LayerNorms)."
+    )
+    warmup_ratio: float = Field(
+        ge=0.0, lt=1.0, description="Share of the steps with a linear warm-up, then linear decay."
+    )
+    class_balance: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="Every training stage's loss weighs a class by (its share of training "
+        "labels) ** -class_balance, scaled to mean 1: 0 plain cross-entropy, 0.5 square-root "
+        "balancing, 1 every class alike.",
+    )
+    batch_size: int = Field(
+        gt=0, description="Training batch size per process (global: x devices x nodes)."
+    )
+    eval_batch_size: int = Field(gt=0, description="Validation batch size.")
+    accumulate_grad_batches: int = Field(
+        ge=1, description="Batches whose gradients are summed per optimizer step."
+    )
+    gradient_clip_val: float | None = Field(
+        default=None, gt=0.0, description="Clip the gradient norm to this; null: no clipping."
+    )
+    max_epochs: int = Field(ge=1, description="Training epochs at most.")
+    max_steps: int = Field(ge=-1, description="Optimizer steps at most; -1: no limit.")
+    group_by_length: bool = Field(
+        description="Batch texts of similar length together (less padding), seeded."
+    )
+    monitor: Literal["val/accuracy", "val/macro_f1", "val/f1", "val/token_accuracy", "val/loss"] = (
+        Field(
+            description="The validation metric for early stopping and the best checkpoint; one "
+            "the task logs."
+        )
+    )
+    early_stopping_patience: int = Field(
+        ge=0, description="Validations without improvement before training stops."
+    )
+    checkpoint_every_n_steps: int = Field(
+        gt=0,
+        description="Steps between checkpoints in .trimflow/work/: a killed stage resumes from "
+        "the last one.",
+    )
     # Absent (older params): off.
-    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    adversarial: AdversarialConfig = Field(
+        default_factory=AdversarialConfig,
+        description="Embedding-space adversarial training (FGM, PGD) in every training stage.",
+    )
 
 
 class RecoveryConfig(Section):
-    enabled: bool
-    lr: float = Field(gt=0.0, lt=1.0)
-    max_epochs: int = Field(ge=1)
-    # Training batches per recovery epoch: a fraction of the epoch or a count.
-    limit_train_batches: int | float = Field(gt=0)
-    # Sparsity ramps 0 -> target over this fraction of the recovery steps (cubic schedule).
-    pruning_end: float = Field(gt=0.0, le=1.0)
-    # Masks are recomputed every this many steps (global magnitude ranking costs ~1 s on CPU).
-    prune_every_n_steps: int = Field(ge=1)
+    """The fine-tune during which pruning ramps in (gradual pruning) and the model recovers."""
+
+    enabled: bool = Field(description="Train during and after pruning (off: prune in one shot).")
+    lr: float = Field(gt=0.0, lt=1.0, description="The recovery's learning rate.")
+    max_epochs: int = Field(ge=1, description="Recovery epochs.")
+    limit_train_batches: int | float = Field(
+        gt=0, description="Training batches per recovery epoch: a fraction of the epoch or a count."
+    )
+    pruning_end: float = Field(
+        gt=0.0,
+        le=1.0,
+        description="Sparsity ramps from 0 to the target over this share of the recovery "
+        "steps (cubic schedule, Zhu & Gupta 2017).",
+    )
+    prune_every_n_steps: int = Field(
+        ge=1,
+        description="Masks are recomputed every this many steps (a global ranking costs about "
+        "1 s on a CPU).",
+    )
 
 
 class PruneSource(Section):
     """What every pruned variant sets: the variant it prunes, the fine-tuned model or a
     distilled student (compound compression: a smaller student made narrower)."""
 
-    source: str
+    source: str = Field(
+        description="The variant pruned: `finetuned` or a distilled student (DVC builds it first)."
+    )
 
 
 class StructuredPruning(PruneSource):
     """Physically remove attention heads and FFN neurons, least important first."""
 
-    method: Literal["structured"]
-    heads_fraction: float = Fraction
-    ffn_fraction: float = Fraction
+    method: Literal["structured"] = Field(
+        description="`structured`: remove heads and FFN neurons; `magnitude`: zero the "
+        "smallest weights."
+    )
+    heads_fraction: float = Field(
+        ge=0.0,
+        lt=1.0,
+        description="Share of attention heads removed (global ranking, at least one kept per "
+        "layer).",
+    )
+    ffn_fraction: float = Field(
+        ge=0.0,
+        lt=1.0,
+        description="Share of FFN intermediate neurons removed (at least one kept per layer).",
+    )
 
 
 class MagnitudePruning(PruneSource):
     """Zero the smallest weights (global L1); stored dense, compressed on disk."""
 
-    method: Literal["magnitude"]
-    sparsity: float = Fraction
-    include_embeddings: bool = False
+    method: Literal["magnitude"] = Field(
+        description="`structured`: remove heads and FFN neurons; `magnitude`: zero the "
+        "smallest weights."
+    )
+    sparsity: float = Field(
+        ge=0.0, lt=1.0, description="Share of the encoder's Linear weights set to zero."
+    )
+    include_embeddings: bool = Field(default=False, description="Prune the word embeddings too.")
 
 
 PruneVariant = Annotated[StructuredPruning | MagnitudePruning, Field(discriminator="method")]
 
 
 class PruneConfig(Section):
-    importance_batches: int = Field(gt=0)
-    recovery: RecoveryConfig
-    variants: dict[VariantName, PruneVariant]
+    """Pruned variants: each entry of `variants` is a DVC stage `prune@<name>`."""
+
+    importance_batches: int = Field(
+        gt=0, description="Training batches that score every head's and neuron's importance."
+    )
+    recovery: RecoveryConfig = Field(description="The recovery fine-tune.")
+    variants: dict[VariantName, PruneVariant] = Field(
+        description="name -> pruned variant, built into models/<name>."
+    )
 
 
 class StudentConfig(Section):
@@ -201,10 +347,27 @@ class StudentConfig(Section):
 
     KINDS: ClassVar[tuple[str, ...]] = ("layers", "num_layers", "layer_fraction", "model")
 
-    layers: list[int] | None = Field(default=None, min_length=1)
-    num_layers: int | None = Field(default=None, gt=0)
-    layer_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
-    model: str | None = None
+    layers: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        description="Teacher layer indices the student keeps, in its order (set one of "
+        "layers, num_layers, layer_fraction, model).",
+    )
+    num_layers: int | None = Field(
+        default=None, gt=0, description="Keep this many teacher layers, spread evenly from layer 0."
+    )
+    layer_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Keep this share of the teacher's depth (rounded, at least 1), spread "
+        "evenly: 0.5 keeps layers 0, 2, 4 of 6.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="A smaller pretrained encoder with the teacher's tokenizer, instead of "
+        "teacher layers.",
+    )
 
     def kind(self) -> str:
         """The one key of KINDS that is set."""
@@ -223,37 +386,59 @@ class StudentConfig(Section):
 
 
 class DistillConfig(Section):
-    temperature: float = Field(gt=0.0)
-    alpha: float = Field(ge=0.0, le=1.0)
-    # Weight of the layer-wise hidden-state term (0: logits only).
-    hidden_weight: float = Field(ge=0.0)
-    lr: float = Field(gt=0.0, lt=1.0)
-    max_epochs: int = Field(ge=1)
-    limit_train_batches: int | float = Field(gt=0)
-    students: dict[VariantName, StudentConfig]
+    """Knowledge distillation from the fine-tuned model (Hinton et al., 2015): the loss is
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE + hidden_weight * hidden."""
+
+    temperature: float = Field(gt=0.0, description="Softmax temperature T of the KL term.")
+    alpha: float = Field(
+        ge=0.0, le=1.0, description="Weight of the KL term against the cross-entropy."
+    )
+    hidden_weight: float = Field(
+        ge=0.0,
+        description="Weight of the layer-wise hidden-state term (Patient KD): student layer j "
+        "against the teacher layer ending the j-th equal span of its depth; 0: logits only.",
+    )
+    lr: float = Field(gt=0.0, lt=1.0, description="The student's learning rate.")
+    max_epochs: int = Field(ge=1, description="Distillation epochs.")
+    limit_train_batches: int | float = Field(
+        gt=0, description="Training batches per epoch: a fraction of the epoch or a count."
+    )
+    students: dict[VariantName, StudentConfig] = Field(
+        description="name -> student, a DVC stage `distill@<name>` building models/<name>."
+    )
 
 
 class AdapterSpec(Section):
     """What every adapted variant may set: its own learning rate and epochs (None: `adapt.lr`,
     `adapt.max_epochs`)."""
 
-    lr: float | None = Field(default=None, gt=0.0, lt=1.0)
-    max_epochs: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="This variant's learning rate; null: `adapt.lr`."
+    )
+    max_epochs: int | None = Field(
+        default=None, ge=1, description="This variant's epochs; null: `adapt.max_epochs`."
+    )
 
 
 # Module names peft matches as suffixes at dot boundaries; None: the family's defaults
 # (models.families), resolved when the model is loaded.
 TargetModules = list[str] | None
+TARGETS = (
+    "Module names adapted (suffixes at dot boundaries); null: the model family's defaults "
+    "(models/families.py)."
+)
 
 
 class LoraAdapter(AdapterSpec):
     """LoRA (Hu et al., 2021): a trained low-rank update B·A beside each target linear layer."""
 
-    method: Literal["lora"]
-    r: int = Field(gt=0)
-    alpha: float = Field(gt=0.0)
-    dropout: float = Fraction
-    target_modules: TargetModules = Field(default=None, min_length=1)
+    method: Literal["lora"] = Field(
+        description="The method: lora, adalora, ia3, prefix, bitfit or bottleneck."
+    )
+    r: int = Field(gt=0, description="Rank of the update.")
+    alpha: float = Field(gt=0.0, description="Scaling of the update (alpha / r).")
+    dropout: float = Field(ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: TargetModules = Field(default=None, min_length=1, description=TARGETS)
 
 
 class AdaLoraAdapter(AdapterSpec):
@@ -261,16 +446,22 @@ class AdaLoraAdapter(AdapterSpec):
     `target_r` per layer on average, by importance, between the `tinit` and `1 - tfinal`
     fractions of training, re-allocated every `delta_t` steps."""
 
-    method: Literal["adalora"]
-    init_r: int = Field(gt=0)
-    target_r: int = Field(gt=0)
-    alpha: float = Field(gt=0.0)
-    dropout: float = Fraction
-    target_modules: TargetModules = Field(default=None, min_length=1)
-    tinit: float = Fraction
-    tfinal: float = Fraction
-    delta_t: int = Field(ge=1)
-    orth_reg_weight: float = Field(ge=0.0)
+    method: Literal["adalora"] = Field(
+        description="The method: lora, adalora, ia3, prefix, bitfit or bottleneck."
+    )
+    init_r: int = Field(gt=0, description="Starting rank per layer.")
+    target_r: int = Field(gt=0, description="Average rank per layer at the end (at most init_r).")
+    alpha: float = Field(gt=0.0, description="Scaling of the update.")
+    dropout: float = Field(ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: TargetModules = Field(default=None, min_length=1, description=TARGETS)
+    tinit: float = Field(
+        ge=0.0, lt=1.0, description="Share of training before the budget starts to shrink."
+    )
+    tfinal: float = Field(
+        ge=0.0, lt=1.0, description="Share of training at the end with the budget fixed."
+    )
+    delta_t: int = Field(ge=1, description="Steps between re-allocations of the rank budget.")
+    orth_reg_weight: float = Field(ge=0.0, description="Weight of the orthogonality penalty.")
 
     @model_validator(mode="after")
     def _budget_shrinks(self) -> AdaLoraAdapter:
@@ -286,9 +477,15 @@ class Ia3Adapter(AdapterSpec):
     inputs of `feedforward_modules`, the outputs of the others). A null `feedforward_modules`
     is the family's default ones among the targets."""
 
-    method: Literal["ia3"]
-    target_modules: TargetModules = Field(default=None, min_length=1)
-    feedforward_modules: TargetModules = None
+    method: Literal["ia3"] = Field(
+        description="The method: lora, adalora, ia3, prefix, bitfit or bottleneck."
+    )
+    target_modules: TargetModules = Field(default=None, min_length=1, description=TARGETS)
+    feedforward_modules: TargetModules = Field(
+        default=None,
+        description="Targets whose input (not output) is rescaled; must be among "
+        "`target_modules`; null: the family's defaults.",
+    )
 
     @model_validator(mode="after")
     def _feedforward_are_targets(self) -> Ia3Adapter:
@@ -303,14 +500,18 @@ class PrefixAdapter(AdapterSpec):
     """Prefix tuning (Li & Liang, 2021): trained key/value vectors of `num_virtual_tokens`
     virtual tokens in every layer. Cannot be merged into the weights."""
 
-    method: Literal["prefix"]
-    num_virtual_tokens: int = Field(gt=0)
+    method: Literal["prefix"] = Field(
+        description="The method: lora, adalora, ia3, prefix, bitfit or bottleneck."
+    )
+    num_virtual_tokens: int = Field(gt=0, description="Virtual tokens per layer.")
 
 
 class BitFitAdapter(AdapterSpec):
     """BitFit (Ben Zaken et al., 2021): only biases, LayerNorms and the task head train."""
 
-    method: Literal["bitfit"]
+    method: Literal["bitfit"] = Field(
+        description="The method: lora, adalora, ia3, prefix, bitfit or bottleneck."
+    )
 
 
 class BottleneckAdapter(AdapterSpec):
@@ -318,9 +519,11 @@ class BottleneckAdapter(AdapterSpec):
     projections of every layer, x + up(activation(down(x))) through `size` units. Cannot be
     merged into the weights (the activation is non-linear)."""
 
-    method: Literal["bottleneck"]
-    size: int = Field(gt=0)
-    activation: Literal["gelu", "relu"]
+    method: Literal["bottleneck"] = Field(
+        description="The method: lora, adalora, ia3, prefix, bitfit or bottleneck."
+    )
+    size: int = Field(gt=0, description="Units of the bottleneck.")
+    activation: Literal["gelu", "relu"] = Field(description="The non-linearity.")
 
 
 AdaptVariant = Annotated[
@@ -335,33 +538,59 @@ class AdaptConfig(Section):
     """Parameter-efficient variants, trained from the base model on the tokenized data with
     the finetune recipe (batch size, warm-up, class balance, monitor, checkpoints)."""
 
-    lr: float = Field(gt=0.0, lt=1.0)
-    max_epochs: int = Field(ge=1)
-    variants: dict[VariantName, AdaptVariant]
+    lr: float = Field(gt=0.0, lt=1.0, description="Learning rate of every adapted variant.")
+    max_epochs: int = Field(ge=1, description="Epochs of every adapted variant.")
+    variants: dict[VariantName, AdaptVariant] = Field(
+        description="name -> adapted variant, a DVC stage `adapt@<name>` building models/<name>."
+    )
 
 
 class QuantizeVariant(Section):
-    source: str
-    scheme: Literal[tuple(QUANTIZE_SCHEMES)]
+    """A quantized (or converted) form of another variant."""
+
+    source: str = Field(
+        description="The variant converted: any unquantized one (finetuned, a prune, distill or "
+        "mergeable adapt entry)."
+    )
+    scheme: Literal[tuple(QUANTIZE_SCHEMES)] = Field(
+        description="How: torch (`dynamic_int8`, `dynamic_int8_embeddings`, `bf16`, `fp16`), "
+        "ONNX Runtime (`onnx_fp32`, `onnx_dynamic_int8`, `onnx_static_int8`) or OpenVINO "
+        "(`openvino_fp32`, `openvino_int8`)."
+    )
 
 
 class QuantizeConfig(Section):
-    # Validation batches that calibrate static int8 activation ranges.
-    calibration_batches: int = Field(gt=0)
-    variants: dict[VariantName, QuantizeVariant]
+    """Quantized variants: each entry of `variants` is a DVC stage `quantize@<name>`."""
+
+    calibration_batches: int = Field(
+        gt=0,
+        description="Validation batches that calibrate static int8 activation ranges "
+        "(`onnx_static_int8`, `openvino_int8`).",
+    )
+    variants: dict[VariantName, QuantizeVariant] = Field(
+        description="name -> quantized variant, built into models/<name>."
+    )
 
 
 class LatencyConfig(Section):
-    samples: int = Field(gt=0)
-    warmup: int = Field(ge=0)
-    repeats: int = Field(gt=0)
+    """Batch-1 latency: each variant timed on the same texts."""
+
+    samples: int = Field(gt=0, description="Test texts timed one at a time.")
+    warmup: int = Field(ge=0, description="Untimed forward passes first.")
+    repeats: int = Field(gt=0, description="Timed forward passes per round.")
 
 
 class ThroughputConfig(Section):
-    # None: 32 on the CPU, 64 on a GPU (evaluation.inputs.throughput_batch_size).
-    batch_size: int | None = Field(default=None, gt=0)
-    warmup: int = Field(ge=0)
-    repeats: int = Field(gt=0)
+    """Batch throughput: texts per second over pre-tokenized batches."""
+
+    batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Texts per batch; null: 32 on the CPU, 64 on a GPU "
+        "(evaluation.inputs.throughput_batch_size).",
+    )
+    warmup: int = Field(ge=0, description="Untimed batches first.")
+    repeats: int = Field(gt=0, description="Timed passes per round.")
 
 
 # Beyond-accuracy figures no guard can take (see TrimflowConfig.guardable_metrics).
@@ -379,23 +608,30 @@ NOT_GUARDABLE = (
 class CalibrationConfig(Section):
     """ECE, NLL, Brier score and temperature scaling (evaluation/calibration.py)."""
 
-    # Equal-width bins of the top-label confidence over [0, 1] for ECE and the reliability
-    # diagram (Guo et al. 2017 use 15).
-    bins: int = Field(ge=2, le=100)
-    # Fit a temperature per variant on the validation split; the report registers it with the
-    # model and `trimflow serve` / `trimflow predict` divide the logits by it.
-    temperature_scaling: bool
+    bins: int = Field(
+        ge=2,
+        le=100,
+        description="Equal-width bins of the top-label confidence for ECE and the reliability "
+        "diagram (Guo et al. 2017 use 15).",
+    )
+    temperature_scaling: bool = Field(
+        description="Fit a temperature per variant on the validation split; the report registers "
+        "it with the model and `trimflow serve` / `trimflow predict` divide the logits by it."
+    )
 
 
 class RobustnessConfig(Section):
     """Accuracy under seeded perturbations of a sample of test texts
     (evaluation/perturbations.py)."""
 
-    # Kinds of evaluation.perturbations.PERTURBATIONS; empty: no robustness figures.
-    perturbations: list[Perturbation]
-    # Test texts perturbed (a seeded sample; all of them when the split is smaller).
-    sample: int = Field(gt=0)
-    seed: int
+    perturbations: list[Perturbation] = Field(
+        description="Perturbations applied: `typo1`, `typo3` (keyboard typos), `word_drop`, "
+        "`case` (upper case); empty: no robustness figures."
+    )
+    sample: int = Field(
+        gt=0, description="Test texts perturbed (a seeded sample; all when the split is smaller)."
+    )
+    seed: int = Field(description="Seed of the sample and the perturbations.")
 
 
 class SlicesConfig(Section):
@@ -403,46 +639,66 @@ class SlicesConfig(Section):
     (evaluation/slices.py): by gold class, length in word pieces, truncated or not, and
     extra columns of the dataset."""
 
-    # Bucket edges in word pieces: [64, 128, 256] makes <64, 64-127, 128-255, >=256.
-    length_edges: list[int] = Field(min_length=1)
-    # Extra dataset columns to slice by; None: every column the dataset carries besides text
-    # and label.
-    columns: list[str] | None = None
-    # Slices with fewer test examples are listed but left out of the worst slice and the gap.
-    min_size: int = Field(ge=1)
+    length_edges: list[int] = Field(
+        min_length=1,
+        description="Length bucket edges in word pieces: [64, 128, 256] makes <64, 64-127, "
+        "128-255, >=256.",
+    )
+    columns: list[str] | None = Field(
+        default=None,
+        description="Extra dataset columns to slice by; null: every column besides text and label.",
+    )
+    min_size: int = Field(
+        ge=1,
+        description="Slices with fewer test examples are listed but left out of the worst slice "
+        "and the gap.",
+    )
 
 
 class ExplanationsConfig(Section):
     """Word attributions (feature ablation) of every variant on a seeded sample of test texts,
     compared with the baseline's (explain/agreement.py)."""
 
-    # Test texts explained per variant; 0: no attribution agreement.
-    sample: int = Field(ge=0)
-    # Tokens each explained text keeps (model.truncation chooses them): feature ablation takes
-    # a forward pass per word, so its cost grows with the square of the length.
-    max_length: int = Field(gt=8)
-    # Words compared by the top-k overlap.
-    top_k: int = Field(gt=0)
-    seed: int
+    sample: int = Field(
+        ge=0, description="Test texts explained per variant; 0: no attribution agreement."
+    )
+    max_length: int = Field(
+        gt=8,
+        description="Tokens each explained text keeps: ablation takes a forward pass per word, "
+        "so its cost grows with the square of the length.",
+    )
+    top_k: int = Field(gt=0, description="Words compared by the top-k overlap.")
+    seed: int = Field(description="Seed of the sample.")
 
 
 class EvaluateConfig(Section):
-    # auto: CUDA when torch sees a GPU. Torch dynamic int8 variants run on the CPU whatever
-    # the device (their kernels are CPU-only), and so do ONNX variants without onnxruntime-gpu.
-    device: Literal["auto", "cpu", "cuda"]
-    num_threads: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    rounds: int = Field(ge=1)
-    latency: LatencyConfig
-    throughput: ThroughputConfig
-    # Score each merged adapter's base model + adapter too and compare it with the merged
-    # weights (merge_max_abs_diff, merge_agreement): a check of the merge, at the cost of
-    # scoring those variants twice.
-    merge_check: bool
-    calibration: CalibrationConfig
-    robustness: RobustnessConfig
-    slices: SlicesConfig
-    explanations: ExplanationsConfig
+    """The evaluate stage: quality, timing, footprint and what compression changes, for every
+    variant on the same inputs."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        description="`auto`: CUDA when torch sees a GPU. Torch dynamic int8 variants run on the "
+        "CPU whatever the device, and so do ONNX variants without onnxruntime-gpu."
+    )
+    num_threads: int = Field(
+        gt=0, description="torch, ONNX Runtime and OpenVINO threads for scoring and timing."
+    )
+    batch_size: int = Field(gt=0, description="Batch size for scoring the test split.")
+    rounds: int = Field(
+        ge=1,
+        description="Latency and throughput are timed in this many interleaved round-robin "
+        "rounds over all variants.",
+    )
+    latency: LatencyConfig = Field(description="Batch-1 latency timing.")
+    throughput: ThroughputConfig = Field(description="Batch throughput timing.")
+    merge_check: bool = Field(
+        description="Score each merged adapter's base model + adapter too and compare it with "
+        "the merged weights (merge_max_abs_diff, merge_agreement): those variants are scored "
+        "twice."
+    )
+    calibration: CalibrationConfig = Field(description="Calibration and temperature scaling.")
+    robustness: RobustnessConfig = Field(description="Accuracy under perturbations.")
+    slices: SlicesConfig = Field(description="Quality per slice.")
+    explanations: ExplanationsConfig = Field(description="Attribution agreement.")
 
     @field_validator("device")
     @classmethod
@@ -454,31 +710,55 @@ class EvaluateConfig(Section):
 
 
 class ReportConfig(Section):
-    baseline: str
-    # The recommended variant is the best on `objective` among those losing at most this many
-    # points of each guarded quality metric against the baseline.
-    max_drop_pts: float = Field(ge=0.0)
-    # The guarded metrics; None: the task's default_guards.
-    guard_metrics: list[str] | None = Field(default=None, min_length=1)
-    # What the recommendation minimises: batch-1 p50 latency, training time or peak training
-    # memory (see evaluation.recommend.OBJECTIVE_FIELDS).
-    objective: Literal["latency", "train_time", "train_memory"]
-    title: str
+    """The recommendation (made by evaluate) and the report."""
+
+    baseline: str = Field(
+        description="The variant every other is compared with (ratios, drops, loyalty)."
+    )
+    max_drop_pts: float = Field(
+        ge=0.0,
+        description="A variant qualifies when it loses at most this many points of each guarded "
+        "metric against the baseline.",
+    )
+    guard_metrics: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="The guarded metrics, e.g. [accuracy]; null: the task's defaults (accuracy "
+        "and macro_f1; NER: f1 and macro_f1). Beyond-accuracy shares may be named too.",
+    )
+    objective: Literal["latency", "train_time", "train_memory"] = Field(
+        description="What the recommendation minimises among the qualifying variants: batch-1 "
+        "p50 latency, training seconds or peak training memory (see "
+        "evaluation.recommend.OBJECTIVE_FIELDS)."
+    )
+    title: str = Field(description="The report's title.")
 
 
 class TrainerConfig(Section):
-    accelerator: str
-    devices: int | str
-    strategy: str
-    num_nodes: int = Field(ge=1)
-    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"] | None = None
-    num_workers: int = Field(ge=0)
-    deterministic: bool
-    log_every_n_steps: int = Field(gt=0)
-    enable_progress_bar: bool
-    # torch.compile the model before training (worth it on a GPU for long runs: compiling
-    # takes tens of seconds; bench/gpu_check.py measures both).
-    compile: bool = False
+    """Lightning Trainer settings shared by every stage that trains."""
+
+    accelerator: str = Field(description="Lightning's accelerator: `auto`, `cpu`, `gpu`, ...")
+    devices: int | str = Field(
+        description="Processes (devices) per node; more than 1 trains data-parallel."
+    )
+    strategy: str = Field(description="Lightning's strategy: `auto`, `ddp`, `fsdp`, ...")
+    num_nodes: int = Field(ge=1, description="Machines taking part in data-parallel training.")
+    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"] | None = Field(
+        default=None,
+        description="null: `bf16-mixed` on GPUs that compute in bf16, `16-mixed` on older ones, "
+        "`32-true` on the CPU.",
+    )
+    num_workers: int = Field(ge=0, description="Data loader processes (0: in the main process).")
+    deterministic: bool = Field(description="Deterministic kernels: same seed, same weights.")
+    log_every_n_steps: int = Field(gt=0, description="Steps between logged training metrics.")
+    enable_progress_bar: bool = Field(
+        description="Lightning's progress bar on a terminal (plain progress lines otherwise)."
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model before training (worth it on a GPU for long runs: "
+        "compiling takes tens of seconds).",
+    )
 
     def data_parallel(self) -> bool:
         """Whether training asks for several processes (devices > 1 or several nodes)."""
@@ -486,18 +766,33 @@ class TrainerConfig(Section):
 
 
 class TrackingConfig(Section):
-    enabled: bool
-    uri: str
-    experiment: str
-    register_model: bool = True  # report stage: log + register the recommended variant
+    """MLflow tracking (read by no DVC stage's params)."""
+
+    enabled: bool = Field(description="Log runs to MLflow.")
+    uri: str = Field(description="The tracking URI; `MLFLOW_TRACKING_URI` overrides it.")
+    experiment: str = Field(description="The MLflow experiment.")
+    register_model: bool = Field(
+        default=True,
+        description="Report stage: log the recommended variant as a pyfunc model and register it "
+        "as `trimflow-<task>` (the `champion` alias moves only to a better one).",
+    )
 
 
 class SearchConfig(Section):
     """What the pipeline entry point returns to a sweeper (read by no DVC stage)."""
 
-    objective: Literal["validation", "latency_budget"]
-    latency_budget_ms: float | None = Field(default=None, gt=0.0)
-    last_stage: Literal["finetune", "report"]
+    objective: Literal["validation", "latency_budget"] = Field(
+        description="`validation`: the fine-tuned model's best validation score; "
+        "`latency_budget`: the best test score among variants within `latency_budget_ms`."
+    )
+    latency_budget_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Batch-1 p50 budget in ms (required by `latency_budget`).",
+    )
+    last_stage: Literal["finetune", "report"] = Field(
+        description="The last stage each run or sweep point goes to."
+    )
 
     @model_validator(mode="after")
     def _objective_is_computable(self) -> SearchConfig:
@@ -509,16 +804,17 @@ class SearchConfig(Section):
 
 
 class PredictionLogConfig(Section):
-    """`trimflow serve`'s prediction log: one JSON line per text answered (README: "Prediction
-    log and drift monitoring")."""
+    """`trimflow serve`'s prediction log: one JSON line per text answered (docs: how-to
+    "Monitor drift")."""
 
-    # Appended to; None: no log.
-    path: str | None
-    # Log each text too, masked; off by default.
-    raw_text: bool
-    # name -> regular expression, applied in this order; each match becomes `<name>`. A null
-    # pattern masks nothing.
-    mask: dict[MaskName, str | None]
+    path: str | None = Field(
+        description="The log file, appended to (its folder is created); null: no log."
+    )
+    raw_text: bool = Field(description="Log each text too, masked; off by default.")
+    mask: dict[MaskName, str | None] = Field(
+        description="name -> regular expression, applied in this order; each match becomes "
+        "`<name>`. A null pattern masks nothing."
+    )
 
     @field_validator("mask")
     @classmethod
@@ -536,21 +832,35 @@ class PredictionLogConfig(Section):
 class ServeConfig(Section):
     """`trimflow serve`: the HTTP service of a variant or a registered model (read by no stage)."""
 
-    host: str
-    port: int = Field(gt=0, lt=65536)
-    # Micro-batching: a forward pass takes up to `max_batch` texts of concurrent requests, and
-    # starts at the latest `max_wait_ms` after its oldest request arrived.
-    max_batch: int = Field(gt=0)
-    max_wait_ms: float = Field(ge=0.0)
-    max_body_bytes: int = Field(gt=0)
-    # Requests per second per token (bursts of one second's worth); None: no limit.
-    rate_limit: float | None = Field(default=None, gt=0.0)
-    # The bearer token: the lines of `token_file` (one token each) if set, else $`token_env`.
-    token_env: str = Field(min_length=1)
-    token_file: str | None = None
-    # On SIGTERM: how long in-flight requests may take to finish before they are cancelled.
-    shutdown_timeout_s: float = Field(gt=0.0)
-    prediction_log: PredictionLogConfig
+    host: str = Field(
+        description="Where it listens: 127.0.0.1 this machine only, 0.0.0.0 every interface "
+        "(put TLS in front)."
+    )
+    port: int = Field(gt=0, lt=65536, description="The port.")
+    max_batch: int = Field(
+        gt=0, description="Micro-batching: the most texts of concurrent requests in one forward."
+    )
+    max_wait_ms: float = Field(
+        ge=0.0, description="A batch starts at the latest this long after its oldest request."
+    )
+    max_body_bytes: int = Field(gt=0, description="Larger request bodies are refused (413).")
+    rate_limit: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Requests per second per token (bursts of one second's worth); null: no limit.",
+    )
+    token_env: str = Field(
+        min_length=1, description="The environment variable holding the bearer token."
+    )
+    token_file: str | None = Field(
+        default=None,
+        description="A file of tokens, one a line (one per client); when set it wins over "
+        "`token_env`.",
+    )
+    shutdown_timeout_s: float = Field(
+        gt=0.0, description="On SIGTERM: how long in-flight requests may take to finish."
+    )
+    prediction_log: PredictionLogConfig = Field(description="The opt-in prediction log.")
 
 
 class MonitorConfig(Section):
@@ -558,33 +868,37 @@ class MonitorConfig(Section):
     no stage). A feature drifts when its PSI exceeds `psi_threshold` and its two-sample test's
     p-value is below `p_value` (monitoring/drift.py says why both)."""
 
-    psi_threshold: float = Field(gt=0.0)
-    p_value: float = Field(gt=0.0, lt=1.0)
-    # Quantile bins of the reference for a numeric feature's PSI.
-    bins: int = Field(ge=2, le=100)
-    # Fewer logged texts give no verdict (exit 2).
-    min_texts: int = Field(ge=1)
+    psi_threshold: float = Field(
+        gt=0.0, description="PSI above which a shift matters (0.1 slight, 0.2 significant)."
+    )
+    p_value: float = Field(
+        gt=0.0, lt=1.0, description="Test p-value below which a difference is not sampling noise."
+    )
+    bins: int = Field(
+        ge=2, le=100, description="Quantile bins of the reference for a numeric feature's PSI."
+    )
+    min_texts: int = Field(ge=1, description="Fewer logged texts give no verdict (exit 2).")
 
 
 class TrimflowConfig(Section):
     """The whole composed config (conf/config.yaml and its groups)."""
 
-    seed: int = Field(ge=0)
-    dataset: DatasetConfig
-    model: ModelConfig
-    task: TaskConfig
-    finetune: FinetuneConfig
-    adapt: AdaptConfig
-    prune: PruneConfig
-    distill: DistillConfig
-    quantize: QuantizeConfig
-    evaluate: EvaluateConfig
-    report: ReportConfig
-    trainer: TrainerConfig
-    tracking: TrackingConfig
-    search: SearchConfig
-    serve: ServeConfig
-    monitor: MonitorConfig
+    seed: int = Field(ge=0, description="Seed of splits, sampling, initialisation and training.")
+    dataset: DatasetConfig = Field(description="The data set.")
+    model: ModelConfig = Field(description="The base encoder.")
+    task: TaskConfig = Field(description="Classification or NER.")
+    finetune: FinetuneConfig = Field(description="The full fine-tune.")
+    adapt: AdaptConfig = Field(description="Parameter-efficient variants.")
+    prune: PruneConfig = Field(description="Pruned variants.")
+    distill: DistillConfig = Field(description="Distilled students.")
+    quantize: QuantizeConfig = Field(description="Quantized variants.")
+    evaluate: EvaluateConfig = Field(description="The evaluate stage.")
+    report: ReportConfig = Field(description="The recommendation and the report.")
+    trainer: TrainerConfig = Field(description="Lightning Trainer settings.")
+    tracking: TrackingConfig = Field(description="MLflow tracking.")
+    search: SearchConfig = Field(description="What a sweep optimises.")
+    serve: ServeConfig = Field(description="`trimflow serve`.")
+    monitor: MonitorConfig = Field(description="`trimflow monitor`.")
 
     def variant_kinds(self) -> dict[str, str]:
         """Every variant the pipeline builds -> the stage that builds it, in build and report
@@ -608,21 +922,22 @@ class TrimflowConfig(Section):
 
     def beyond_metrics(self) -> list[str]:
         """The beyond-accuracy numbers evaluate writes per variant with this config
-        (evaluation/beyond_accuracy.py): loyalty to the baseline; for classification also
-        calibration, accuracy under each perturbation, slices and attribution agreement."""
-        fields = ["label_loyalty", "flip_rate", "forgotten"]
-        if self.task.type == "ner":
-            return fields
-        ev = self.evaluate
-        fields += ["probability_loyalty", "flip_accuracy", "ece", "nll", "brier"]
+        (evaluation/beyond_accuracy.py): loyalty to the baseline, calibration, robustness
+        (accuracy under each perturbation; NER: entity F1) and slices; for classification also
+        the flip set's accuracy and attribution agreement."""
+        ner, ev = self.task.type == "ner", self.evaluate
+        fields = ["label_loyalty", "flip_rate", "forgotten", "probability_loyalty"]
+        fields += [] if ner else ["flip_accuracy"]
+        fields += ["ece", "nll", "brier"]
         if ev.calibration.temperature_scaling:
             fields += ["temperature", "ece_calibrated", "nll_calibrated", "brier_calibrated"]
+        score = "f1" if ner else "accuracy"
         if ev.robustness.perturbations:
-            fields.append("sample_accuracy")  # clean, on the texts that are perturbed
+            fields.append(f"sample_{score}")  # clean, on the texts that are perturbed
         for kind in ev.robustness.perturbations:
-            fields += [f"accuracy_{kind}", f"invariance_failure_{kind}"]
+            fields += [f"{score}_{kind}", f"invariance_failure_{kind}"]
         fields += ["worst_slice_accuracy", "slice_gap", "slice_gap_change"]
-        if ev.explanations.sample:
+        if ev.explanations.sample and not ner:
             fields += ["attribution_topk_overlap", "attribution_rank_correlation", "explain_ms"]
         return fields
 

@@ -110,15 +110,21 @@ def tokenize_words(
     return columns, count
 
 
+def first_pieces(word_ids: Sequence[int | None]) -> dict[int, int]:
+    """Each word's first sub-token position, for the words the encoding kept (truncation cuts the
+    rest), in word order."""
+    positions: dict[int, int] = {}
+    for position, word_id in enumerate(word_ids):
+        if word_id is not None and word_id >= 0 and word_id not in positions:
+            positions[word_id] = position
+    return positions
+
+
 def word_predictions(
     token_predictions: Sequence[int], word_ids: Sequence[int], num_words: int, fill: int
 ) -> list[int]:
     """Each word's prediction at its first sub-token; `fill` for words without sub-tokens."""
     predictions = [fill] * num_words
-    seen = set()
-    for word_id, prediction in zip(word_ids, token_predictions, strict=False):
-        if word_id is None or word_id < 0 or word_id in seen:
-            continue
-        predictions[word_id] = int(prediction)
-        seen.add(word_id)
+    for word_id, position in first_pieces(word_ids[: len(token_predictions)]).items():
+        predictions[word_id] = int(token_predictions[position])
     return predictions

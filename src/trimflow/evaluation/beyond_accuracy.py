@@ -3,18 +3,23 @@ calibration (with temperature scaling fitted on the validation split), accuracy 
 perturbations, quality per slice, and, against `report.baseline`, loyalty, the flip set and
 attribution agreement.
 
-Classification gets every figure; NER gets loyalty (entity flips, per-type F1 change). The
-perturbed texts are a seeded sample of `evaluate.robustness.sample` test texts and the
-explanations `evaluate.explanations.sample` of them, which bounds their cost.
+NER gets the same at word level: calibration over the words the model reads (their first
+sub-token's probabilities), perturbations of a sample of sentences word by word (entity F1 and
+the words whose tag changed), slices of words by gold entity type, sentence length and truncation,
+probability loyalty over words and entity flips; explanations are classification's only. The
+perturbed texts are a seeded sample of `evaluate.robustness.sample` test texts (NER: sentences)
+and the explanations `evaluate.explanations.sample` of them, which bounds their cost.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import numpy as np
 import pandas as pd
 import torch
@@ -22,9 +27,11 @@ import torch
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.data.sources import extra_columns
+from trimflow.data.token_labels import first_pieces, tokenize_words, word_predictions
 from trimflow.data.truncation import truncate_texts
 from trimflow.evaluation.calibration import calibrate, calibration_scores, softmax
-from trimflow.evaluation.inference import predict_logits
+from trimflow.evaluation.entities import SeqevalMode, entity_f1
+from trimflow.evaluation.inference import predict_logits, predict_token_logits
 from trimflow.evaluation.inputs import length_sorted_batches
 from trimflow.evaluation.loyalty import (
     entity_flips,
@@ -34,12 +41,18 @@ from trimflow.evaluation.loyalty import (
 )
 from trimflow.evaluation.perturbations import (
     invariance_failure_rate,
+    perturb_sentences,
     perturb_texts,
     perturbed_accuracy,
     sample_indices,
 )
-from trimflow.evaluation.scoring import agreement
-from trimflow.evaluation.slices import gap_change, slice_features, slice_report
+from trimflow.evaluation.scoring import EntityScorer, LabelScorer, agreement, word_logits
+from trimflow.evaluation.slices import (
+    gap_change,
+    slice_features,
+    slice_report,
+    word_slice_features,
+)
 from trimflow.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -47,18 +60,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SplitBatches:
-    """Length-sorted model inputs of some texts, their row order and gold labels."""
+    """Length-sorted model inputs of some texts, their row order and the gold label ids of their
+    units: texts, or for NER (`pieces`: each row's words' first sub-tokens) the words read."""
 
     batches: list[dict[str, torch.Tensor]]
     order: np.ndarray
     truth: np.ndarray
+    pieces: list[dict[int, int]] | None = None
 
     def logits(self, model) -> np.ndarray:
-        """`model`'s logits of every text, in row order."""
-        logits = predict_logits(model, self.batches)
-        in_rows = np.empty_like(logits)
-        in_rows[self.order] = logits
-        return in_rows
+        """`model`'s logits of every unit, in row order (NER: sentence by sentence)."""
+        if self.pieces is None:
+            logits = predict_logits(model, self.batches)
+            in_rows = np.empty_like(logits)
+            in_rows[self.order] = logits
+            return in_rows
+        by_row: list[np.ndarray] = [np.empty(0)] * len(self.order)
+        for row, logits in zip(self.order, predict_token_logits(model, self.batches), strict=True):
+            by_row[row] = logits
+        return word_logits(by_row, self.pieces)
 
 
 @dataclass
@@ -78,31 +98,123 @@ class PerturbedSample:
         return predicted
 
 
+class TextRobustness:
+    """Classification: accuracy and invariance failures of each perturbation of a seeded sample
+    of test texts, against the same texts clean (`sample_accuracy`)."""
+
+    def __init__(
+        self, truth: np.ndarray, sample: np.ndarray, perturbed: dict[str, PerturbedSample]
+    ):
+        self.truth, self.sample, self.perturbed = truth[sample], sample, perturbed
+
+    def figures(self, model, predictions: Sequence) -> dict[str, float]:
+        """The figures of `model`, whose `predictions` of the whole test split are given."""
+        clean = np.asarray(predictions)[self.sample]
+        figures = (
+            {"sample_accuracy": perturbed_accuracy(self.truth, clean)} if self.perturbed else {}
+        )
+        for kind, perturbed in self.perturbed.items():
+            predicted = perturbed.predictions(model, clean)
+            figures[f"accuracy_{kind}"] = perturbed_accuracy(self.truth, predicted)
+            figures[f"invariance_failure_{kind}"] = invariance_failure_rate(clean, predicted)
+        return figures
+
+
+@dataclass
+class PerturbedSentences:
+    """One perturbation of the NER robustness sample: the perturbed sentences' gold tags, the
+    clean word each of their words comes from, their word ids and model inputs."""
+
+    gold: list[list[str]]
+    kept: list[list[int]]
+    word_ids: list[list[int]]
+    batches: SplitBatches
+
+
+class SentenceRobustness:
+    """NER: entity F1 of each perturbation of a seeded sample of test sentences against the same
+    sentences clean (`sample_f1`), and the share of the words left whose tag changed."""
+
+    def __init__(
+        self,
+        gold: list[list[str]],
+        sample: np.ndarray,
+        perturbed: dict[str, PerturbedSentences],
+        labels: list[str],
+        mode: SeqevalMode,
+    ):
+        self.gold, self.sample, self.perturbed = [gold[i] for i in sample], sample, perturbed
+        self.labels, self.mode = labels, mode
+
+    def _tags(self, model, perturbed: PerturbedSentences) -> list[list[str]]:
+        by_row: list[np.ndarray] = [np.empty(0)] * len(perturbed.gold)
+        batches = perturbed.batches
+        for row, logits in zip(
+            batches.order, predict_token_logits(model, batches.batches), strict=True
+        ):
+            by_row[row] = logits.argmax(axis=-1)
+        outside = self.labels.index("O")
+        return [
+            [self.labels[i] for i in word_predictions(tokens, ids, len(gold), outside)]
+            for tokens, ids, gold in zip(by_row, perturbed.word_ids, perturbed.gold, strict=True)
+        ]
+
+    def figures(self, model, predictions: Sequence) -> dict[str, float]:
+        """The figures of `model`, whose tags of the whole test split are given."""
+        clean = [predictions[i] for i in self.sample]
+        figures = {"sample_f1": entity_f1(self.gold, clean, self.mode)} if self.perturbed else {}
+        for kind, perturbed in self.perturbed.items():
+            predicted = self._tags(model, perturbed)
+            figures[f"f1_{kind}"] = entity_f1(perturbed.gold, predicted, self.mode)
+            before = [
+                tags[j] for tags, kept in zip(clean, perturbed.kept, strict=True) for j in kept
+            ]
+            after = [tag for tags in predicted for tag in tags]
+            figures[f"invariance_failure_{kind}"] = invariance_failure_rate(before, after)
+        return figures
+
+
 @dataclass
 class BeyondInputs:
-    """What the beyond-accuracy figures need, built once for every variant (classification)."""
+    """What the beyond-accuracy figures need, built once for every variant."""
 
-    texts: list[str]  # the test texts, in row order
-    truth: np.ndarray  # gold label ids of the test split
+    texts: list  # the test texts (NER: their words), in row order
+    truth: np.ndarray  # gold label ids of the scorer's units (texts; NER: the words read)
     validation: SplitBatches
-    sample: np.ndarray  # test rows that are perturbed
-    perturbed: dict[str, PerturbedSample]  # perturbation kind -> the perturbed sample
-    slices: pd.DataFrame  # slicing columns, one row per test text
-    explained: list[str]  # test texts explained per variant
+    robustness: TextRobustness | SentenceRobustness
+    slice_truth: np.ndarray  # gold labels of the units slices count: texts, or every word
+    slices: pd.DataFrame  # slicing columns, one row per slice unit
+    explained: list[str]  # test texts explained per variant (classification)
 
 
 def build_beyond_inputs(
+    cfg: TrimflowConfig,
+    layout: Layout,
+    data: TokenizedDataModule,
+    labels: list[str],
+    scorer: LabelScorer | EntityScorer,
+) -> BeyondInputs:
+    """The task's beyond-accuracy inputs, tokenized as the tokenize stage did."""
+    if cfg.task.type == "ner":
+        return _sentence_inputs(cfg, layout, data, labels, scorer)
+    return _text_inputs(cfg, layout, data, labels)
+
+
+def _batches(cfg: TrimflowConfig, data: TokenizedDataModule, rows: list[dict], truth, pieces=None):
+    return SplitBatches(
+        *length_sorted_batches(rows, data.collator, cfg.evaluate.batch_size), truth, pieces
+    )
+
+
+def _text_inputs(
     cfg: TrimflowConfig, layout: Layout, data: TokenizedDataModule, labels: list[str]
 ) -> BeyondInputs:
-    """Validation batches, the perturbed sample's batches and the slicing columns of the test
-    split, tokenized as the tokenize stage did."""
+    """Classification: validation batches, the perturbed sample's batches and the slicing
+    columns of the test split."""
     ev = cfg.evaluate
     test = pd.read_parquet(layout.prepared / "test.parquet")
     texts = test["text"].tolist()
     truth = np.asarray(data.splits["test"]["labels"])
-
-    def batches(rows: list[dict], gold: np.ndarray) -> SplitBatches:
-        return SplitBatches(*length_sorted_batches(rows, data.collator, ev.batch_size), gold)
 
     def tokenized(chosen: list[str]):
         return truncate_texts(data.tokenizer, chosen, cfg.model.max_length, cfg.model.truncation)
@@ -136,7 +248,7 @@ def build_beyond_inputs(
         if not len(changed):
             return PerturbedSample(changed, None)
         kept = [rows[i] for i in changed]
-        return PerturbedSample(changed, batches(kept, truth[sample][changed]))
+        return PerturbedSample(changed, _batches(cfg, data, kept, truth[sample][changed]))
 
     perturbed = {kind: perturbation(kind) for kind in ev.robustness.perturbations}
     extra = _extra_columns(test, ev.slices.columns)
@@ -144,9 +256,9 @@ def build_beyond_inputs(
     return BeyondInputs(
         texts=texts,
         truth=truth,
-        validation=batches(validation_rows, np.asarray(validation["labels"])),
-        sample=sample,
-        perturbed=perturbed,
+        validation=_batches(cfg, data, validation_rows, np.asarray(validation["labels"])),
+        robustness=TextRobustness(truth, sample, perturbed),
+        slice_truth=truth,
         slices=slice_features(
             truth,
             labels,
@@ -156,6 +268,81 @@ def build_beyond_inputs(
             length_edges=ev.slices.length_edges,
         ),
         explained=[texts[i] for i in explained] if ev.explanations.sample else [],
+    )
+
+
+def _sentence_inputs(
+    cfg: TrimflowConfig,
+    layout: Layout,
+    data: TokenizedDataModule,
+    labels: list[str],
+    scorer: EntityScorer,
+) -> BeyondInputs:
+    """NER: the validation split's words read, the perturbed sample of test sentences, and word
+    slices by gold entity type, sentence length (word pieces before truncation) and truncation."""
+    ev = cfg.evaluate
+    test = pd.read_parquet(layout.prepared / "test.parquet")
+    words = test["tokens"].map(list).tolist()
+    validation = data.splits["validation"]
+    validation_rows = [validation[i] for i in range(len(validation))]
+    validation_pieces = [
+        first_pieces(ids)
+        for ids in datasets.load_from_disk(str(layout.tokenized_splits))["validation"]["word_ids"]
+    ]
+    validation_truth = np.array(
+        [
+            int(row["labels"][position])
+            for row, kept in zip(validation_rows, validation_pieces, strict=True)
+            for position in kept.values()
+        ]
+    )
+    index = {label: i for i, label in enumerate(labels)}
+
+    def tokenized(sentences: list[list[str]], gold: list[list[str]]) -> tuple[list[dict], list]:
+        columns, _ = tokenize_words(
+            sentences,
+            [[index[tag] for tag in tags] for tags in gold],
+            data.tokenizer,
+            cfg.model.max_length,
+            labels,
+            cfg.task.label_all_tokens,
+        )
+        inputs = [k for k in columns if k in data.tokenizer.model_input_names or k == "labels"]
+        rows = [{k: columns[k][i] for k in inputs} for i in range(len(sentences))]
+        return rows, columns["word_ids"]
+
+    sample = sample_indices(len(words), ev.robustness.sample, ev.robustness.seed)
+
+    def perturbation(kind: str) -> PerturbedSentences:
+        perturbed = perturb_sentences([words[i] for i in sample], kind, ev.robustness.seed)
+        gold = [
+            [scorer.gold[i][j] for j in kept]
+            for i, (_, kept) in zip(sample, perturbed, strict=True)
+        ]
+        rows, word_ids = tokenized([sentence for sentence, _ in perturbed], gold)
+        kept = [kept for _, kept in perturbed]
+        return PerturbedSentences(gold, kept, word_ids, _batches(cfg, data, rows, None))
+
+    pieces = [len(ids) for ids in data.tokenizer(words, is_split_into_words=True)["input_ids"]]
+    return BeyondInputs(
+        texts=words,
+        truth=scorer.truth,
+        validation=_batches(cfg, data, validation_rows, validation_truth, validation_pieces),
+        robustness=SentenceRobustness(
+            scorer.gold,
+            sample,
+            {kind: perturbation(kind) for kind in ev.robustness.perturbations},
+            labels,
+            cfg.task.seqeval_mode,
+        ),
+        slice_truth=np.array([tag for tags in scorer.gold for tag in tags]),
+        slices=word_slice_features(
+            scorer.gold,
+            pieces,
+            [len(kept) < len(tags) for kept, tags in zip(scorer.pieces, scorer.gold, strict=True)],
+            length_edges=ev.slices.length_edges,
+        ),
+        explained=[],
     )
 
 
@@ -176,11 +363,11 @@ def _extra_columns(test: pd.DataFrame, columns: list[str] | None) -> pd.DataFram
 def variant_figures(
     cfg: TrimflowConfig, model, scores: dict[str, Any], inputs: BeyondInputs
 ) -> dict[str, Any]:
-    """Calibration, robustness and slice figures of one classifier, from its test `scores`
-    (their `logits` and `predictions`) and passes over the validation split and the perturbed
+    """Calibration, robustness and slice figures of one model, from its test `scores` (their
+    `logits` and `predictions`) and passes over the validation split and the perturbed
     sample."""
     ev = cfg.evaluate
-    logits, predictions = scores["logits"], np.asarray(scores["predictions"])
+    logits, predictions = scores["logits"], scores["predictions"]
     if ev.calibration.temperature_scaling:
         figures = calibrate(
             logits,
@@ -191,14 +378,9 @@ def variant_figures(
         )
     else:
         figures = calibration_scores(logits, inputs.truth, ev.calibration.bins)
-    clean, sample_truth = predictions[inputs.sample], inputs.truth[inputs.sample]
-    if inputs.perturbed:
-        figures["sample_accuracy"] = perturbed_accuracy(sample_truth, clean)
-    for kind, perturbed in inputs.perturbed.items():
-        predicted = perturbed.predictions(model, clean)
-        figures[f"accuracy_{kind}"] = perturbed_accuracy(sample_truth, predicted)
-        figures[f"invariance_failure_{kind}"] = invariance_failure_rate(clean, predicted)
-    slices = slice_report(inputs.truth, predictions, inputs.slices, min_size=ev.slices.min_size)
+    figures.update(inputs.robustness.figures(model, predictions))
+    flat = [tag for tags in predictions for tag in tags] if cfg.task.type == "ner" else predictions
+    slices = slice_report(inputs.slice_truth, flat, inputs.slices, min_size=ev.slices.min_size)
     figures.update(
         slices=slices,
         worst_slice=slices["worst_slice"],
@@ -220,7 +402,11 @@ def against_baseline(
     figures = {}
     for name, detail in details.items():
         figure: dict[str, Any] = {
-            "label_loyalty": agreement(detail["predictions"], reference["predictions"])
+            "label_loyalty": agreement(detail["predictions"], reference["predictions"]),
+            "probability_loyalty": probability_loyalty(
+                softmax(reference["logits"]), softmax(detail["logits"])
+            ),
+            "slice_gap_change": gap_change(detail["slices"], reference["slices"]),
         }
         if cfg.task.type == "ner":
             flips = entity_flips(
@@ -235,13 +421,9 @@ def against_baseline(
                 detail["label_names"],
                 texts,
             )
-            figure["probability_loyalty"] = probability_loyalty(
-                softmax(reference["logits"]), softmax(detail["logits"])
-            )
             figure["score_change"] = score_change(
                 detail["per_class"], reference["per_class"], "recall"
             )
-            figure["slice_gap_change"] = gap_change(detail["slices"], reference["slices"])
         figure.update(flips=flips, flip_rate=flips["flip_rate"], forgotten=flips["forgotten"])
         figure["flip_accuracy"] = flips.get("flip_accuracy")
         figures[name] = figure

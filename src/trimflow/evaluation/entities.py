@@ -39,7 +39,7 @@ def entity_metrics(
     entity_types = list(per_type)
     labels, matrix = entity_confusion(gold, predicted, entity_types, mode=mode)
     return {
-        "f1": float(f1_score(gold, predicted, zero_division=0, **scheme_args)),
+        "f1": entity_f1(gold, predicted, mode),
         "precision": float(precision_score(gold, predicted, zero_division=0, **scheme_args)),
         "recall": float(recall_score(gold, predicted, zero_division=0, **scheme_args)),
         "macro_f1": _mean([scores["f1"] for scores in per_type.values()]),
@@ -49,6 +49,12 @@ def entity_metrics(
         "confusion_labels": labels,
         "confusion_matrix": matrix,
     }
+
+
+def entity_f1(gold: TagSequences, predicted: TagSequences, mode: SeqevalMode = "default") -> float:
+    """Micro entity F1 (seqeval, in `mode`) of `predicted` against `gold`."""
+    gold, predicted = _aligned_lists(gold, predicted)
+    return float(f1_score(gold, predicted, zero_division=0, **_scheme_args(mode)))
 
 
 def entity_confusion(

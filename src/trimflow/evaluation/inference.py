@@ -1,5 +1,5 @@
-"""Batched prediction on the device the model lives on: logits of a sequence classifier,
-arg-max tags of a token classifier."""
+"""Batched prediction on the device the model lives on: logits of a sequence classifier, logits
+and arg-max tags of a token classifier."""
 
 from __future__ import annotations
 
@@ -43,13 +43,21 @@ def predict_logits(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> np
     return torch.cat(logits).numpy()
 
 
-def predict_tokens(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[np.ndarray]:
-    """Arg-max label ids of every token of every example, padding removed (token classifiers)."""
+def predict_token_logits(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]]
+) -> list[np.ndarray]:
+    """The float32 logits of every token of every example, padding removed (token classifiers):
+    one (tokens, labels) array per example."""
     device = input_device(model)
-    predictions = []
+    logits = []
     with torch.inference_mode():
         for batch in batches:
-            best = model(**model_inputs(batch, device)).logits.argmax(dim=-1).cpu()
+            scores = model(**model_inputs(batch, device)).logits.float().cpu()
             lengths = batch["attention_mask"].sum(dim=-1).tolist()
-            predictions += [row[:length].numpy() for row, length in zip(best, lengths, strict=True)]
-    return predictions
+            logits += [row[:length].numpy() for row, length in zip(scores, lengths, strict=True)]
+    return logits
+
+
+def predict_tokens(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[np.ndarray]:
+    """Arg-max label ids of every token of every example, padding removed (token classifiers)."""
+    return [logits.argmax(axis=-1) for logits in predict_token_logits(model, batches)]

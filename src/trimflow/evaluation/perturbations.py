@@ -6,6 +6,8 @@ Each perturbation maps one text and a `random.Random` to a perturbed text (`PERT
 depends only on (texts, kind, seed): not on the hash seed of the process, nor on which other
 kinds ran before. Nothing is downloaded: the keyboard table below is the only resource. The
 config offers the kinds as `config.schema.Perturbation` (a test keeps both the same).
+`perturb_sentences` applies the same kinds to pre-split sentences (NER) word by word, keeping
+track of which words survive so that their gold tags follow.
 
 Kinds:
 
@@ -143,14 +145,56 @@ PERTURBATIONS: dict[str, Callable[[str, random.Random], str]] = {
 }
 
 
+# Pre-split sentences (NER): the words after the perturbation and the index of the word each
+# comes from, so that gold tags follow. Typos go into whole words of 3+ ASCII letters only.
+Sentence = tuple[list[str], list[int]]
+
+
+def _typo_words(words: Sequence[str], count: int, rng: random.Random) -> Sentence:
+    """`count` typos, each in a different word (fewer when fewer words can take one)."""
+    candidates = [i for i, word in enumerate(words) if _TYPO_WORD.fullmatch(word)]
+    perturbed = list(words)
+    for i in sorted(rng.sample(candidates, min(count, len(candidates)))):
+        perturbed[i] = typo(words[i], rng)
+    return perturbed, list(range(len(words)))
+
+
+def _drop_one_word(words: Sequence[str], rng: random.Random) -> Sentence:
+    """The sentence without one of its words (unchanged when it has at most one)."""
+    kept = list(range(len(words)))
+    if len(words) >= 2:
+        del kept[rng.randrange(len(words))]
+    return [words[i] for i in kept], kept
+
+
+SENTENCE_PERTURBATIONS: dict[str, Callable[[Sequence[str], random.Random], Sentence]] = {
+    "typo1": lambda words, rng: _typo_words(words, 1, rng),
+    "typo3": lambda words, rng: _typo_words(words, 3, rng),
+    "word_drop": _drop_one_word,
+    "case": lambda words, rng: ([word.upper() for word in words], list(range(len(words)))),
+}
+
+
+def _seeded(items: Sequence, kind: str, seed: int, registry: dict[str, Callable]) -> list:
+    """Each item perturbed by `registry[kind]`, with a generator seeded from (seed, kind, its
+    index)."""
+    if kind not in registry:
+        raise ValueError(f"unknown perturbation {kind!r}; known: {', '.join(registry)}")
+    perturb = registry[kind]
+    return [
+        perturb(item, random.Random(f"{seed}:{kind}:{index}")) for index, item in enumerate(items)
+    ]
+
+
 def perturb_texts(texts: Sequence[str], kind: str, seed: int) -> list[str]:
     """Each text perturbed by `kind`, with a generator seeded from (seed, kind, its index)."""
-    if kind not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {kind!r}; known: {', '.join(PERTURBATIONS)}")
-    perturb = PERTURBATIONS[kind]
-    return [
-        perturb(text, random.Random(f"{seed}:{kind}:{index}")) for index, text in enumerate(texts)
-    ]
+    return _seeded(texts, kind, seed, PERTURBATIONS)
+
+
+def perturb_sentences(sentences: Sequence[Sequence[str]], kind: str, seed: int) -> list[Sentence]:
+    """Each pre-split sentence perturbed by `kind` word by word (the same kinds as
+    `perturb_texts`), with the index of the word each perturbed word comes from."""
+    return _seeded(sentences, kind, seed, SENTENCE_PERTURBATIONS)
 
 
 def _share_equal(first: Sequence[int], second: Sequence[int]) -> float:

@@ -2,8 +2,10 @@
 
 A scorer is built once from the test split; `score(model, batches, order)` runs the model over
 length-sorted batches (`order[k]` is the test row of the k-th sorted example) and returns
-JSON-serialisable metrics plus `predictions` in test-row order (and, for classification, the
-`logits`, a NumPy array the caller drops before writing).
+JSON-serialisable metrics plus `predictions` in test-row order and the `logits` behind them (a
+NumPy array the caller drops before writing): one row per text, or for NER one row per word the
+model read (its first sub-token's), sentence by sentence. `truth` holds the gold label ids of
+those rows.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import pandas as pd
 from torch import Tensor, nn
 
 from trimflow.config.schema import TrimflowConfig
-from trimflow.data.token_labels import word_predictions
+from trimflow.data.token_labels import first_pieces, word_predictions
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.entities import SeqevalMode, entity_metrics
-from trimflow.evaluation.inference import predict_logits, predict_tokens
+from trimflow.evaluation.inference import predict_logits, predict_token_logits
 from trimflow.layout import Layout
 
 Batches = Sequence[dict[str, Tensor]]
@@ -69,20 +71,42 @@ class EntityScorer:
         self.labels = labels
         self.outside = labels.index("O")
         self.mode = mode
+        self.pieces = [first_pieces(ids) for ids in word_ids]
+        index = {label: i for i, label in enumerate(labels)}
+        self.truth = np.array(
+            [
+                index[tags[word]]
+                for tags, kept in zip(self.gold, self.pieces, strict=True)
+                for word in kept
+            ],
+            dtype=np.int64,
+        )
 
     def score(self, model: nn.Module, batches: Batches, order: np.ndarray) -> dict[str, Any]:
-        """Entity metrics of `model`'s word tags and the tags themselves, in test-row order."""
+        """Entity metrics of `model`'s word tags, the tags themselves and the logits of the
+        words it read, in test-row order."""
         by_row: list[np.ndarray] = [np.empty(0)] * len(self.gold)
-        for row, tokens in zip(order, predict_tokens(model, batches), strict=True):
-            by_row[row] = tokens
+        for row, logits in zip(order, predict_token_logits(model, batches), strict=True):
+            by_row[row] = logits
         predicted = [
             [
                 self.labels[i]
-                for i in word_predictions(tokens, word_ids, len(gold), fill=self.outside)
+                for i in word_predictions(logits.argmax(axis=-1), word_ids, len(gold), self.outside)
             ]
-            for tokens, word_ids, gold in zip(by_row, self.word_ids, self.gold, strict=True)
+            for logits, word_ids, gold in zip(by_row, self.word_ids, self.gold, strict=True)
         ]
-        return {**entity_metrics(self.gold, predicted, self.mode), "predictions": predicted}
+        return {
+            **entity_metrics(self.gold, predicted, self.mode),
+            "predictions": predicted,
+            "logits": word_logits(by_row, self.pieces),
+        }
+
+
+def word_logits(token_logits: Sequence[np.ndarray], pieces: Sequence[dict[int, int]]) -> np.ndarray:
+    """The logits of each sentence's words at their first sub-tokens, sentences concatenated."""
+    return np.concatenate(
+        [logits[list(kept.values())] for logits, kept in zip(token_logits, pieces, strict=True)]
+    )
 
 
 def make_scorer(

@@ -1,5 +1,8 @@
 """Quality per slice of the test split, with Fairlearn's `MetricFrame`.
 
+NER slices words rather than texts (`word_slice_features`): by gold entity type, sentence
+length and truncation, scored by tag accuracy.
+
 A slicing is one column of a features table, one row per test text (`slice_features`): `class`
 (the gold class name), `length` (a bucket of the text's word-piece count), `truncated` (`yes`
 when the text had more pieces than the model reads) and each extra column of the dataset (a
@@ -81,6 +84,30 @@ def slice_features(
             values = extra[column].reset_index(drop=True)
             features[column] = values.astype(str).where(values.notna(), MISSING_VALUE)
     return features
+
+
+def word_slice_features(
+    gold: Sequence[Sequence[str]],
+    piece_counts: Sequence[int],
+    truncated: Sequence[bool],
+    length_edges: Sequence[int] = DEFAULT_LENGTH_EDGES,
+) -> pd.DataFrame:
+    """NER: one row per word of every sentence, with its gold entity type (`O` outside any
+    entity), its sentence's length bucket (word pieces before truncation) and whether truncation
+    cut the sentence."""
+    lengths = length_buckets(piece_counts, length_edges)
+    return pd.DataFrame(
+        [
+            {
+                "entity": tag.split("-", 1)[-1],
+                "length": lengths[row],
+                "truncated": "yes" if truncated[row] else "no",
+            }
+            for row, tags in enumerate(gold)
+            for tag in tags
+        ],
+        columns=["entity", "length", "truncated"],
+    )
 
 
 def _slicing_scores(

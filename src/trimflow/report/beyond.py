@@ -1,7 +1,7 @@
 """The report's "Beyond accuracy" section: what compression changed besides the test score
 (loyalty, calibration, robustness, slices, explanations; evaluation/beyond_accuracy.py), and
 what the recommended variant forgot. A figure evaluate did not write leaves its column out, a
-theme without any its table (NER: loyalty only)."""
+theme without any its table (NER: no explanations; its robustness score is entity F1)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from trimflow.report.tables import Column, Row, Section, Table, _optional, _perc
 
 FORGOTTEN_LISTED = 10
 # The slicings whose per-slice accuracy is plotted for the baseline and the recommended variant.
-PLOTTED_SLICINGS = ("class", "length")
+PLOTTED_SLICINGS = ("class", "entity", "length")
 # A class's recall (NER: an entity type's F1) change below this is listed as a loss.
 SCORE_LOSS = -0.01
 INVARIANCE_PREFIX = "invariance_failure_"
@@ -57,16 +57,17 @@ CALIBRATION_NOTE = (
     "temperature fitted on the validation split)."
 )
 ROBUSTNESS_NOTE = (
-    "Accuracy on a seeded sample of test texts (evaluate.robustness.sample) as they are "
+    "{score} on a seeded sample of test texts (evaluate.robustness.sample) as they are "
     "(Clean) and under each perturbation, with its change in points; INV is the share of the "
-    "sample's predictions a perturbation "
-    "changes, CheckList's invariance test (Ribeiro et al. 2020), ideally 0."
+    "sample's predictions (NER: tags of the words left) a perturbation changes, CheckList's "
+    "invariance test (Ribeiro et al. 2020), ideally 0."
 )
 SLICE_NOTE = (
     "Accuracy per slice of the test split (Fairlearn's MetricFrame: by class, length in word "
-    "pieces, truncation and the dataset's extra columns): the worst slice of at least "
-    "evaluate.slices.min_size texts, the widest gap between two slices of one slicing, and "
-    "that gap minus {baseline}'s (positive: compression widened it)."
+    "pieces, truncation and the dataset's extra columns; NER: tag accuracy of words by gold "
+    "entity type, sentence length and truncation): the worst slice of at least "
+    "evaluate.slices.min_size texts (NER: words), the widest gap between two slices of one "
+    "slicing, and that gap minus {baseline}'s (positive: compression widened it)."
 )
 EXPLANATION_NOTE = (
     "Whether each variant explains its answers as {baseline} does (Krishna et al. 2022, the "
@@ -175,12 +176,17 @@ def perturbation_kinds(rows: Sequence[Row]) -> list[str]:
     ]
 
 
+def robustness_score(rows: Sequence[Row]) -> str:
+    """The score robustness is measured by: accuracy, or NER's entity F1 (`sample_f1`)."""
+    return "f1" if _everywhere(rows, "sample_f1") else "accuracy"
+
+
 def beyond_keys(rows: Sequence[Row]) -> list[str]:
     """The beyond-accuracy figures every row has, theme by theme."""
-    kinds = perturbation_kinds(rows)
+    kinds, score = perturbation_kinds(rows), robustness_score(rows)
     robustness = [
-        *(["sample_accuracy"] if kinds else []),
-        *(key for kind in kinds for key in (f"accuracy_{kind}", INVARIANCE_PREFIX + kind)),
+        *([f"sample_{score}"] if kinds else []),
+        *(key for kind in kinds for key in (f"{score}_{kind}", INVARIANCE_PREFIX + kind)),
     ]
     candidates = (*LOYALTY_KEYS, *CALIBRATION_KEYS, *robustness, *SLICE_KEYS, *EXPLANATION_KEYS)
     return [key for key in candidates if _everywhere(rows, key)]
@@ -194,10 +200,10 @@ def _theme_table(
     return Table(heading, (VARIANT_COLUMN, *kept), rows, note) if kept else None
 
 
-def _perturbed_accuracy(kind: str) -> Callable[[Row], str]:
+def _perturbed_score(kind: str, score: str) -> Callable[[Row], str]:
     def cell(row: Row) -> str:
-        accuracy = row[f"accuracy_{kind}"]
-        return f"{_percent(accuracy)} ({_points(accuracy - row['sample_accuracy'], '{:+.2f}')})"
+        value = row[f"{score}_{kind}"]
+        return f"{_percent(value)} ({_points(value - row[f'sample_{score}'], '{:+.2f}')})"
 
     return cell
 
@@ -207,18 +213,19 @@ def _invariance_failure(kind: str) -> Callable[[Row], str]:
 
 
 def robustness_table(rows: Sequence[Row]) -> Table | None:
-    """Clean accuracy, then per perturbation the accuracy (change in points) and INV failure;
-    None when no perturbation was measured."""
-    kinds = perturbation_kinds(rows)
+    """Clean accuracy (NER: entity F1), then per perturbation the score (change in points) and
+    INV failure; None when no perturbation was measured."""
+    kinds, score = perturbation_kinds(rows), robustness_score(rows)
     if not kinds:
         return None
     columns = (
         VARIANT_COLUMN,
-        Column("Clean", lambda row: _percent(row["sample_accuracy"])),
-        *(Column(f"{kind} (Δ pts)", _perturbed_accuracy(kind)) for kind in kinds),
+        Column("Clean", lambda row: _percent(row[f"sample_{score}"])),
+        *(Column(f"{kind} (Δ pts)", _perturbed_score(kind, score)) for kind in kinds),
         *(Column(f"{kind} INV", _invariance_failure(kind)) for kind in kinds),
     )
-    return Table("Robustness", columns, rows, ROBUSTNESS_NOTE)
+    name = "Entity F1" if score == "f1" else "Accuracy"
+    return Table("Robustness", columns, rows, ROBUSTNESS_NOTE.format(score=name))
 
 
 def beyond_tables(metrics: Mapping[str, Any], baseline: str) -> list[Table]:
@@ -252,9 +259,9 @@ def beyond_section(
 def beyond_figures(
     metrics: Mapping[str, Any], details: Mapping[str, Mapping[str, Any]], baseline: str
 ) -> dict[str, tuple[str, Figure]]:
-    """Caption -> (PNG file name, figure) of the figures evaluate measured (classification):
-    the reliability diagram (uncalibrated and temperature-scaled) and the per-slice accuracy
-    of `baseline` and the recommended variant, and every variant's accuracy under each
+    """Caption -> (PNG file name, figure) of the figures evaluate measured: the reliability
+    diagram (uncalibrated and temperature-scaled) and the per-slice accuracy of `baseline` and
+    the recommended variant, and every variant's accuracy (NER: entity F1) under each
     perturbation."""
     compared = {name: details[name] for name in (baseline, metrics["recommended"])}
     reference = compared[baseline]
@@ -269,16 +276,19 @@ def beyond_figures(
             panels["temperature-scaled"] = of_both("reliability_calibrated")
         figures["Reliability diagram"] = ("reliability.png", reliability_figure(panels))
     rows = beyond_rows(metrics)
-    kinds = perturbation_kinds(rows)
+    kinds, score = perturbation_kinds(rows), robustness_score(rows)
     if kinds:
-        accuracies = {
+        scores = {
             row["variant"]: {
-                "clean": row["sample_accuracy"],
-                **{k: row[f"accuracy_{k}"] for k in kinds},
+                "clean": row[f"sample_{score}"],
+                **{k: row[f"{score}_{k}"] for k in kinds},
             }
             for row in rows
         }
-        figures["Accuracy under perturbations"] = ("robustness.png", robustness_figure(accuracies))
+        figures[f"{'Entity F1' if score == 'f1' else 'Accuracy'} under perturbations"] = (
+            "robustness.png",
+            robustness_figure(scores, score),
+        )
     if "slices" in reference:
         slices = slice_figure(of_both("slices"), PLOTTED_SLICINGS)
         if slices is not None:

@@ -154,9 +154,12 @@ def reliability_figure(panels: Mapping[str, Mapping[str, Sequence[Mapping[str, A
 PERTURBATION_MARKERS = "oDs^vP*X"
 
 
-def robustness_figure(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
-    """A dot plot of accuracy (%): a row per variant (variant -> condition -> accuracy), a
-    marker per condition (clean text and each perturbation), joined by the row's range."""
+def robustness_figure(
+    accuracies: Mapping[str, Mapping[str, float]], score: str = "accuracy"
+) -> Figure:
+    """A dot plot of a `score` (%: accuracy, NER's entity F1): a row per variant (variant ->
+    condition -> score), a marker per condition (clean text and each perturbation), joined by
+    the row's range."""
     names = list(accuracies)
     conditions = list(dict.fromkeys(c for values in accuracies.values() for c in values))
     fig = Figure(figsize=(8.4, 1.5 + 0.4 * len(names)), layout="constrained")
@@ -175,7 +178,7 @@ def robustness_figure(accuracies: Mapping[str, Mapping[str, float]]) -> Figure:
         )
     ax.set_yticks(rows, names)
     ax.invert_yaxis()
-    ax.set(xlabel="accuracy (%)", title="Accuracy on clean and perturbed test texts")
+    ax.set(xlabel=f"{score} (%)", title=f"{score.capitalize()} on clean and perturbed test texts")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return fig

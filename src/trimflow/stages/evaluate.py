@@ -70,11 +70,7 @@ def run(cfg: TrimflowConfig, layout: Layout) -> None:
     data = inference_data(layout, cfg.evaluate.batch_size)
     inputs = build_test_inputs(data, cfg)
     scorer = make_scorer(cfg, layout, label_map["labels"])
-    beyond = (
-        build_beyond_inputs(cfg, layout, data, label_map["labels"])
-        if cfg.task.type == "classification"
-        else None
-    )
+    beyond = build_beyond_inputs(cfg, layout, data, label_map["labels"], scorer)
     tracker = Tracker(cfg)
     with tracker.stage_run("evaluate", label_map["dataset_digest"]) as active:
         measured = Measurements(
@@ -119,18 +115,17 @@ def _measure_variants(
     layout: Layout,
     inputs: TestInputs,
     scorer: LabelScorer | EntityScorer,
-    beyond: BeyondInputs | None,
+    beyond: BeyondInputs,
 ) -> dict[str, dict]:
     """Score every variant (each loaded from disk), measure what it changes besides accuracy
-    (`beyond`: classification only) and read its cost to train, then time them all together."""
+    and read its cost to train, then time them all together."""
     models, details = {}, {}
     devices = variant_devices(cfg)
     for variant, source in progress(_variant_sources(cfg).items(), "score", log, unit="variant"):
         directory = layout.model_dir(variant)
         models[variant] = load_variant(directory, cfg.evaluate.num_threads, devices[variant])
         details[variant] = _score_variant(models[variant], directory, inputs, scorer)
-        if beyond is not None:
-            details[variant].update(variant_figures(cfg, models[variant], details[variant], beyond))
+        details[variant].update(variant_figures(cfg, models[variant], details[variant], beyond))
         details[variant].update(
             training_cost(directory),
             source=source,
@@ -158,20 +153,16 @@ def _compare_with_baseline(
     details: dict[str, dict],
     models: dict,
     scorer: LabelScorer | EntityScorer,
-    beyond: BeyondInputs | None,
+    beyond: BeyondInputs,
 ) -> None:
     """Add each variant's loyalty to `report.baseline`, its flip set and (classification, when
     `evaluate.explanations.sample`) the agreement of its word attributions with the
     baseline's; drop the logits, which no file keeps."""
     baseline = cfg.report.baseline
-    if beyond is None:
-        test = pd.read_parquet(layout.prepared / "test.parquet")
-        truth, texts = scorer.gold, test["tokens"].map(list).tolist()
-    else:
-        truth, texts = beyond.truth.tolist(), beyond.texts
-    for variant, figures in against_baseline(cfg, details, baseline, truth, texts).items():
+    truth = scorer.gold if cfg.task.type == "ner" else scorer.truth
+    for variant, figures in against_baseline(cfg, details, baseline, truth, beyond.texts).items():
         details[variant].update(figures)
-    if beyond is not None and beyond.explained:
+    if beyond.explained:
         served = {
             name: VariantModel().load(
                 layout.model_dir(name), max_length=cfg.evaluate.explanations.max_length, model=model

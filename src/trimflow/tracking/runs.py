@@ -67,7 +67,8 @@ HEADLINE_PREFIX = "headline/"
 # MLflow 3's experiment kind (the UI's kind selector writes this tag; "custom_model_development"
 # is "Machine learning"). UIs that route on it open such an experiment on its runs table. The
 # 3.17 UI routes on its own GenAI / Model training switch instead (remembered per browser;
-# `?workflowType=machine_learning` in the URL selects it), which the README's link sets.
+# `?workflowType=machine_learning` in the URL selects it), which the link in
+# docs/how-to/tracking.md sets.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
