@@ -8,7 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -219,3 +220,25 @@ def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def parameter_count(model: nn.Module) -> int:
     """Every parameter of `model`, zero or not."""
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+@contextmanager
+def headless_chromium(
+    chromium: str, chromedriver: str, window: str, log: Path, timeout_s: float
+) -> Iterator:
+    """A Selenium driver of headless Chromium (Debian's chromedriver) with a `window` of
+    "width,height", its driver's log in `log`; quit on exit."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument(f"--window-size={window}")
+    driver = webdriver.Chrome(service=Service(chromedriver, log_output=str(log)), options=options)
+    driver.set_page_load_timeout(timeout_s)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import headless_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 60
@@ -113,22 +114,13 @@ def browser(served_site):
     chromium, chromedriver = _executable("chromium"), _executable("chromedriver")
     if not chromium or not chromedriver:
         pytest.skip("chromium or chromedriver not installed: `make chromium` installs them")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.add_argument("--window-size=1400,1000")  # wide enough for the navigation tabs
+    pytest.importorskip("selenium.webdriver")
     _, root = served_site
-    service = Service(chromedriver, log_output=str(root / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
-    driver.set_page_load_timeout(TIMEOUT_S)
-    try:
+    # wide enough for the navigation tabs
+    with headless_chromium(
+        chromium, chromedriver, "1400,1000", root / "chromedriver.log", TIMEOUT_S
+    ) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _screenshot(driver, root: Path, name: str) -> Path:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import E2E_SMOKE
+from helpers import E2E_SMOKE, headless_chromium
 
 from trimflow.serving.server import LocalMlflowServer
 from trimflow.tracking.runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
@@ -105,27 +105,12 @@ def mlflow_ui(smoke_store):
 @pytest.fixture(scope="module")
 def browser(smoke_store):
     """Headless Chromium driven by Debian's chromedriver; tall enough to render every row."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1920,2400",  # the table virtualises rows: 35 runs fit on one screen
-    ):
-        options.add_argument(argument)
     _, root = smoke_store
-    service = Service(CHROMEDRIVER, log_output=str(root / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
-    driver.set_page_load_timeout(TIMEOUT_S)
-    try:
+    # tall enough that the table, which virtualises rows, shows 35 runs on one screen
+    with headless_chromium(
+        CHROMIUM, CHROMEDRIVER, "1920,2400", root / "chromedriver.log", TIMEOUT_S
+    ) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _run_name_text(driver, run_id: str) -> str:
