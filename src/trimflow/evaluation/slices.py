@@ -1,8 +1,5 @@
 """Quality per slice of the test split, with Fairlearn's `MetricFrame`.
 
-NER slices words rather than texts (`word_slice_features`): by gold entity type, sentence
-length and truncation, scored by tag accuracy.
-
 A slicing is one column of a features table, one row per test text (`slice_features`): `class`
 (the gold class name), `length` (a bucket of the text's word-piece count), `truncated` (`yes`
 when the text had more pieces than the model reads) and each extra column of the dataset (a
@@ -10,6 +7,9 @@ when the text had more pieces than the model reads) and each extra column of the
 every slicing and names the worst slice and the largest gap between two slices of one slicing;
 slices smaller than `min_size` are listed but left out of both, so that a slice of two texts
 does not decide them.
+
+NER slices words rather than texts (`word_slice_features`): by gold entity type, sentence
+length and truncation, scored by tag accuracy.
 """
 
 from __future__ import annotations
