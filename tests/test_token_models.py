@@ -32,7 +32,7 @@ from trimflow.compress.sparse import SPARSE_FILE
 from trimflow.compress.structured import StructuredPruner, unit_importance
 from trimflow.compress.variants import load_variant, save_onnx_variant, save_sparse_variant
 from trimflow.data.token_labels import IGNORE_INDEX, tokenize_words
-from trimflow.evaluation.inference import model_inputs, predict_tokens
+from trimflow.evaluation.inference import model_inputs, predict_token_logits
 from trimflow.evaluation.scoring import EntityScorer
 from trimflow.models.distillation import (
     DistillationClassifier,
@@ -435,8 +435,8 @@ def test_onnx_int8_token_models_run_with_token_shapes(
         assert argmax_agreement(output, logits(token_bert, batch), batch) >= 0.8
 
 
-def test_predict_tokens_strips_padding_per_sentence(token_bert, all_batch):
-    predictions = predict_tokens(token_bert, [all_batch])
+def test_token_logits_strip_padding_per_sentence(token_bert, all_batch):
+    predictions = [row.argmax(-1) for row in predict_token_logits(token_bert, [all_batch])]
 
     lengths = all_batch["attention_mask"].sum(-1).tolist()
     assert [len(row) for row in predictions] == lengths

@@ -27,11 +27,11 @@ import torch
 from trimflow.config.schema import TrimflowConfig
 from trimflow.data.datamodule import TokenizedDataModule
 from trimflow.data.sources import extra_columns
-from trimflow.data.token_labels import first_pieces, tokenize_words, word_predictions
+from trimflow.data.token_labels import first_pieces, tokenize_words
 from trimflow.data.truncation import truncate_texts
 from trimflow.evaluation.calibration import calibrate, calibration_scores, softmax
 from trimflow.evaluation.entities import SeqevalMode, entity_f1
-from trimflow.evaluation.inference import predict_logits, predict_token_logits
+from trimflow.evaluation.inference import predict_logits, token_logits_in_rows
 from trimflow.evaluation.inputs import length_sorted_batches
 from trimflow.evaluation.loyalty import (
     entity_flips,
@@ -75,10 +75,7 @@ class SplitBatches:
             in_rows = np.empty_like(logits)
             in_rows[self.order] = logits
             return in_rows
-        by_row: list[np.ndarray] = [np.empty(0)] * len(self.order)
-        for row, logits in zip(self.order, predict_token_logits(model, self.batches), strict=True):
-            by_row[row] = logits
-        return word_logits(by_row, self.pieces)
+        return word_logits(token_logits_in_rows(model, self.batches, self.order), self.pieces)
 
 
 @dataclass
@@ -122,12 +119,11 @@ class TextRobustness:
 
 @dataclass
 class PerturbedSentences:
-    """One perturbation of the NER robustness sample: the perturbed sentences' gold tags, the
-    clean word each of their words comes from, their word ids and model inputs."""
+    """One perturbation of the NER robustness sample: the clean word each perturbed word comes
+    from, the perturbed sentences' scorer (their gold tags and word ids) and model inputs."""
 
-    gold: list[list[str]]
     kept: list[list[int]]
-    word_ids: list[list[int]]
+    scorer: EntityScorer
     batches: SplitBatches
 
 
@@ -140,36 +136,23 @@ class SentenceRobustness:
         gold: list[list[str]],
         sample: np.ndarray,
         perturbed: dict[str, PerturbedSentences],
-        labels: list[str],
         mode: SeqevalMode,
     ):
         self.gold, self.sample, self.perturbed = [gold[i] for i in sample], sample, perturbed
-        self.labels, self.mode = labels, mode
-
-    def _tags(self, model, perturbed: PerturbedSentences) -> list[list[str]]:
-        by_row: list[np.ndarray] = [np.empty(0)] * len(perturbed.gold)
-        batches = perturbed.batches
-        for row, logits in zip(
-            batches.order, predict_token_logits(model, batches.batches), strict=True
-        ):
-            by_row[row] = logits.argmax(axis=-1)
-        outside = self.labels.index("O")
-        return [
-            [self.labels[i] for i in word_predictions(tokens, ids, len(gold), outside)]
-            for tokens, ids, gold in zip(by_row, perturbed.word_ids, perturbed.gold, strict=True)
-        ]
+        self.mode = mode
 
     def figures(self, model, predictions: Sequence) -> dict[str, float]:
         """The figures of `model`, whose tags of the whole test split are given."""
         clean = [predictions[i] for i in self.sample]
         figures = {"sample_f1": entity_f1(self.gold, clean, self.mode)} if self.perturbed else {}
         for kind, perturbed in self.perturbed.items():
-            predicted = self._tags(model, perturbed)
-            figures[f"f1_{kind}"] = entity_f1(perturbed.gold, predicted, self.mode)
+            batches = perturbed.batches
+            scores = perturbed.scorer.score(model, batches.batches, batches.order)
+            figures[f"f1_{kind}"] = scores["f1"]
             before = [
                 tags[j] for tags, kept in zip(clean, perturbed.kept, strict=True) for j in kept
             ]
-            after = [tag for tags in predicted for tag in tags]
+            after = [tag for tags in scores["predictions"] for tag in tags]
             figures[f"invariance_failure_{kind}"] = invariance_failure_rate(before, after)
         return figures
 
@@ -320,8 +303,11 @@ def _sentence_inputs(
             for i, (_, kept) in zip(sample, perturbed, strict=True)
         ]
         rows, word_ids = tokenized([sentence for sentence, _ in perturbed], gold)
-        kept = [kept for _, kept in perturbed]
-        return PerturbedSentences(gold, kept, word_ids, _batches(cfg, data, rows, None))
+        return PerturbedSentences(
+            kept=[kept for _, kept in perturbed],
+            scorer=EntityScorer(gold, word_ids, labels, cfg.task.seqeval_mode),
+            batches=_batches(cfg, data, rows, None),
+        )
 
     pieces = [len(ids) for ids in data.tokenizer(words, is_split_into_words=True)["input_ids"]]
     return BeyondInputs(
@@ -332,7 +318,6 @@ def _sentence_inputs(
             scorer.gold,
             sample,
             {kind: perturbation(kind) for kind in ev.robustness.perturbations},
-            labels,
             cfg.task.seqeval_mode,
         ),
         slice_truth=np.array([tag for tags in scorer.gold for tag in tags]),

@@ -1,9 +1,9 @@
-"""Batched prediction on the device the model lives on: logits of a sequence classifier, logits
-and arg-max tags of a token classifier."""
+"""Batched prediction on the device the model lives on: logits of a sequence classifier, of every
+token of a token classifier."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,12 @@ def predict_token_logits(
     return logits
 
 
-def predict_tokens(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> list[np.ndarray]:
-    """Arg-max label ids of every token of every example, padding removed (token classifiers)."""
-    return [logits.argmax(axis=-1) for logits in predict_token_logits(model, batches)]
+def token_logits_in_rows(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], order: Sequence[int]
+) -> list[np.ndarray]:
+    """`predict_token_logits` of length-sorted `batches`, put back in row order (`order[k]` is the
+    row of the k-th example)."""
+    in_rows: list[np.ndarray] = [np.empty(0)] * len(order)
+    for row, logits in zip(order, predict_token_logits(model, batches), strict=True):
+        in_rows[row] = logits
+    return in_rows

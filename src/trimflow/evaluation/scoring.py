@@ -22,7 +22,7 @@ from trimflow.config.schema import TrimflowConfig
 from trimflow.data.token_labels import first_pieces, word_predictions
 from trimflow.evaluation.classification import classification_metrics
 from trimflow.evaluation.entities import SeqevalMode, entity_metrics
-from trimflow.evaluation.inference import predict_logits, predict_token_logits
+from trimflow.evaluation.inference import predict_logits, token_logits_in_rows
 from trimflow.layout import Layout
 
 Batches = Sequence[dict[str, Tensor]]
@@ -85,9 +85,7 @@ class EntityScorer:
     def score(self, model: nn.Module, batches: Batches, order: np.ndarray) -> dict[str, Any]:
         """Entity metrics of `model`'s word tags, the tags themselves and the logits of the
         words it read, in test-row order."""
-        by_row: list[np.ndarray] = [np.empty(0)] * len(self.gold)
-        for row, logits in zip(order, predict_token_logits(model, batches), strict=True):
-            by_row[row] = logits
+        by_row = token_logits_in_rows(model, batches, order)
         predicted = [
             [
                 self.labels[i]
